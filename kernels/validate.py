@@ -1,0 +1,112 @@
+"""Input checks shared by every kernel backend: clear errors before any kernel runs."""
+import numpy as np
+
+FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _shape(name, a, expected):
+    """ValueError unless ``a.shape`` matches ``expected`` (None = any size on that axis)."""
+    got = tuple(a.shape)
+    if len(got) != len(expected) or any(e is not None and g != e for g, e in zip(got, expected)):
+        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name} has shape {got}, expected {want}")
+
+
+def _float(name, a, dtype):
+    if np.dtype(a.dtype) not in FLOATS:
+        raise TypeError(f"{name} must be a float16/32/64 array, got dtype {a.dtype}")
+    if np.dtype(a.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name} has dtype {a.dtype}, expected {np.dtype(dtype)} (the dtype of x)")
+
+
+def dense(x, W, bias=None, dy=None):
+    """Shapes and dtypes of a dense product; returns (N, D_in, D_out)."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (N, D_in), got shape {tuple(x.shape)}")
+    _float("x", x, x.dtype)
+    N, D_in = x.shape
+    _float("W", W, x.dtype)
+    _shape("W", W, (None, D_in))
+    D_out = W.shape[0]
+    if bias is not None:
+        _float("bias", bias, x.dtype)
+        _shape("bias", bias, (D_out,))
+    if dy is not None:
+        _float("dy", dy, x.dtype)
+        _shape("dy", dy, (N, D_out))
+    return N, D_in, D_out
+
+
+def dense_grad(dy, x, W, need_dW):
+    """Shapes of a dense backward; ``x`` may be None when dW is not needed (frozen W)."""
+    if x is not None:
+        return dense(x, W, dy=dy)
+    if need_dW:
+        raise ValueError("dense_backward: x is needed to compute dW (pass need_dW=False for a frozen weight)")
+    if dy.ndim != 2:
+        raise ValueError(f"dy must be 2-D (N, D_out), got shape {tuple(dy.shape)}")
+    _float("dy", dy, dy.dtype)
+    _float("W", W, dy.dtype)
+    _shape("W", W, (dy.shape[1], None))
+    return dy.shape[0], W.shape[1], W.shape[0]
+
+
+def lora(x, W, A, B, bias=None, mask=None, dy=None, h=None):
+    """Shapes and dtypes of the fused LoRA path; ``W`` may be None (LoRA term only)."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (N, D_in), got shape {tuple(x.shape)}")
+    _float("x", x, x.dtype)
+    N, D_in = x.shape
+    _float("A", A, x.dtype)
+    _shape("A", A, (None, D_in))
+    r = A.shape[0]
+    _float("B", B, x.dtype)
+    _shape("B", B, (None, r))
+    D_out = B.shape[0]
+    if W is not None:
+        _float("W", W, x.dtype)
+        _shape("W", W, (D_out, D_in))
+    for name, a, shape in (("bias", bias, (D_out,)), ("mask", mask, (N, D_in)),
+                           ("dy", dy, (N, D_out)), ("h", h, (N, r))):
+        if a is not None:
+            _float(name, a, x.dtype)
+            _shape(name, a, shape)
+    return N, D_in, D_out, r
+
+
+def multi(x, W, A_stack, B_stack, scalings, bias=None, dy=None, h=None):
+    """Shapes and dtypes of a multi-adapter batch; returns (N, D_in, D_out, K, r)."""
+    N, D_in, D_out = dense(x, W, bias, dy)
+    _float("A_stack", A_stack, x.dtype)
+    _shape("A_stack", A_stack, (None, None, D_in))
+    K, r = A_stack.shape[:2]
+    _float("B_stack", B_stack, x.dtype)
+    _shape("B_stack", B_stack, (K, D_out, r))
+    _shape("scalings", scalings, (K,))
+    if h is not None:
+        _float("h", h, x.dtype)
+        _shape("h", h, (N, r))
+    return N, D_in, D_out, K, r
+
+
+def index(index, N, K):
+    """A per-row adapter index: ints in [-1, K), shape (N,)."""
+    if not np.issubdtype(np.dtype(index.dtype), np.integer):
+        raise TypeError(f"index must be an integer array, got dtype {index.dtype}")
+    _shape("index", index, (N,))
+    if N and (int(index.min()) < -1 or int(index.max()) >= K):
+        raise ValueError(f"index values must lie in [-1, {K}) for {K} adapters; "
+                         f"got min {int(index.min())}, max {int(index.max())}")
+
+
+def segments(indptr, seg_index, N, K):
+    """SGMV segments: indptr (S+1,) non-decreasing from 0 to N, seg_index (S,) in [-1, K)."""
+    for name, a in (("indptr", indptr), ("seg_index", seg_index)):
+        if not np.issubdtype(np.dtype(a.dtype), np.integer):
+            raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
+    S = seg_index.shape[0]
+    _shape("indptr", indptr, (S + 1,))
+    ptr = np.asarray(indptr.get() if hasattr(indptr, "get") else indptr)
+    if ptr[0] != 0 or ptr[-1] != N or np.any(np.diff(ptr) < 0):
+        raise ValueError(f"indptr must rise from 0 to N={N} without decreasing, got {ptr.tolist()}")
+    index(seg_index, S, K)

@@ -1,0 +1,24 @@
+"""lowrank: LoRA from scratch, every gradient hand-written, with fused kernels.
+
+    import lowrank as lr
+    model = lr.MLP([2, 64, 1])
+    layer = lr.LoRALinear(model[0], r=4, lora_alpha=8)
+"""
+from .backend import get_array_module, to_device
+from .dispatch import get_backend, kernels_for, set_backend, use_backend
+from .gradcheck import check_module, gradcheck, numerical_gradient
+from .layers import GELU, MLP, Dense, ReLU, Sigmoid, Tanh
+from .lora import LoRALinear
+from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from .module import Module, Parameter, ParameterDict, Sequential
+from .optim import SGD, Adam, AdamW
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "get_array_module", "to_device", "get_backend", "kernels_for", "set_backend", "use_backend",
+    "check_module", "gradcheck", "numerical_gradient",
+    "GELU", "MLP", "Dense", "ReLU", "Sigmoid", "Tanh", "LoRALinear",
+    "BCEWithLogitsLoss", "CrossEntropyLoss", "MSELoss",
+    "Module", "Parameter", "ParameterDict", "Sequential", "SGD", "Adam", "AdamW",
+]

@@ -1,0 +1,19 @@
+"""Shared test setup: the hypothesis profiles and small helpers."""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# CI: derandomized, bounded, no deadline (Numba compiles on first call), so runs are
+# reproducible and fast. "dev": more examples, random, for local bug hunting.
+settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
