@@ -9,6 +9,10 @@ from .dispatch import get_backend, kernels_for, set_backend, use_backend
 from .gradcheck import check_module, gradcheck, numerical_gradient
 from .layers import GELU, MLP, Dense, ReLU, Sigmoid, Tanh
 from .lora import LoRALinear
+from .lora_config import LoraConfig
+from .peft_model import LoraModel, ModulesToSave, get_lora_model
+from .data import Dataset, TaskSpec, downstream_task, make_task
+from .train import History, evaluate, fit, predict
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from .module import Module, Parameter, ParameterDict, Sequential
 from .optim import SGD, Adam, AdamW
@@ -19,6 +23,8 @@ __all__ = [
     "get_array_module", "to_device", "get_backend", "kernels_for", "set_backend", "use_backend",
     "check_module", "gradcheck", "numerical_gradient",
     "GELU", "MLP", "Dense", "ReLU", "Sigmoid", "Tanh", "LoRALinear",
+    "LoraConfig", "LoraModel", "ModulesToSave", "get_lora_model",
+    "Dataset", "TaskSpec", "downstream_task", "make_task", "History", "evaluate", "fit", "predict",
     "BCEWithLogitsLoss", "CrossEntropyLoss", "MSELoss",
     "Module", "Parameter", "ParameterDict", "Sequential", "SGD", "Adam", "AdamW",
 ]

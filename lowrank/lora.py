@@ -47,6 +47,8 @@ class MixedCache(NamedTuple):
 class LoRALinear(Module):
     """A Dense base (frozen) with LoRA adapters. See the module docstring for the math."""
 
+    row_adapters = None    # set by LoraModel.forward(x, adapter_names=...) for a mixed batch
+
     def __init__(self, base: Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights=True, *, adapter_name: str = "default",
                  seed=None, backend: str | None = None):
@@ -61,8 +63,8 @@ class LoRALinear(Module):
         self.active_adapter: str | None = adapter_name
         self.backend = backend
         self._rng = np.random.default_rng(seed)
-        base.requires_grad_(False)
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        base.requires_grad_(False)                 # after validation: a rejected config leaves base as it was
 
     # -- PEFT-style accessors ---------------------------------------------------------
     in_features = property(lambda self: self.base_layer.in_features)
@@ -178,6 +180,7 @@ class LoRALinear(Module):
     def forward(self, x, adapter_names=None):
         """y (N, D_out). ``adapter_names``: one name per row for a mixed batch ("__base__" = none)."""
         self._check_input(x, self.in_features, self.weight.dtype)
+        adapter_names = self.row_adapters if adapter_names is None else adapter_names
         if adapter_names is not None:
             return self._forward_mixed(x, adapter_names)
         a = self.active_adapter

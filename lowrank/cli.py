@@ -1,0 +1,38 @@
+"""The ``lowrank`` command. Each subcommand lives in its own module, imported only when run.
+
+A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("lowrank.demo", "pretrain an MLP, fine-tune it every way, write lowrank-out/report.md"),
+    "train": ("lowrank.train_cli", "train one method (full, head, adapter, lora) on a toy task"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank", description="LoRA from scratch: demo, training, files, analysis")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(import_module(args._module).run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+        print(f"lowrank {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Adapter injection with PEFT's vocabulary: get_lora_model, LoraModel, ModulesToSave.
+
+``get_lora_model(model, config)`` replaces each targeted Dense with a LoRALinear, wraps
+each ``modules_to_save`` module so that every adapter trains its own copy, freezes the
+rest, and returns a LoraModel. Module paths follow PyTorch naming ("0", "2", "4" for
+the Dense layers of an MLP), so a PEFT user's target_modules mean the same here.
+"""
+from __future__ import annotations
+
+import copy
+import zlib
+from contextlib import contextmanager
+
+import numpy as np
+
+from .backend import get_array_module
+from .layers import Dense
+from .lora import BASE, LoRALinear
+from .lora_config import LoraConfig, matches
+from .module import Module
+
+
+class ModuleDict(Module):
+    """Child modules keyed by name (one copy per adapter)."""
+
+    def __getitem__(self, key) -> Module:
+        return self._modules[key]
+
+    def __setitem__(self, key, module: Module):
+        setattr(self, key, module)
+
+    def __delitem__(self, key):
+        delattr(self, key)
+
+    def __contains__(self, key):
+        return key in self._modules
+
+    def keys(self):
+        return self._modules.keys()
+
+
+class ModulesToSave(Module):
+    """PEFT's ModulesToSaveWrapper: the frozen ``original_module`` plus a trainable copy per
+    adapter in ``modules_to_save``; the active adapter's copy runs (the original when none)."""
+
+    row_adapters = None
+
+    def __init__(self, module: Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module.requires_grad_(False)
+        self.modules_to_save = ModuleDict()
+        self.active_adapter = None
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str):
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module).requires_grad_(True)
+
+    def set_adapter(self, name):
+        self.active_adapter = name if name in self.modules_to_save else None
+
+    def delete_adapter(self, name):
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def _module_for(self, name):
+        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+
+    def forward(self, x, adapter_names=None):
+        names = self.row_adapters if adapter_names is None else adapter_names
+        if names is None:
+            module = self._module_for(self.active_adapter)
+            self._cache = ("single", module)
+            return module.forward(x)
+        groups = {}                                     # module name -> rows using it
+        for i, n in enumerate(names):
+            groups.setdefault(n if n in self.modules_to_save else BASE, []).append(i)
+        xp = get_array_module(x)
+        parts = []
+        for n, rows in groups.items():
+            rows = xp.asarray(np.array(rows))
+            parts.append((n, rows, self._module_for(n).forward(x[rows])))
+        y = xp.empty((x.shape[0], parts[0][2].shape[1]), x.dtype)
+        for _, rows, yr in parts:
+            y[rows] = yr
+        self._cache = ("mixed", [(n, rows) for n, rows, _ in parts], x.shape)
+        return y
+
+    def backward(self, dy):
+        cache = self._need_cache()
+        self._cache = None
+        if cache[0] == "single":
+            return cache[1].backward(dy)
+        _, groups, x_shape = cache
+        dx = get_array_module(dy).empty(x_shape, dy.dtype)
+        for n, rows in groups:
+            dx[rows] = self._module_for(n).backward(dy[rows])
+        return dx
+
+
+def _adaptable(module) -> bool:
+    """Dense layers, layers that already carry LoRA, and any layer type that declares
+    ``lora_targetable = True`` (a quantized dense layer, say)."""
+    return isinstance(module, (Dense, LoRALinear)) or getattr(type(module), "lora_targetable", False)
+
+
+class LoraModel(Module):
+    """A base model with LoRA adapters injected; PEFT's LoraModel/PeftModel surface."""
+
+    def __init__(self, model: Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str | None = adapter_name
+        model.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # -- injection ------------------------------------------------------------------
+    def _targets(self, config: LoraConfig) -> list[str]:
+        """Dotted names of the layers ``config`` targets; a clear error for names that match nothing."""
+        if config.target_modules is None:
+            raise ValueError("LoraConfig.target_modules is None: name the layers to adapt "
+                             f"(e.g. ['0', '2'] or 'all-linear'); this model's layers: {self._layer_names()}")
+        names = [n for n, _ in self.model.named_modules() if n and not _is_adapter_part(n)]
+        if isinstance(config.target_modules, list):
+            unmatched = [t for t in config.target_modules if not any(matches([t], n) for n in names)]
+            if unmatched:
+                raise ValueError(f"target_modules {unmatched} match no layer; this model's layers: "
+                                 f"{self._layer_names()}")
+        hits = [n for n in names if matches(config.target_modules, n)]
+        if config.target_modules == "all-linear":
+            hits = [n for n in hits if _adaptable(self.model.get_submodule(n))]
+        bad = [n for n in hits if not _adaptable(self.model.get_submodule(n))]
+        if bad:
+            raise TypeError(f"target_modules selects {bad}, which are not Dense layers "
+                            f"({[type(self.model.get_submodule(n)).__name__ for n in bad]})")
+        if not hits:
+            raise ValueError(f"target_modules {config.target_modules!r} match no layer; this model's layers: "
+                             f"{self._layer_names()}")
+        return hits
+
+    def _layer_names(self):
+        return [f"{n} ({type(m).__name__})" for n, m in self.model.named_modules() if n and not _is_adapter_part(n)]
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig):
+        """Inject adapter ``adapter_name`` into the layers ``config`` targets (not made active)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.peft_config)}")
+        if config.use_dora:
+            raise ValueError("use_dora=True needs the DoRA layer (lowrank.dora)")
+        targets = self._targets(config)
+        for name in targets:
+            layer = self.model.get_submodule(name)
+            kwargs = dict(r=config.rank_for(name), lora_alpha=config.alpha_for(name),
+                          lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                          init_lora_weights=config.init_lora_weights)
+            if isinstance(layer, LoRALinear):
+                layer.update_layer(adapter_name, **kwargs)
+            else:
+                self.model.set_submodule(name, LoRALinear(layer, adapter_name=adapter_name,
+                                                          seed=_seed(adapter_name, name), **kwargs))
+        for name in config.modules_to_save or []:
+            hits = [n for n, _ in self.model.named_modules() if n and matches([name], n) and not _is_adapter_part(n)]
+            if not hits:
+                raise ValueError(f"modules_to_save entry {name!r} matches no layer; this model's layers: "
+                                 f"{self._layer_names()}")
+            for n in hits:
+                m = self.model.get_submodule(n)
+                if isinstance(m, ModulesToSave):
+                    m.update(adapter_name)
+                else:
+                    self.model.set_submodule(n, ModulesToSave(m, adapter_name))
+        self.peft_config[adapter_name] = config
+
+    # -- adapters -------------------------------------------------------------------
+    def lora_layers(self) -> list[tuple[str, LoRALinear]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoRALinear)]
+
+    def _wrappers(self) -> list[ModulesToSave]:
+        return [m for _, m in self.model.named_modules() if isinstance(m, ModulesToSave)]
+
+    def set_adapter(self, adapter_name: str):
+        """Make ``adapter_name`` active and the only trainable adapter (PEFT's behaviour)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+        config = self.peft_config[adapter_name]
+        self.model.requires_grad_(False)
+        for _, layer in self.lora_layers():
+            layer.set_adapter(adapter_name if adapter_name in layer.lora_A else None)
+            for name in layer.lora_A:
+                layer.lora_A[name].trainable = layer.lora_B[name].trainable = name == adapter_name
+        for w in self._wrappers():
+            w.set_adapter(adapter_name)
+            if adapter_name in w.modules_to_save:
+                w.modules_to_save[adapter_name].requires_grad_(True)
+        if config.bias == "all":
+            for name, p in self.model.named_parameters():
+                if name.endswith("bias") and "original_module" not in name:
+                    p.trainable = True
+        elif config.bias == "lora_only":
+            for _, layer in self.lora_layers():
+                if adapter_name in layer.lora_A and layer.bias is not None:
+                    layer.bias.trainable = True
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str):
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+        for _, layer in self.lora_layers():
+            if adapter_name in layer.lora_A:
+                layer.delete_adapter(adapter_name)
+        for w in self._wrappers():
+            w.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            rest = list(self.peft_config)
+            self.active_adapter = None
+            if rest:
+                self.set_adapter(rest[0])
+            else:
+                for _, layer in self.lora_layers():
+                    layer.set_adapter(None)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the block (``with model.disable_adapter(): ...``)."""
+        layers, wrappers = self.lora_layers(), self._wrappers()
+        saved = [l.active_adapter for _, l in layers], [w.active_adapter for w in wrappers]
+        if any(l.merged for _, l in layers):
+            raise ValueError("disable_adapter: unmerge the adapters first (they are folded into the weights)")
+        for _, l in layers:
+            l.set_adapter(None)
+        for w in wrappers:
+            w.set_adapter(None)
+        try:
+            yield self
+        finally:
+            for (_, l), a in zip(layers, saved[0]):
+                l.active_adapter = a
+            for w, a in zip(wrappers, saved[1]):
+                w.active_adapter = a
+
+    def merge_adapter(self, adapter_names=None):
+        for _, layer in self.lora_layers():
+            names = [n for n in (adapter_names or [self.active_adapter]) if n in layer.lora_A]
+            layer.merge(names)
+
+    def unmerge_adapter(self):
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, adapter_names=None) -> Module:
+        """Fold the adapters into the base weights and return the plain base model (no LoRA layers)."""
+        self.merge_adapter(adapter_names)
+        for name, layer in self.lora_layers():
+            self.model.set_submodule(name, layer.base_layer)
+        for name, w in [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSave)]:
+            self.model.set_submodule(name, w._module_for(w.active_adapter))
+        return self.model
+
+    def get_base_model(self) -> Module:
+        return self.model
+
+    # -- files (PEFT's format; the code lives in lowrank.adapter_files) -----------------
+    def save_pretrained(self, save_directory, selected_adapters=None, overwrite: bool = False):
+        """Write each adapter as PEFT does: adapter_config.json + adapter_model.safetensors."""
+        from .adapter_files import save_pretrained
+        return save_pretrained(self, save_directory, selected_adapters=selected_adapters, overwrite=overwrite)
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
+                     allow_nonfinite: bool = False):
+        """Load a saved adapter as ``adapter_name``; on any error the model is left exactly as it was."""
+        from .adapter_files import load_adapter
+        return load_adapter(self, model_id, adapter_name, is_trainable=is_trainable,
+                            allow_nonfinite=allow_nonfinite)
+
+    @classmethod
+    def from_pretrained(cls, model: Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                        allow_nonfinite: bool = False) -> "LoraModel":
+        """Wrap ``model`` with the adapter saved in ``model_id`` (a directory)."""
+        from .adapter_files import from_pretrained
+        return from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
+                               allow_nonfinite=allow_nonfinite)
+
+    # -- running --------------------------------------------------------------------
+    def forward(self, x, adapter_names=None):
+        """Logits; ``adapter_names`` gives row i the adapter adapter_names[i] ("__base__" = none)."""
+        if adapter_names is None:
+            return self.model.forward(x)
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for {x.shape[0]} rows")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE})
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; adapters: {list(self.peft_config)} (or {BASE!r})")
+        layers = [l for _, l in self.lora_layers()] + self._wrappers()
+        for l in layers:
+            l.row_adapters = list(adapter_names)
+        try:
+            return self.model.forward(x)
+        finally:
+            for l in layers:
+                l.row_adapters = None
+
+    def backward(self, dy):
+        return self.model.backward(dy)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT counts them."""
+        return self.num_parameters(trainable_only=True), self.num_parameters()
+
+    def print_trainable_parameters(self):
+        """PEFT's exact line: ``trainable params: 1,234 || all params: 56,789 || trainable%: 2.1731``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def _is_adapter_part(name: str) -> bool:
+    """Names inside an injected layer (its base_layer, lora_A, copies) are not targets themselves."""
+    parts = name.split(".")
+    return any(p in ("base_layer", "lora_A", "lora_B", "original_module", "modules_to_save") for p in parts)
+
+
+def _seed(adapter_name: str, layer_name: str) -> int:
+    """A stable per-(adapter, layer) seed so that injection is deterministic."""
+    return zlib.crc32(f"{adapter_name}/{layer_name}".encode())
+
+
+def get_lora_model(model: Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """Wrap ``model`` (modified in place) with LoRA adapters as ``config`` says."""
+    return LoraModel(model, config, adapter_name)
