@@ -119,8 +119,22 @@ def embed(points, n_features: int, embed_seed: int, rng) -> np.ndarray:
     if n_features == 2:
         return points
     padded = np.concatenate([points, 0.5 * rng.standard_normal((n, n_features - 2))], axis=1)
+    return padded @ _rotation(n_features, embed_seed)          # (n, F) @ (F, F)
+
+
+def _rotation(n_features: int, embed_seed: int) -> np.ndarray:
+    """The task family's fixed random rotation Q (F, F)."""
     Q, _ = np.linalg.qr(np.random.default_rng(embed_seed).standard_normal((n_features, n_features)))
-    return padded @ Q                                         # (n, F) @ (F, F)
+    return Q
+
+
+def lift(points, spec: TaskSpec) -> np.ndarray:
+    """Noise-free lift of 2-D points into the task's feature space (for decision-boundary plots)."""
+    points = np.asarray(points, dtype=float)
+    if spec.n_features == 2:
+        return points.astype(spec.dtype)
+    padded = np.concatenate([points, np.zeros((points.shape[0], spec.n_features - 2))], axis=1)
+    return (padded @ _rotation(spec.n_features, spec.embed_seed)).astype(spec.dtype)
 
 
 def downstream_task(ds: Dataset | TaskSpec, kind: str = "rotate", amount: float | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, replace
 
+from .accounting import release
 from .adapters import insert_bottleneck_adapters
 from .data import Dataset, TaskSpec, downstream_task, make_task
 from .layers import MLP, Dense
@@ -95,7 +96,7 @@ def lora_config(cfg: DemoConfig, model: Module, r: int | None = None, **override
 
 def prepare(method: str, pretrained: Module, cfg: DemoConfig, r: int | None = None) -> Module:
     """A fresh copy of ``pretrained`` set up for ``method`` (see the module docstring)."""
-    model = copy.deepcopy(pretrained)
+    model = release(copy.deepcopy(pretrained))
     head = dense_names(model)[-1]
     if method == "full":
         return model.requires_grad_(True)

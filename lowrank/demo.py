@@ -1,0 +1,186 @@
+"""``lowrank demo``: the seed article, run end to end on a toy task.
+
+Pretrain an MLP, derive a downstream task, fine-tune it by every method on the same
+frozen start, sweep the LoRA rank, train two tasks as two adapters on one base and
+serve a mixed batch, merge an adapter, and write ``lowrank-out/report.md`` with plots.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import plots
+from .accounting import measure_step, stored_bytes
+from .experiment import (DemoConfig, dense_names, downstream, finetune, lora_config, prepare, pretrain,
+                         test_accuracy)
+from .optim import Adam
+from .peft_model import LoraModel
+
+
+def method_row(name: str, model, ds, cfg: DemoConfig, history, **extra) -> dict:
+    """One line of the comparison table (memory counted on one training step)."""
+    probe = copy.deepcopy(model)
+    memory = measure_step(probe, Adam(probe.parameters(trainable_only=True)),
+                          ds.X_train[:cfg.batch_size], ds.y_train[:cfg.batch_size])
+    return {"method": name, "test_acc": test_accuracy(model, ds),
+            "trainable_params": model.num_parameters(trainable_only=True), "all_params": model.num_parameters(),
+            "stored_bytes": stored_bytes(model), "memory": memory.to_dict(),
+            "seconds_per_epoch": history.seconds_per_epoch, **extra}
+
+
+def run_methods(cfg: DemoConfig, pretrained, ds):
+    """Full, head-only, bottleneck adapter and LoRA at every rank, on the same start."""
+    rows, models, histories = [], {}, {}
+    for method in ("full", "head", "adapter"):
+        model = prepare(method, pretrained, cfg)
+        h = finetune(model, ds, cfg, lr=cfg.lr if method == "full" else cfg.peft_lr)
+        rows.append(method_row(method, model, ds, cfg, h))
+        models[method], histories[method] = model, h
+    ranks = []
+    for r in cfg.ranks:
+        model = prepare("lora", pretrained, cfg, r=r)
+        h = finetune(model, ds, cfg)
+        ranks.append(method_row(f"lora r={r}", model, ds, cfg, h, r=r))
+        models[f"lora r={r}"], histories[f"lora r={r}"] = model, h
+    rows.extend(ranks)
+    return rows, ranks, models, histories
+
+
+def run_two_tasks(cfg: DemoConfig, pretrained, ds_pre) -> dict:
+    """Two downstream tasks as two adapters on one frozen base, then one mixed batch."""
+    tasks = {"rotate": downstream(cfg, ds_pre, "rotate"), "shift": downstream(cfg, ds_pre, "shift")}
+    base = prepare("full", pretrained, cfg).requires_grad_(False)
+    config, model = lora_config(cfg, base), None
+    for name, ds in tasks.items():
+        if model is None:
+            model = LoraModel(base, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+            model.set_adapter(name)
+        finetune(model, ds, cfg)
+    alone = {}
+    for name, ds in tasks.items():
+        model.set_adapter(name)
+        alone[name] = (model.forward(ds.X_test), test_accuracy(model, ds))
+    X = np.concatenate([ds.X_test for ds in tasks.values()])
+    names = [n for n, ds in tasks.items() for _ in range(len(ds.y_test))]
+    model.eval()
+    mixed = model.forward(X, adapter_names=names)
+    out, start = {}, 0
+    for name, ds in tasks.items():
+        n = len(ds.y_test)
+        logits = mixed[start:start + n]
+        out[name] = {"acc_alone": alone[name][1], "acc_mixed": float(((logits[:, 0] > 0) == ds.y_test).mean()),
+                     "max_abs_diff": float(np.abs(logits - alone[name][0]).max()),
+                     "base_acc": test_accuracy(pretrained, ds)}
+        start += n
+    out["adapter_params"] = {n: sum(p.size for k, p in model.named_parameters() if f".{n}" in k)
+                             for n in tasks}
+    out["base_params"] = pretrained.num_parameters()
+    return out
+
+
+def _median_ms(fn, repeats: int = 15) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def run_merge(model: LoraModel, ds) -> dict:
+    """Outputs and latency before and after merge_and_unload (zero added inference latency)."""
+    model.eval()
+    X = np.concatenate([ds.X_test] * max(1, 1024 // len(ds.X_test) + 1))[:1024]
+    before = model.forward(X)
+    unmerged_ms = _median_ms(lambda: model.forward(X))
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.eval()
+    after = merged.forward(X)
+    merged_ms = _median_ms(lambda: merged.forward(X))
+    return {"rows": len(X), "max_abs_diff": float(np.abs(after - before).max()),
+            "max_abs_output": float(np.abs(before).max()), "unmerged_ms": unmerged_ms, "merged_ms": merged_ms,
+            "lora_layers_left": sum(1 for _, m in merged.named_modules() if type(m).__name__ == "LoRALinear")}
+
+
+def delta_spectra(models: dict, pretrained) -> dict:
+    """Singular values of each method's learned update of the widest hidden layer."""
+    names = dense_names(pretrained)
+    target = max(names[:-1], key=lambda n: pretrained.get_submodule(n).weight.size)
+    W0 = pretrained.get_submodule(target).weight.data.astype(np.float64)
+    spectra = {}
+    for label, model in models.items():
+        if isinstance(model, LoraModel):
+            layer = dict(model.lora_layers())[target]
+            delta = layer.delta_weight(layer.active_adapter)
+        elif label == "full":
+            delta = model.get_submodule(target).weight.data - W0
+        else:
+            continue
+        spectra[label] = np.linalg.svd(np.asarray(delta, dtype=np.float64), compute_uv=False)
+    return {"layer": target, "shape": list(W0.shape), "spectra": spectra}
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (CI)")
+    parser.add_argument("--out", default="lowrank-out", help="output directory (default lowrank-out)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+
+
+def run(args) -> int:
+    cfg = DemoConfig.quick(seed=args.seed) if args.quick else DemoConfig(seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = run_demo(cfg, out, plots_on=not args.no_plots)
+    results["seconds"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+    from .report import summary, write_report
+    write_report(out / "report.md", results)
+    print(summary(results))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def run_demo(cfg: DemoConfig, out: Path, plots_on: bool = True) -> dict:
+    """Every section of the demo; returns the numbers the report prints."""
+    pretrained, ds_pre, h_pre = pretrain(cfg)
+    ds = downstream(cfg, ds_pre)
+    rows, ranks, models, histories = run_methods(cfg, pretrained, ds)
+    headline = models[f"lora r={cfg.r}"] if f"lora r={cfg.r}" in models else models[f"lora r={cfg.ranks[-1]}"]
+    results = {
+        "config": cfg.to_dict(),
+        "pretrain": {"val_acc": h_pre.val_acc[-1], "test_acc": test_accuracy(pretrained, ds_pre),
+                     "params": pretrained.num_parameters()},
+        "downstream": {"kind": cfg.downstream, "base_test_acc": test_accuracy(pretrained, ds)},
+        "methods": rows, "ranks": ranks,
+        "two_tasks": run_two_tasks(cfg, pretrained, ds_pre),
+        "merge": run_merge(headline, ds),
+        "delta": delta_spectra({k: m for k, m in models.items() if k == "full" or k.startswith("lora")},
+                               pretrained),
+        "figures": {},
+    }
+    if plots_on:
+        figs = results["figures"]
+        figs["loss"] = plots.loss_curves(histories, out / "loss_curves.png")
+        figs["boundaries"] = plots.decision_boundaries(
+            {"pretrained base": pretrained, f"LoRA r={cfg.r}": headline, "full fine-tuning": models["full"]},
+            ds, out / "decision_boundaries.png")
+        full = next(r for r in rows if r["method"] == "full")
+        figs["ranks"] = plots.rank_tradeoff(ranks, full["test_acc"], full["stored_bytes"], out / "rank_tradeoff.png")
+        figs["spectra"] = plots.singular_values(results["delta"]["spectra"], out / "delta_singular_values.png")
+    return results
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return str(obj)
