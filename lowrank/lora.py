@@ -153,21 +153,38 @@ class LoRALinear(Module):
         if not self._fusable:
             raise TypeError(f"{self.label}: merge needs a dense base; for a quantized base use "
                             f"lowrank.quant's merge functions")
+        unknown = [n for n in names if n is not None and n not in self.lora_A]
+        if unknown:                                # checked first: a failing merge changes nothing
+            raise ValueError(f"{self.label}: no adapter {unknown[0]!r}; it has {list(self.lora_A)}")
         for name in names:
             if name is None or name in self.merged_adapters:
                 continue
-            if name not in self.lora_A:
-                raise ValueError(f"{self.label}: no adapter {name!r}; it has {list(self.lora_A)}")
-            W = self.base_layer.weight
-            W.data = W.data + self.delta_weight(name).astype(W.dtype)
+            self._merge_one(name)
             self.merged_adapters.append(name)
 
     def unmerge(self):
-        """Undo every merge (W is recovered to rounding: |ΔW| ≈ eps·|s·B·A| per element)."""
+        """Undo every merge. W comes back to rounding only; for one merged adapter, per element
+
+            |W_unmerged − W| <= min(eps · |W + s·B·A|, 2 · |s·B·A|)      (eps of W's dtype)
+
+        since W + s·B·A and then its difference with s·B·A are each rounded to a float no
+        farther away than W itself (tested in tests/test_lora_layer.py; the bound is reached
+        to within 1%). Measured: float32 Dense(24, 17), r = 4, B ~ Kaiming, 20 seeds:
+        max |W + s·B·A| = 0.78, max |ΔW| = 3.0e-8. With several merged adapters each merge
+        and unmerge adds one rounding.
+        """
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            W = self.base_layer.weight
-            W.data = W.data - self.delta_weight(name).astype(W.dtype)
+            self._unmerge_one(self.merged_adapters.pop())
+
+    def _merge_one(self, name: str):
+        """W ← W + s·B·A (a DoRA layer overrides this pair)."""
+        W = self.base_layer.weight
+        W.data = W.data + self.delta_weight(name).astype(W.dtype)
+
+    def _unmerge_one(self, name: str):
+        """W ← W − s·B·A."""
+        W = self.base_layer.weight
+        W.data = W.data - self.delta_weight(name).astype(W.dtype)
 
     # -- forward / backward -------------------------------------------------------------
     def _dropout_mask(self, x, name):
@@ -180,9 +197,10 @@ class LoRALinear(Module):
     def forward(self, x, adapter_names=None):
         """y (N, D_out). ``adapter_names``: one name per row for a mixed batch ("__base__" = none)."""
         self._check_input(x, self.in_features, self.weight.dtype)
-        adapter_names = self.row_adapters if adapter_names is None else adapter_names
         if adapter_names is not None:
-            return self._forward_mixed(x, adapter_names)
+            return self._forward_mixed(x, adapter_names, strict=True)
+        if self.row_adapters is not None:        # from LoraModel, which checks names model-wide
+            return self._forward_mixed(x, self.row_adapters, strict=False)
         a = self.active_adapter
         k = kernels_for(x, self.backend)
         if a is not None and a not in self.merged_adapters and self._fusable:
@@ -238,7 +256,8 @@ class LoRALinear(Module):
                 self.bias.accumulate(db)
 
     # -- mixed batches (Punica's BGMV): row i uses adapter adapter_names[i] ------------------
-    def _forward_mixed(self, x, adapter_names):
+    def _forward_mixed(self, x, adapter_names, strict: bool):
+        """strict=False: rows whose adapter this layer lacks use the base alone."""
         N = x.shape[0]
         if len(adapter_names) != N:
             raise ValueError(f"{self.label}: adapter_names has {len(adapter_names)} entries for {N} rows")
@@ -249,7 +268,8 @@ class LoRALinear(Module):
             raise TypeError(f"{self.label}: mixed-adapter batches need a dense base layer")
         names = [n for n in dict.fromkeys(adapter_names) if n != BASE]
         unknown = [n for n in names if n not in self.lora_A]
-        if unknown:
+        names = [n for n in names if n in self.lora_A]
+        if unknown and strict:
             raise ValueError(f"{self.label}: unknown adapters {unknown}; it has {list(self.lora_A)} "
                              f"(use {BASE!r} for the base model)")
         if self.training and any(self.lora_dropout[n] > 0 for n in names):

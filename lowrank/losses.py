@@ -12,6 +12,7 @@ import numpy as np
 
 from .backend import get_array_module
 from .layers import sigmoid
+from .module import CallOrderError
 
 
 class Loss:
@@ -31,14 +32,16 @@ class Loss:
         xp = get_array_module(logits)
         if logits.size == 0:
             raise ValueError(f"{name}: logits are empty")
-        if not bool(xp.isfinite(logits).all()):
-            raise ValueError(f"{name}: logits contain NaN or Inf")
-        if np.dtype(target.dtype).kind == "f" and not bool(xp.isfinite(target).all()):
-            raise ValueError(f"{name}: target contains NaN or Inf")
+        if not hasattr(target, "dtype") or not hasattr(target, "shape"):
+            raise TypeError(f"{name}: target must be an array, got {type(target).__name__}")
+        for what, a in (("logits", logits), ("target", target)):
+            bad = int((~xp.isfinite(a)).sum()) if np.dtype(a.dtype).kind == "f" else 0
+            if bad:
+                raise ValueError(f"{name}: {what} must be finite, got {bad} NaN/Inf of {a.size} values")
 
     def _need_cache(self):
         if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}: backward called before forward")
+            raise CallOrderError(f"{type(self).__name__}: backward called before forward")
         cache, self._cache = self._cache, None
         return cache
 

@@ -15,6 +15,11 @@ import numpy as np
 from .backend import FLOAT_DTYPES, device_of, get_array_module, to_device
 
 
+class CallOrderError(ValueError, RuntimeError):
+    """``backward`` without a matching ``forward``: a ValueError (bad use) and a RuntimeError
+    (what PyTorch raises for the same mistake), so either ``except`` catches it."""
+
+
 class Parameter:
     """An array with a gradient slot. ``grad`` stays None until a backward fills it."""
 
@@ -188,7 +193,7 @@ class Module:
     def _need_cache(self):
         """The forward cache, or a clear error when backward comes first."""
         if self._cache is None:
-            raise RuntimeError(f"{self.label}: backward called before forward (or after the cache was used)")
+            raise CallOrderError(f"{self.label}: backward called before forward (or after the cache was used)")
         return self._cache
 
     def _check_input(self, x, width: int, dtype=None):

@@ -22,14 +22,14 @@ class Optimizer:
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown settings {sorted(unknown)}; "
                             f"expected some of {sorted(self.defaults)}")
-        if settings.get("lr", self.defaults.get("lr", 1)) <= 0:
-            raise ValueError(f"{type(self).__name__}: lr must be > 0, got {settings['lr']}")
         params = list(params)
         if params and isinstance(params[0], Parameter):
             params = [{"params": params}]
         self.param_groups = []
-        for group in params:
+        for i, group in enumerate(params):
             g = {**self.defaults, **settings, **group}
+            if not g["lr"] > 0:                                            # per group: LoRA+ sets its own
+                raise ValueError(f"{type(self).__name__}: lr must be > 0, got {g['lr']} in param group {i}")
             g["params"] = [p for p in group["params"] if p.trainable]      # frozen: no state, ever
             self.param_groups.append(g)
         self.state: dict[int, dict] = {}

@@ -1,0 +1,257 @@
+"""LoRALinear: y = x Wᵀ + b + s·(x⊙mask) Aᵀ Bᵀ, its backward, init, merge, dropout, mixed batches.
+
+Gradients are checked against central finite differences in float64 (rtol 1e-6); the
+merged state, which no longer reads A and B in its forward, is checked against the
+unmerged one instead."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import lowrank as lr
+from lowrank.dispatch import available
+from lowrank.gradcheck import check_module, gradcheck
+
+CPU_BACKENDS = [name for name in ("numpy", "numba") if available(name)]   # the layer's math is the kernels'
+
+
+@st.composite
+def lora_shapes(draw):
+    """(N, D_in, D_out, r) with 1 <= r <= min(D_in, D_out)."""
+    N, D_in, D_out = draw(st.integers(1, 16)), draw(st.integers(1, 32)), draw(st.integers(1, 32))
+    return N, D_in, D_out, draw(st.integers(1, min(D_in, D_out)))
+
+
+def make_lora(D_in, D_out, r, dtype="float64", seed=0, **kw):
+    kw.setdefault("init_lora_weights", False)                  # B != 0, so the LoRA branch matters
+    base = lr.Dense(D_in, D_out, dtype=dtype, seed=seed, backend=kw.get("backend"))
+    return lr.LoRALinear(base, r=r, lora_alpha=2 * r + 1, seed=seed + 1, **kw)
+
+
+def reference_forward(layer, x, name="default", mask=None):
+    """x Wᵀ + b + s·(x⊙mask) Aᵀ Bᵀ in float64, written out."""
+    W, b = layer.weight.data.astype(np.float64), layer.bias.data.astype(np.float64)
+    A, B = layer.lora_A[name].data.astype(np.float64), layer.lora_B[name].data.astype(np.float64)
+    xd = x if mask is None else x * mask
+    return x @ W.T + b + layer.scaling[name] * (xd @ A.T) @ B.T
+
+
+def randn(seed, *shape, dtype=np.float64):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(shape=lora_shapes(), rslora=st.booleans(), train_bias=st.booleans(), seed=st.integers(0, 2**16))
+@example(shape=(1, 7, 5, 5), rslora=False, train_bias=False, seed=0)      # r = min(D_in, D_out), N = 1
+@example(shape=(3, 32, 32, 1), rslora=True, train_bias=True, seed=1)      # r = 1
+def test_lora_gradients_match_finite_differences(backend, shape, rslora, train_bias, seed):
+    N, D_in, D_out, r = shape
+    layer = make_lora(D_in, D_out, r, seed=seed, use_rslora=rslora, backend=backend)
+    layer.bias.trainable = train_bias                          # PEFT bias="all": the fused path's db
+    x = randn(seed, N, D_in)
+    np.testing.assert_allclose(layer(x), reference_forward(layer, x), rtol=1e-12, atol=1e-12)
+    errors = check_module(layer, x, seed=seed, rtol=1e-6)
+    assert set(errors) == {"x", "lora_A.default", "lora_B.default"} | ({"base_layer.bias"} if train_bias else set())
+    assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_scaling_is_alpha_over_r_or_sqrt_r(rslora):
+    layer = lr.LoRALinear(lr.Dense(8, 8), r=4, lora_alpha=6, use_rslora=rslora)
+    assert layer.scaling["default"] == (6 / 2 if rslora else 6 / 4)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_zero_B_gives_exactly_the_base_output(init, dtype):
+    base = lr.Dense(12, 7, dtype=dtype, seed=0)
+    x = randn(1, 5, 12, dtype=dtype)
+    expected = base(x)
+    layer = lr.LoRALinear(base, r=3, lora_alpha=16, init_lora_weights=init, seed=2)
+    assert not layer.lora_B["default"].data.any()
+    np.testing.assert_array_equal(layer(x), expected)
+
+
+def test_default_and_gaussian_init_of_A():
+    D_in, r = 64, 16
+    kaiming = lr.LoRALinear(lr.Dense(D_in, 64), r=r, seed=0).lora_A["default"].data
+    assert kaiming.shape == (r, D_in) and np.abs(kaiming).max() <= 1 / math.sqrt(D_in)
+    gauss = lr.LoRALinear(lr.Dense(D_in, 64), r=r, init_lora_weights="gaussian", seed=0).lora_A["default"].data
+    assert abs(gauss.std() - 1 / r) < 0.1 / r                 # PEFT: normal_(std=1/r)
+
+
+@given(shape=lora_shapes(), dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
+@settings(max_examples=15)
+def test_merged_forward_and_backward_equal_unmerged(shape, dtype, seed):
+    N, D_in, D_out, r = shape
+    layer = make_lora(D_in, D_out, r, dtype, seed)
+    x, dy = randn(seed, N, D_in, dtype=dtype), randn(seed + 1, N, D_out, dtype=dtype)
+    y, dx = layer(x), layer.backward(dy)
+    dA, dB = layer.lora_A["default"].grad, layer.lora_B["default"].grad
+    layer.zero_grad()
+    layer.merge()
+    assert layer.merged and layer.merged_adapters == ["default"]
+    y_merged, dx_merged = layer(x), layer.backward(dy)
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    for merged, unmerged in ((y_merged, y), (dx_merged, dx), (layer.lora_A["default"].grad, dA),
+                             (layer.lora_B["default"].grad, dB)):
+        np.testing.assert_allclose(merged, unmerged, rtol=rtol, atol=rtol * np.abs(unmerged).max())
+
+
+@given(shape=lora_shapes(), dtype=st.sampled_from(["float32", "float64"]), B_scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       seed=st.integers(0, 2**16))
+def test_merge_then_unmerge_recovers_W_within_the_documented_bound(shape, dtype, B_scale, seed):
+    _, D_in, D_out, r = shape
+    layer = make_lora(D_in, D_out, r, dtype, seed)
+    layer.lora_B["default"].data *= layer.lora_B["default"].data.dtype.type(B_scale)
+    W = layer.weight.data.copy()
+    D = layer.delta_weight("default").astype(np.float64)                   # s·B·A as merge adds it
+    layer.merge()
+    layer.unmerge()
+    assert not layer.merged
+    eps = np.finfo(dtype).eps
+    bound = np.minimum(eps * np.abs(W.astype(np.float64) + D), 2 * np.abs(D)) * (1 + 1e-9)
+    assert (np.abs(layer.weight.data.astype(np.float64) - W) <= bound).all()
+
+
+def test_merge_of_an_unknown_adapter_changes_nothing():
+    layer = make_lora(6, 5, 2, "float32")
+    W = layer.weight.data.copy()
+    with pytest.raises(ValueError, match=r"no adapter 'nope'; it has \['default'\]"):
+        layer.merge(["default", "nope"])
+    np.testing.assert_array_equal(layer.weight.data, W)
+    assert not layer.merged
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("float64", 1e-12)])
+@pytest.mark.parametrize("r", [1, 3, 6])
+def test_pissa_starts_at_the_base_output(dtype, rtol, r):
+    base = lr.Dense(9, 6, dtype=dtype, seed=4)
+    x = randn(0, 5, 9, dtype=dtype)
+    y0, W0 = base(x), base.weight.data.astype(np.float64)
+    layer = lr.LoRALinear(base, r=r, lora_alpha=4, init_lora_weights="pissa")
+    np.testing.assert_allclose(layer(x), y0, rtol=rtol, atol=rtol * np.abs(y0).max())
+    U, S, Vt = np.linalg.svd(W0)                                # s·B·A is the best rank-r part of W
+    top_r = (U[:, :r] * S[:r]) @ Vt[:r]
+    np.testing.assert_allclose(layer.delta_weight("default"), top_r, rtol=rtol, atol=10 * rtol * S[0])
+
+
+def test_dropout_is_the_identity_in_eval_mode():
+    layer = make_lora(10, 4, 3, lora_dropout=0.5).eval()
+    x = randn(0, 6, 10)
+    np.testing.assert_allclose(layer(x), reference_forward(layer, x), rtol=1e-12)
+    assert layer._cache.mask is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_backward_uses_the_forward_mask(backend):
+    p = 0.5
+    layer = make_lora(10, 4, 3, lora_dropout=p, backend=backend).train()
+    x, dy = randn(0, 200, 10), randn(1, 200, 4)
+    y = layer(x)
+    mask = layer._cache.mask                                   # what the forward drew
+    assert set(np.unique(mask)) == {0.0, 1 / (1 - p)} and abs((mask == 0).mean() - p) < 0.05
+    np.testing.assert_allclose(y, reference_forward(layer, x, mask=mask), rtol=1e-12)
+    dx = layer.backward(dy)
+    W, A, B, s = layer.weight.data, layer.lora_A["default"].data, layer.lora_B["default"].data, layer.scaling["default"]
+    dh = s * dy @ B                                            # (N, D_out) @ (D_out, r)
+    np.testing.assert_allclose(layer.lora_A["default"].grad, dh.T @ (x * mask), rtol=1e-12)
+    np.testing.assert_allclose(layer.lora_B["default"].grad, s * dy.T @ ((x * mask) @ A.T), rtol=1e-12)
+    np.testing.assert_allclose(dx, dy @ W + (dh @ A) * mask, rtol=1e-12)
+    layer(x)
+    assert not np.array_equal(layer._cache.mask, mask)        # a fresh mask every forward
+
+
+def test_no_active_adapter_is_the_base_alone():
+    layer = make_lora(5, 3, 2)
+    x, dy = randn(0, 4, 5), randn(1, 4, 3)
+    layer.set_adapter(None)
+    np.testing.assert_allclose(layer(x), x @ layer.weight.data.T + layer.bias.data, rtol=1e-12)
+    np.testing.assert_allclose(layer.backward(dy), dy @ layer.weight.data, rtol=1e-12)
+    assert layer.lora_A["default"].grad is None
+
+
+class WrappedDense(lr.Module):
+    """A Dense-like base that is not a Dense (as a quantized base will be): the unfused path."""
+
+    def __init__(self, dense):
+        super().__init__()
+        self.inner = dense
+
+    in_features = property(lambda self: self.inner.in_features)
+    out_features = property(lambda self: self.inner.out_features)
+    weight = property(lambda self: self.inner.weight)
+    bias = property(lambda self: self.inner.bias)
+
+    def forward(self, x):
+        return self.inner.forward(x)
+
+    def backward(self, dy):
+        return self.inner.backward(dy)
+
+
+@given(shape=lora_shapes(), seed=st.integers(0, 2**16))
+@settings(max_examples=10)
+def test_lora_over_a_non_dense_base_matches_finite_differences(shape, seed):
+    N, D_in, D_out, r = shape
+    base = WrappedDense(lr.Dense(D_in, D_out, dtype="float64", seed=seed))
+    layer = lr.LoRALinear(base, r=r, lora_alpha=3, init_lora_weights=False, seed=seed)
+    x = randn(seed, N, D_in)
+    np.testing.assert_allclose(layer(x), reference_forward(layer, x), rtol=1e-12, atol=1e-12)
+    check_module(layer, x, seed=seed, rtol=1e-6)
+    with pytest.raises(TypeError, match="merge needs a dense base"):
+        layer.merge()
+    with pytest.raises(TypeError, match="mixed-adapter batches need a dense base"):
+        layer(x, adapter_names=["default"] * N)
+
+
+def three_adapters(D_in=7, D_out=5, backend=None):
+    """'default' r=1, 'b' r=3, 'c' r=2: different ranks and scalings, B != 0."""
+    layer = make_lora(D_in, D_out, 1, backend=backend)
+    layer.update_layer("b", 3, 5.0, init_lora_weights=False)
+    layer.update_layer("c", 2, 1.5, use_rslora=True, init_lora_weights=False)
+    return layer
+
+
+NAMES = st.lists(st.sampled_from(["default", "b", "c", "__base__"]), min_size=1, max_size=16)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(names=NAMES, seed=st.integers(0, 2**16))
+@example(names=["__base__"], seed=0)
+@settings(max_examples=15)
+def test_mixed_batch_rows_and_gradients_equal_one_adapter_at_a_time(backend, names, seed):
+    layer = three_adapters(backend=backend)
+    N = len(names)
+    x, dy = randn(seed, N, 7), randn(seed + 1, N, 5)
+    y, dx = layer(x, adapter_names=names), layer.backward(dy)
+    mixed_grads = {n: (layer.lora_A[n].grad, layer.lora_B[n].grad) for n in ("default", "b", "c")}
+    for name in set(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        layer.zero_grad()
+        layer.set_adapter(None if name == "__base__" else name)
+        np.testing.assert_allclose(y[rows], layer(x[rows]), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dx[rows], layer.backward(dy[rows]), rtol=1e-12, atol=1e-12)
+        if name != "__base__":                                 # Σ over its rows, computed separately
+            np.testing.assert_allclose(mixed_grads[name][0], layer.lora_A[name].grad, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(mixed_grads[name][1], layer.lora_B[name].grad, rtol=1e-12, atol=1e-12)
+    for unused in {"default", "b", "c"} - set(names):
+        assert mixed_grads[unused] == (None, None)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mixed_batch_gradients_match_finite_differences(backend):
+    layer = three_adapters(backend=backend)
+    names = ["b", "__base__", "default", "b", "c", "c", "default"]
+    x = randn(0, len(names), 7)
+    params = {f"{t}.{n}": getattr(layer, t)[n] for t in ("lora_A", "lora_B") for n in ("default", "b", "c")}
+
+    def backward(g):
+        layer.zero_grad()
+        layer(x, adapter_names=names)
+        return {"x": layer.backward(g), **{k: p.grad for k, p in params.items()}}
+
+    gradcheck(lambda: layer(x, adapter_names=names), backward,
+              {"x": x, **{k: p.data for k, p in params.items()}}, rtol=1e-6)
