@@ -56,6 +56,8 @@ class LoRALinear(Module):
         if not hasattr(base, "in_features") or not hasattr(base, "out_features"):
             raise TypeError(f"LoRALinear: base must be a Dense-like layer with in_features/out_features, "
                             f"got {type(base).__name__}")
+        path = base._path                          # errors name the layer being replaced, e.g. '4'
+        self._set_path(path)
         self.base_layer = base
         self.lora_A, self.lora_B = ParameterDict(), ParameterDict()
         self.r, self.lora_alpha, self.scaling, self.lora_dropout = {}, {}, {}, {}
@@ -63,8 +65,12 @@ class LoRALinear(Module):
         self.active_adapter: str | None = adapter_name
         self.backend = backend
         self._rng = np.random.default_rng(seed)
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
-        base.requires_grad_(False)                 # after validation: a rejected config leaves base as it was
+        try:
+            self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        except (ValueError, TypeError):
+            base._set_path(path)                   # a rejected config leaves the base as it was
+            raise
+        base.requires_grad_(False)
 
     # -- PEFT-style accessors ---------------------------------------------------------
     in_features = property(lambda self: self.base_layer.in_features)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from .backend import get_array_module
+from .dora import DoraLinear
 from .layers import Dense
 from .lora import BASE, LoRALinear
 from .lora_config import LoraConfig, matches
@@ -145,34 +146,69 @@ class LoraModel(Module):
         return [f"{n} ({type(m).__name__})" for n, m in self.model.named_modules() if n and not _is_adapter_part(n)]
 
     def add_adapter(self, adapter_name: str, config: LoraConfig):
-        """Inject adapter ``adapter_name`` into the layers ``config`` targets (not made active)."""
+        """Inject adapter ``adapter_name`` into the layers ``config`` targets (not made active).
+
+        All or nothing: if any layer rejects the config, every change already made is undone.
+        """
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.peft_config)}")
-        if config.use_dora:
-            raise ValueError("use_dora=True needs the DoRA layer (lowrank.dora)")
-        targets = self._targets(config)
-        for name in targets:
-            layer = self.model.get_submodule(name)
-            kwargs = dict(r=config.rank_for(name), lora_alpha=config.alpha_for(name),
-                          lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                          init_lora_weights=config.init_lora_weights)
-            if isinstance(layer, LoRALinear):
-                layer.update_layer(adapter_name, **kwargs)
-            else:
-                self.model.set_submodule(name, LoRALinear(layer, adapter_name=adapter_name,
-                                                          seed=_seed(adapter_name, name), **kwargs))
-        for name in config.modules_to_save or []:
-            hits = [n for n, _ in self.model.named_modules() if n and matches([name], n) and not _is_adapter_part(n)]
-            if not hits:
-                raise ValueError(f"modules_to_save entry {name!r} matches no layer; this model's layers: "
-                                 f"{self._layer_names()}")
-            for n in hits:
+        saved = self._saved_modules(config)
+        targets = [n for n in self._targets(config) if n not in saved or config.target_modules != "all-linear"]
+        both = sorted(set(targets) & set(saved))
+        if both:
+            raise ValueError(f"layers {both} are both in target_modules and modules_to_save; a layer is either "
+                             f"adapted with LoRA or trained in full")
+        undo = []                                  # (layer name, module to put back or None, layer to clean)
+        try:
+            for name in targets:
+                undo.append(self._inject(name, adapter_name, config))
+            for n in saved:
                 m = self.model.get_submodule(n)
                 if isinstance(m, ModulesToSave):
                     m.update(adapter_name)
+                    undo.append((n, None, m))
                 else:
                     self.model.set_submodule(n, ModulesToSave(m, adapter_name))
+                    undo.append((n, m, None))
+        except Exception:
+            for name, original, touched in reversed(undo):
+                if original is not None:
+                    self.model.set_submodule(name, original)
+                else:
+                    touched.delete_adapter(adapter_name)
+            raise
         self.peft_config[adapter_name] = config
+
+    def _saved_modules(self, config: LoraConfig) -> list[str]:
+        """Names of the layers ``config.modules_to_save`` selects (a clear error for unmatched entries)."""
+        saved = []
+        for entry in config.modules_to_save or []:
+            hits = [n for n, _ in self.model.named_modules() if n and matches([entry], n) and not _is_adapter_part(n)]
+            if not hits:
+                raise ValueError(f"modules_to_save entry {entry!r} matches no layer; this model's layers: "
+                                 f"{self._layer_names()}")
+            saved += [n for n in hits if n not in saved]
+        return saved
+
+    def _inject(self, name: str, adapter_name: str, config: LoraConfig):
+        """Add the adapter to layer ``name``; returns how to undo it (see add_adapter)."""
+        layer = self.model.get_submodule(name)
+        original = layer
+        kwargs = dict(r=config.rank_for(name), lora_alpha=config.alpha_for(name),
+                      lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                      init_lora_weights=config.init_lora_weights)
+        if config.use_dora:                    # DoRA: a DoraLinear, which also keeps plain adapters
+            kwargs["use_dora"] = True
+            if isinstance(layer, LoRALinear) and not isinstance(layer, DoraLinear):
+                layer = DoraLinear.from_lora(layer)
+                self.model.set_submodule(name, layer)
+        if isinstance(layer, LoRALinear):
+            layer.update_layer(adapter_name, **kwargs)
+            return (name, original, None) if layer is not original else (name, None, layer)
+        cls = DoraLinear if config.use_dora else LoRALinear
+        self.model.set_submodule(name, cls(layer, adapter_name=adapter_name, seed=_seed(adapter_name, name),
+                                           **kwargs))
+        return name, original, None
 
     # -- adapters -------------------------------------------------------------------
     def lora_layers(self) -> list[tuple[str, LoRALinear]]:
@@ -191,6 +227,8 @@ class LoraModel(Module):
             layer.set_adapter(adapter_name if adapter_name in layer.lora_A else None)
             for name in layer.lora_A:
                 layer.lora_A[name].trainable = layer.lora_B[name].trainable = name == adapter_name
+            for name in getattr(layer, "lora_magnitude_vector", ()):   # DoRA's m trains with its adapter
+                layer.lora_magnitude_vector[name].trainable = name == adapter_name
         for w in self._wrappers():
             w.set_adapter(adapter_name)
             if adapter_name in w.modules_to_save:
@@ -319,7 +357,8 @@ class LoraModel(Module):
 def _is_adapter_part(name: str) -> bool:
     """Names inside an injected layer (its base_layer, lora_A, copies) are not targets themselves."""
     parts = name.split(".")
-    return any(p in ("base_layer", "lora_A", "lora_B", "original_module", "modules_to_save") for p in parts)
+    return any(p in ("base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "original_module", "modules_to_save")
+               for p in parts)
 
 
 def _seed(adapter_name: str, layer_name: str) -> int:

@@ -193,3 +193,23 @@ def test_pissa_init_keeps_the_output_and_splits_the_weight(x):
                                rtol=1e-10)
     np.testing.assert_allclose(np.linalg.svd(layer.weight.data, compute_uv=False)[:len(s) - 3], s[3:],
                                rtol=1e-8, atol=1e-12)
+
+
+def test_a_rejected_adapter_changes_nothing(x):
+    model = lr.get_lora_model(mlp(), lr.LoraConfig(r=2, target_modules=["0"]))
+    randomize_adapter(model, "default")
+    names_before = [n for n, _ in model.named_parameters()]
+    y = model.forward(x)
+    # r=5 fits layers "0" (6->10) and "2" (10->12) but not "4" (12->3): rejected at the last layer
+    with pytest.raises(ValueError, match=r"LoRALinear '4' adapter 'big': r must be an integer in \[1, .*3\]"):
+        model.add_adapter("big", lr.LoraConfig(r=5, target_modules="all-linear"))
+    assert [n for n, _ in model.named_parameters()] == names_before and "big" not in model.peft_config
+    assert np.array_equal(model.forward(x), y)
+
+
+def test_a_layer_cannot_be_both_adapted_and_saved():
+    with pytest.raises(ValueError, match=r"\['4'\] are both in target_modules and modules_to_save"):
+        lr.get_lora_model(mlp(), lr.LoraConfig(target_modules=["0", "4"], modules_to_save=["4"]))
+    # "all-linear" leaves the saved head out, as PEFT leaves out the output layer
+    model = lr.get_lora_model(mlp(), lr.LoraConfig(r=1, target_modules="all-linear", modules_to_save=["4"]))
+    assert sorted(n for n, _ in model.lora_layers()) == ["0", "2"]

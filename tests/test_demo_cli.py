@@ -1,0 +1,48 @@
+"""`lowrank demo --quick` runs end to end and writes the report and the plots (issue 3)."""
+import json
+
+import pytest
+
+from lowrank.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_writes_report_and_plots(demo_out):
+    report = (demo_out / "report.md").read_text()
+    for section in ("## Methods", "## Rank trade-off", "## Two tasks on one frozen base", "## Merge for inference"):
+        assert section in report
+    for png in ("loss_curves.png", "decision_boundaries.png", "rank_tradeoff.png", "delta_singular_values.png"):
+        data = (demo_out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"]({png})" in report
+
+
+def test_demo_numbers_hang_together(demo_out):
+    results = json.loads((demo_out / "results.json").read_text())
+    rows = {r["method"]: r for r in results["methods"]}
+    assert {"full", "head", "adapter"} <= set(rows) and any(m.startswith("lora r=") for m in rows)
+    full = rows["full"]
+    for r in rows.values():
+        assert r["trainable_params"] <= full["trainable_params"] == full["all_params"]
+        assert r["stored_bytes"] == 4 * r["trainable_params"]               # float32 parameters
+        assert r["memory"]["gradients"] == r["stored_bytes"]                 # a gradient per trainable value
+        assert r["memory"]["optimizer"] == 2 * r["stored_bytes"]             # Adam's two moments
+    ranks = results["ranks"]
+    assert [r["trainable_params"] for r in ranks] == sorted(r["trainable_params"] for r in ranks)
+    for name, task in results["two_tasks"].items():
+        if isinstance(task, dict) and "acc_alone" in task:
+            assert task["acc_mixed"] == task["acc_alone"] and task["max_abs_diff"] < 1e-5
+    merge = results["merge"]
+    assert merge["lora_layers_left"] == 0 and merge["max_abs_diff"] < 1e-4
+
+
+def test_cli_reports_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--seed", "x"])
+    assert "invalid int value" in capsys.readouterr().err
