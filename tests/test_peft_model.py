@@ -201,7 +201,7 @@ def test_a_rejected_adapter_changes_nothing(x):
     names_before = [n for n, _ in model.named_parameters()]
     y = model.forward(x)
     # r=5 fits layers "0" (6->10) and "2" (10->12) but not "4" (12->3): rejected at the last layer
-    with pytest.raises(ValueError, match=r"LoRALinear '4' adapter 'big': r must be an integer in \[1, .*3\]"):
+    with pytest.raises(ValueError, match=r"LoRALinear 'model.4' adapter 'big': r must be an integer in \[1, .*3\]"):
         model.add_adapter("big", lr.LoraConfig(r=5, target_modules="all-linear"))
     assert [n for n, _ in model.named_parameters()] == names_before and "big" not in model.peft_config
     assert np.array_equal(model.forward(x), y)
