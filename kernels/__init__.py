@@ -15,6 +15,7 @@ API = (
     "lora_forward", "lora_backward",
     "lora_forward_multi", "lora_backward_multi",
     "lora_forward_sgmv", "lora_backward_sgmv",
+    "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
 )
 
 MODULES = {"numpy": "reference", "numba": "numba_cpu", "cupy": "cupy_gpu"}

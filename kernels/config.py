@@ -9,7 +9,32 @@ RTOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
 ATOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
 
 # --- numba_cpu ------------------------------------------------------------------------
+# LLVM may reorder sums (vectorized dot products) and fuse multiply-adds; never assumes no NaN/inf.
+NUMBA_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+# prange over rows / column blocks. Off: on the 2 shared cores Numba's workers fight OpenBLAS's
+# spinning threads right after each GEMM (measured 8-12 ms per parallel call vs 0.01-2 ms serial).
+NUMBA_PARALLEL = False
+# columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
+NUMBA_COL_BLOCK = 512
 
 # --- cupy_gpu -------------------------------------------------------------------------
+# CUDA block sizes, passed to kernels/cuda/*.cu as -D macros (a change recompiles).
+CUPY_SHRINK_ROWS = 4        # rows of x per shrink block (h = x Aᵀ)
+CUPY_SHRINK_RANKS = 16      # ranks per shrink block (grid.y covers r in chunks of this)
+CUPY_SHRINK_THREADS = 256   # threads per shrink block (a multiple of 32)
+CUPY_EXPAND_ROWS = 8        # rows per expand/epilogue block (y = s·h Bᵀ + b); B is reused across them
+CUPY_EXPAND_THREADS = 256   # outputs per expand block, one per thread
+CUPY_GEMV_ROWS = 4          # rows of x a GEMV warp keeps in registers per pass over W
+CUPY_GEMV_WARPS = 8         # output rows per GEMV block, one warp each
+CUPY_NF4_THREADS = 256      # threads per NF4 dequantize block, two elements each
+# Which path: N <= GEMV_MAX_N runs the hand-written GEMV (memory-bound: W read once per
+# GEMV_ROWS rows); larger N runs cuBLAS with beta = 1 accumulation onto the epilogue's output.
+CUPY_GEMV_MAX_N = 4
+# A single adapter without dropout uses cuBLAS for the shrink from this many rows on.
+CUPY_CUBLAS_SHRINK_MIN_N = 256
 
 # --- NF4 (QLoRA) ----------------------------------------------------------------------
+NF4_TILE_ROWS = 256       # output rows of W dequantized at a time by nf4_matmul / nf4_matmul_dx:
+                          # the full float W never exists; 256 x 4096 float32 = 4 MiB per tile
+NF4_GEMV_MAX_N = 1        # numba: nf4_matmul with N <= this uses the fused dequant-GEMV (reads 4-bit
+                          # codes directly); larger N dequantizes a tile and calls BLAS

@@ -142,3 +142,4 @@ def lora_backward_sgmv(dy, x, h, W, A_stack, B_stack, scalings, indptr, seg_inde
     validate.segments(indptr, seg_index, N, K)
     index = _segment_index(indptr, seg_index, N)
     return lora_backward_multi(dy, x, h, W, A_stack, B_stack, scalings, index, need_dx)
+from .reference_nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx  # noqa: E402,F401

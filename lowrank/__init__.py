@@ -13,6 +13,7 @@ from .lora_config import LoraConfig
 from .peft_model import LoraModel, ModulesToSave, get_lora_model
 from .data import Dataset, TaskSpec, downstream_task, make_task
 from .train import History, evaluate, fit, predict
+from .model_files import FileFormatError, load_model, save_model
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from .module import Module, Parameter, ParameterDict, Sequential
 from .optim import SGD, Adam, AdamW
@@ -25,6 +26,7 @@ __all__ = [
     "GELU", "MLP", "Dense", "ReLU", "Sigmoid", "Tanh", "LoRALinear",
     "LoraConfig", "LoraModel", "ModulesToSave", "get_lora_model",
     "Dataset", "TaskSpec", "downstream_task", "make_task", "History", "evaluate", "fit", "predict",
+    "FileFormatError", "load_model", "save_model",
     "BCEWithLogitsLoss", "CrossEntropyLoss", "MSELoss",
     "Module", "Parameter", "ParameterDict", "Sequential", "SGD", "Adam", "AdamW",
 ]

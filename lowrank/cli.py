@@ -12,6 +12,8 @@ from importlib import import_module
 COMMANDS = {
     "demo": ("lowrank.demo", "pretrain an MLP, fine-tune it every way, write lowrank-out/report.md"),
     "train": ("lowrank.train_cli", "train one method (full, head, adapter, lora) on a toy task"),
+    "inspect": ("lowrank.inspect_cli", "show what an adapter directory or a model file holds"),
+    "analyze": ("lowrank.analysis.report", "SVD, ranks of ΔW, subspace similarity, intrinsic dimension d90"),
 }
 
 

@@ -17,6 +17,7 @@ from . import plots
 from .accounting import measure_step, stored_bytes
 from .experiment import (DemoConfig, dense_names, downstream, finetune, lora_config, prepare, pretrain,
                          test_accuracy)
+from .model_files import load_model, save_model
 from .optim import Adam
 from .peft_model import LoraModel
 
@@ -108,6 +109,20 @@ def run_merge(model: LoraModel, ds) -> dict:
             "lora_layers_left": sum(1 for _, m in merged.named_modules() if type(m).__name__ == "LoRALinear")}
 
 
+def run_files(model: LoraModel, pretrained, ds, out: Path) -> dict:
+    """Save the base and the adapter as files (PEFT's format), reload both, compare outputs."""
+    base_path, adapter_dir = out / "base.safetensors", out / "adapter"
+    save_model(pretrained, base_path, overwrite=True)
+    model.save_pretrained(adapter_dir, overwrite=True)
+    reloaded = LoraModel.from_pretrained(load_model(base_path), adapter_dir)
+    model.eval()
+    diff = float(np.abs(reloaded.forward(ds.X_test) - model.forward(ds.X_test)).max())
+    adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.is_file())
+    return {"base_file": base_path.name, "base_bytes": base_path.stat().st_size, "adapter_dir": adapter_dir.name,
+            "adapter_bytes": adapter_bytes, "reload_max_abs_diff": diff,
+            "files": sorted(f.name for f in adapter_dir.iterdir())}
+
+
 def delta_spectra(models: dict, pretrained) -> dict:
     """Singular values of each method's learned update of the widest hidden layer."""
     names = dense_names(pretrained)
@@ -162,6 +177,7 @@ def run_demo(cfg: DemoConfig, out: Path, plots_on: bool = True) -> dict:
         "methods": rows, "ranks": ranks,
         "two_tasks": run_two_tasks(cfg, pretrained, ds_pre),
         "merge": run_merge(headline, ds),
+        "files": run_files(headline, pretrained, ds, out),
         "delta": delta_spectra({k: m for k, m in models.items() if k == "full" or k.startswith("lora")},
                                pretrained),
         "figures": {},

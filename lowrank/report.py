@@ -62,6 +62,13 @@ def write_report(path, results: dict) -> str:
         f"model has {merge['lora_layers_left']} LoRA layers left, and a forward takes {merge['merged_ms']:.2f} ms "
         f"merged vs {merge['unmerged_ms']:.2f} ms unmerged (median).",
     ]
+    if "files" in results:
+        f = results["files"]
+        parts += ["## Sharing the adapter as files",
+                  f"`{f['adapter_dir']}/` ({', '.join(f['files'])}) holds the task in {f['adapter_bytes']:,} bytes in "
+                  f"Hugging Face PEFT's format; the frozen base `{f['base_file']}` takes {f['base_bytes']:,} bytes and is "
+                  f"shared by every task. Reloading base + adapter from disk reproduces the outputs exactly "
+                  f"(max |Δ| = {f['reload_max_abs_diff']:.1e})."]
     for title, key in (("Loss curves", "loss"), ("Decision boundaries", "boundaries"),
                        ("Accuracy and storage vs rank", "ranks"), ("Singular values of the learned ΔW", "spectra")):
         if key in figs:

@@ -46,3 +46,11 @@ def test_cli_reports_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--seed", "x"])
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_demo_adapter_files_reload_exactly(demo_out):
+    results = json.loads((demo_out / "results.json").read_text())
+    files = results["files"]
+    assert files["reload_max_abs_diff"] == 0.0
+    assert (demo_out / "adapter" / "adapter_config.json").exists()
+    assert files["adapter_bytes"] < files["base_bytes"]

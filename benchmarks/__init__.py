@@ -1,0 +1,1 @@
+"""Benchmarks: a shared timing harness (harness.py) and the kernel benchmark (kernels.py)."""

@@ -1,0 +1,136 @@
+"""The shared timing harness: pinned threads, interleaved rounds, medians, machine floors.
+
+On shared, noisy machines a single timing means little; what holds up is a *ratio* of two
+things measured in the same moment. So every benchmark here runs its variants interleaved
+(A, B, C, A, B, C, ... with the order rotated each round), takes each variant's median over
+rounds, and divides per round by the reference variant (the bare base product) before
+taking the median of those ratios. BLAS and Numba threads are pinned and printed, and the
+machine's floors (BLAS GEMM peak in GFLOP/s, copy bandwidth in GB/s) are measured in the
+same run so "achieved / possible" needs no datasheet.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+
+@contextmanager
+def pinned_threads(n: int):
+    """Pin BLAS (every library threadpoolctl sees) and Numba to ``n`` threads; yields the settings."""
+    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, used by Numba's np.dot, so it is pinned too)
+    from threadpoolctl import threadpool_info, threadpool_limits
+    info = {"blas": [], "numba_threads": None}
+    with threadpool_limits(limits=n):
+        info["blas"] = [{"library": d["internal_api"], "version": d.get("version"), "threads": d["num_threads"],
+                         "path": os.path.basename(d["filepath"])} for d in threadpool_info()]
+        try:
+            import numba
+            old = numba.get_num_threads()
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+            info["numba_threads"] = numba.get_num_threads()
+        except ImportError:
+            numba = None
+        try:
+            yield info
+        finally:
+            if numba is not None:
+                numba.set_num_threads(old)
+
+
+def time_call(fn, inner: int = 1) -> float:
+    """Seconds per call of ``fn()``, averaged over ``inner`` back-to-back calls."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def inner_repeats(fn, target_s: float = 0.02) -> int:
+    """How many back-to-back calls make one sample last about ``target_s`` (one call warms up)."""
+    t = time_call(fn)                          # the warm-up call; timed again only if it was short
+    if t < target_s:
+        t = time_call(fn)
+    return max(1, min(1000, int(target_s / max(t, 1e-7))))
+
+
+def interleaved(variants: dict, rounds: int, base: str, target_s: float = 0.02) -> dict:
+    """Time ``variants`` {name: fn} interleaved over ``rounds`` rounds.
+
+    Returns {name: {"median_s", "min_s", "ratio"}} where ratio is the median over rounds of
+    t(name) / t(base) with both measured in the same round.
+    """
+    names = list(variants)
+    inner = {n: inner_repeats(variants[n], target_s) for n in names}
+    samples = {n: [] for n in names}
+    for k in range(rounds):
+        for n in names[k % len(names):] + names[:k % len(names)]:     # rotate the order each round
+            samples[n].append(time_call(variants[n], inner[n]))
+    b = np.array(samples[base])
+    return {n: {"median_s": float(np.median(s)), "min_s": float(np.min(s)),
+                "ratio": float(np.median(np.array(s) / b)), "rounds": rounds, "inner": inner[n]}
+            for n, s in samples.items()}
+
+
+def blas_peak_gflops(dtype="float32", n: int = 2048, rounds: int = 5) -> float:
+    """Median GFLOP/s of an n×n×n GEMM through NumPy's BLAS: this run's compute floor."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
+    a @ b
+    return 2 * n**3 / float(np.median([time_call(lambda: a @ b) for _ in range(rounds)])) / 1e9
+
+
+def copy_bandwidth_gbs(mbytes: int = 256, rounds: int = 5) -> float:
+    """Median GB/s of a large array copy (bytes read + bytes written): this run's memory floor."""
+    src = np.ones(mbytes * 2**20 // 8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t = float(np.median([time_call(lambda: np.copyto(dst, src)) for _ in range(rounds)]))
+    return 2 * src.nbytes / t / 1e9
+
+
+def machine(threads: int, thread_info: dict, dtype="float32", quick: bool = False) -> dict:
+    """This run's machine facts: CPU, pinned threads, measured GEMM peak and copy bandwidth."""
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
+            **thread_info,
+            "blas_peak_gflops": blas_peak_gflops(dtype, 512 if quick else 2048),
+            "copy_gbs": copy_bandwidth_gbs(16 if quick else 256)}
+
+
+def write_json(path, payload: dict):
+    """Write ``payload`` as indented JSON, creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=lambda o: sorted(o) if isinstance(o, (set, frozenset)) else str(o))
+
+
+def plot_ratios(path, panels: dict, title: str, ylabel: str = "time / base product (log)"):
+    """Grouped bars on log axes, one panel per entry of ``panels`` {panel: {x label: {variant: ratio}}};
+    a line at 1 marks the base product."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.8), squeeze=False)
+    for ax, (name, groups) in zip(axes[0], panels.items()):
+        labels = list(groups)
+        variants = list(dict.fromkeys(v for g in groups.values() for v in g))
+        width = 0.8 / max(len(variants), 1)
+        for i, v in enumerate(variants):
+            xs = [j + i * width for j, g in enumerate(labels) if v in groups[g]]
+            ax.bar(xs, [groups[g][v] for g in labels if v in groups[g]], width, label=v)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,321 @@
+"""Adapters as Hugging Face PEFT files: save_pretrained, load_adapter, from_pretrained.
+
+One adapter = one directory (the root for "default", ``root/<name>`` for the others):
+
+    adapter_config.json          PEFT's LoraConfig fields (peft_type "LORA", r, lora_alpha, ...)
+    adapter_model.safetensors    base_model.model.<path>.lora_A.weight   (r, D_in)
+                                 base_model.model.<path>.lora_B.weight   (D_out, r)
+                                 base_model.model.<path>.lora_magnitude_vector   (D_out,)  DoRA only
+                                 base_model.model.<path>.weight / .bias   modules_to_save copies
+                                 base_model.model.<path>[.base_layer].bias   bias "all"/"lora_only"
+
+Loading reads and checks everything first (config fields and values, file integrity,
+tensor keys, shapes against the model and the config's r, dtypes, NaN/Inf) on a scratch
+copy of the model whose parameters share the model's arrays; only then does it inject the
+adapter into the real model and copy the tensors in, inside ``all_or_nothing`` so that
+even an unforeseen failure leaves the model exactly as it was. Bad input raises
+FileFormatError (a ValueError; AdapterFileError for the config and layout checks) naming
+the file and the problem. Loading injects with ``init_lora_weights=True`` whatever the config says (the
+tensors are overwritten, and a PiSSA init would rewrite the base weights): a PiSSA
+adapter's A, B apply to the residual base saved with it (``save_model`` after training).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from .atomic import all_or_nothing, commit_files
+from .backend import device_of, get_array_module, to_device
+from .lora_config import LoraConfig
+from .model_files import FileFormatError, check_tensors, read_tensor_file, tensor_file_bytes
+from .peft_model import LoraModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class AdapterFileError(FileFormatError):
+    """An adapter directory lowrank can't load; the message names the file and the problem."""
+
+
+def _empty(v) -> bool:
+    return v is None or (isinstance(v, (list, dict, str)) and len(v) == 0)
+
+
+# PEFT 0.21 fields lowrank does not implement: accepted only at PEFT's neutral values.
+NEUTRAL = {
+    "fan_in_fan_out": (lambda v: v is False, "weights stored transposed (Conv1D layout)"),
+    "lora_bias": (lambda v: v is False, "a trainable bias on lora_B"),
+    "layers_to_transform": (_empty, "adapting only some layer indices"),
+    "layers_pattern": (_empty, "adapting only some layer indices"),
+    "exclude_modules": (_empty, "excluding layers from target_modules"),
+    "layer_replication": (_empty, "replicated base layers"),
+    "trainable_token_indices": (_empty, "trainable embedding rows"),
+    "target_parameters": (_empty, "adapting bare parameters"),
+    "megatron_config": (_empty, "Megatron parallel layers"),
+    "loftq_config": (_empty, "a LoftQ-initialised quantized base"),
+    "use_qalora": (lambda v: v is False, "QALoRA input pooling"),
+    "alora_invocation_tokens": (_empty, "activated LoRA (aLoRA)"),
+    "ensure_weight_tying": (lambda v: v is False, "tied adapter weights"),
+    "use_bdlora": (lambda v: v is None or v is False, "BD-LoRA"),
+    "runtime_config": (lambda v: v is None or (isinstance(v, dict) and set(v) <= {"ephemeral_gpu_offload"}
+                                               and all(isinstance(x, bool) for x in v.values())), "runtime options"),
+    **{name: (_empty, "a LoRA variant lowrank does not implement")
+       for name in ("eva_config", "corda_config", "arrow_config", "kasa_config", "lora_ga_config",
+                    "monteclora_config", "velora_config")},
+}
+INFORMATIONAL = {"peft_version": (str, type(None)), "revision": (str, type(None)), "auto_mapping": (dict, type(None)),
+                 "megatron_core": (str, type(None)), "qalora_group_size": (int, type(None))}
+NONE = type(None)
+FIELD_TYPES = {"r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "bias": (str,),
+               "target_modules": (str, list), "use_rslora": (bool,), "use_dora": (bool,),
+               "init_lora_weights": (bool, str), "modules_to_save": (list, NONE), "rank_pattern": (dict,),
+               "alpha_pattern": (dict,), "task_type": (str, NONE), "base_model_name_or_path": (str, NONE),
+               "inference_mode": (bool,)}
+
+
+# -- adapter_config.json ----------------------------------------------------------------
+def config_to_dict(config: LoraConfig, targets: list[str]) -> dict:
+    """The fields PEFT writes, with "all-linear" resolved to the layers it hit (PEFT saves those)."""
+    return {"peft_type": "LORA", "r": config.r, "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout,
+            "target_modules": targets if config.target_modules == "all-linear" else config.target_modules,
+            "bias": config.bias, "use_rslora": config.use_rslora, "use_dora": config.use_dora,
+            "init_lora_weights": config.init_lora_weights, "fan_in_fan_out": False,
+            "modules_to_save": config.modules_to_save, "rank_pattern": config.rank_pattern,
+            "alpha_pattern": config.alpha_pattern, "task_type": config.task_type,
+            "base_model_name_or_path": config.base_model_name_or_path, "inference_mode": True}
+
+
+def read_config(path) -> LoraConfig:
+    """The LoraConfig in ``path``; AdapterFileError for anything lowrank would not compute faithfully."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:                    # bad UTF-8 or bad JSON
+        raise AdapterFileError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object of config fields, got {type(raw).__name__}")
+    if raw.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{path}: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
+    if "target_modules" not in raw:
+        raise AdapterFileError(f"{path}: target_modules is missing")
+    fields = {}
+    for key, value in raw.items():
+        if key == "peft_type":
+            continue
+        if key in FIELD_TYPES:
+            types = FIELD_TYPES[key]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise AdapterFileError(f"{path}: {key} must be {' or '.join(t.__name__ for t in types)}, "
+                                       f"got {value!r}")
+            fields[key] = value
+        elif key in NEUTRAL:
+            ok, meaning = NEUTRAL[key]
+            if not ok(value):
+                raise AdapterFileError(f"{path}: {key}={json.dumps(value)} means {meaning}, which lowrank does "
+                                       f"not implement; loading it would change the math")
+        elif key in INFORMATIONAL:
+            if not isinstance(value, INFORMATIONAL[key]):
+                raise AdapterFileError(f"{path}: {key} has the wrong type: {value!r}")
+        elif not (_empty(value) or value is False):
+            raise AdapterFileError(f"{path}: unknown field {key}={json.dumps(value)}: lowrank can't tell whether "
+                                   f"it changes the math, so it refuses it")
+    _check_contents(path, fields)
+    try:
+        return LoraConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise AdapterFileError(f"{path}: {e}") from e
+
+
+def _check_contents(path, fields):
+    """Element types of the list/dict fields, and regexes that compile."""
+    names = fields.get("target_modules"), fields.get("modules_to_save")
+    for key, value in zip(("target_modules", "modules_to_save"), names):
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise AdapterFileError(f"{path}: {key} must list module names (strings), got {value!r}")
+    patterns = [names[0]] if isinstance(names[0], str) and names[0] != "all-linear" else []
+    for key, kinds in (("rank_pattern", (int,)), ("alpha_pattern", (int, float))):
+        for p, v in fields.get(key, {}).items():
+            if isinstance(v, bool) or not isinstance(v, kinds):
+                raise AdapterFileError(f"{path}: {key}[{p!r}] must be a number, got {v!r}")
+            patterns.append(p)
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise AdapterFileError(f"{path}: {p!r} is not a valid regular expression: {e}") from e
+
+
+# -- tensor names -----------------------------------------------------------------------
+def adapter_parameters(model: LoraModel, adapter_name: str, shared: bool = True) -> dict:
+    """PEFT key -> the Parameter that holds it, for one adapter of ``model``; ``shared=False`` leaves
+    out the base biases that bias "all"/"lora_only" trains (they are shared by every adapter)."""
+    bias, base, out = model.peft_config[adapter_name].bias if shared else "none", model.model, {}
+    for name, p in base.named_parameters():
+        key = _peft_key(base, name.split("."), adapter_name, bias)
+        if key is not None:
+            out[PREFIX + key] = p
+    return out
+
+
+def _peft_key(base, parts, adapter, bias):
+    """PEFT's name for parameter ``parts``: the adapter name removed, copies under their module's name."""
+    if "modules_to_save" in parts:
+        i = parts.index("modules_to_save")          # this adapter's copy: in full, under the module's names
+        return ".".join(parts[:i] + parts[i + 2:]) if parts[i + 1] == adapter else None
+    if "original_module" in parts:                  # the frozen original: only LoRA factors it may hold
+        i = parts.index("original_module")
+        return _peft_key(base, parts[:i] + parts[i + 1:], adapter, "none")
+    owner, leaf = ([""] + parts)[-2], parts[-1]     # "0.lora_A.default" -> ("lora_A", "default")
+    if owner in ("lora_A", "lora_B"):
+        return ".".join(parts[:-1] + ["weight"]) if leaf == adapter else None
+    if owner == "lora_magnitude_vector":
+        return ".".join(parts[:-1]) if leaf == adapter else None
+    if leaf != "bias" or bias == "none":
+        return None
+    if bias == "all":
+        return ".".join(parts)
+    lora_layer = ".".join(parts[:-2])            # lora_only: the bias of a layer that holds this adapter
+    holds = owner == "base_layer" and adapter in getattr(base.get_submodule(lora_layer), "lora_A", {})
+    return ".".join(parts) if holds else None
+
+
+def _what(key: str, model: LoraModel, adapter_name: str) -> str:
+    """How an error names a tensor: its module, and the config's r where that sets the shape."""
+    path, _, leaf = key[len(PREFIX):].removesuffix(".weight").rpartition(".")
+    if leaf in ("lora_A", "lora_B"):
+        r = model.model.get_submodule(path).r[adapter_name]
+        return f"{leaf} of module {path!r}, {'(r, D_in)' if leaf == 'lora_A' else '(D_out, r)'} with r={r}"
+    if leaf == "lora_magnitude_vector":
+        return f"DoRA magnitude of module {path!r}, (D_out,)"
+    return "modules_to_save copy or trained bias, shaped as in the base model"
+
+
+def _check_adapter_name(name):
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"adapter name must be letters, digits, '_' or '-' (it names a directory), got {name!r}")
+
+
+# -- save -------------------------------------------------------------------------------
+def save_pretrained(model: LoraModel, save_directory, selected_adapters=None, overwrite: bool = False):
+    """Write each adapter as PEFT does ("default" in ``save_directory``, others in sub-directories).
+
+    Every file is serialised before any is written, existing adapter files are replaced only
+    with ``overwrite=True``, and each adapter's two files are committed atomically.
+    """
+    names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in model.peft_config]
+    if unknown:
+        raise ValueError(f"save_pretrained: no adapters {unknown}; adapters: {list(model.peft_config)}")
+    root = Path(save_directory)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"save_pretrained: {root} exists and is not a directory")
+    plans = []
+    for name in names:
+        _check_adapter_name(name)
+        targets = [n.replace(".original_module", "") for n, layer in model.lora_layers()
+                   if name in layer.lora_A and ".modules_to_save." not in n]
+        config = json.dumps(config_to_dict(model.peft_config[name], targets), indent=2, sort_keys=True) + "\n"
+        tensors = {k: p.data for k, p in adapter_parameters(model, name).items()}
+        plans.append((root if name == "default" else root / name,
+                      {WEIGHTS_NAME: tensor_file_bytes(tensors), CONFIG_NAME: config.encode()}))
+    clashes = [str(d / f) for d, files in plans for f in files if (d / f).exists()]
+    if clashes and not overwrite:
+        raise FileExistsError(f"save_pretrained: refusing to overwrite {clashes}; pass overwrite=True")
+    for directory, files in plans:
+        commit_files(directory, files, overwrite=overwrite)
+
+
+# -- load -------------------------------------------------------------------------------
+def _read_adapter(model_id, allow_nonfinite):
+    """(config, tensors, weights path) of the adapter directory ``model_id``, integrity checked."""
+    directory = Path(model_id)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        subs = sorted(p.name for p in directory.glob(f"*/{CONFIG_NAME}")) if directory.is_dir() else []
+        hint = f" (adapters in sub-directories here: {[f'{directory / s}' for s in subs]})" if subs else ""
+        raise AdapterFileError(f"{config_path}: file not found{hint}")
+    config = read_config(config_path)
+    tensors, _ = read_tensor_file(directory / WEIGHTS_NAME, allow_nonfinite)
+    return config, tensors, directory / WEIGHTS_NAME
+
+
+def _scratch_copy(module):
+    """A structural copy of ``module`` whose parameters share its arrays (cheap; never written to)."""
+    memo = {id(p.data): p.data for _, p in module.named_parameters()}
+    memo.update({id(p.grad): None for _, p in module.named_parameters() if p.grad is not None})
+    memo.update({id(m._cache): None for _, m in module.named_modules() if m._cache is not None})
+    return copy.deepcopy(module, memo)
+
+
+def _inject(make, config_path):
+    """Run an injection; its ValueError/TypeError (targets, ranks, names) become AdapterFileError."""
+    try:
+        return make()
+    except (ValueError, TypeError) as e:
+        raise AdapterFileError(f"{config_path}: this adapter does not fit the model: {e}") from e
+
+
+def _checked(scratch: LoraModel, adapter_name, tensors, weights_path) -> dict:
+    """The file's tensors checked against the adapter as injected into ``scratch``."""
+    expected = {k: (p.shape, p.dtype, _what(k, scratch, adapter_name))
+                for k, p in adapter_parameters(scratch, adapter_name).items()}
+    return check_tensors(weights_path, expected, tensors)
+
+
+def _fill(model: LoraModel, adapter_name, config, tensors):
+    """Copy checked tensors in and record the config as loaded (injection used init True, see above)."""
+    for key, p in adapter_parameters(model, adapter_name).items():
+        xp = get_array_module(p.data)
+        p.data = xp.array(to_device(tensors[key], device_of(p.data)), copy=True)
+    model.peft_config[adapter_name] = config
+
+
+def _prepare(model_id, adapter_name, is_trainable, allow_nonfinite):
+    """Read and check the files; (config as loaded, config to inject with, tensors, paths)."""
+    _check_adapter_name(adapter_name)
+    config, tensors, weights_path = _read_adapter(model_id, allow_nonfinite)
+    config = dataclasses.replace(config, inference_mode=not is_trainable)
+    return config, dataclasses.replace(config, init_lora_weights=True), tensors, weights_path
+
+
+def load_adapter(model: LoraModel, model_id, adapter_name: str, is_trainable: bool = False,
+                 allow_nonfinite: bool = False):
+    """Add the adapter saved in directory ``model_id`` to ``model`` as ``adapter_name`` (not made active,
+    so frozen until ``set_adapter``; PEFT's ``is_trainable=False`` also calls ``eval()``).
+
+    Raises FileFormatError (a ValueError) naming the file and the problem; the model is then
+    exactly as it was.
+    """
+    config, inject, tensors, weights_path = _prepare(model_id, adapter_name, is_trainable, allow_nonfinite)
+    scratch = _scratch_copy(model)
+    _inject(lambda: scratch.add_adapter(adapter_name, inject), Path(model_id) / CONFIG_NAME)
+    checked = _checked(scratch, adapter_name, tensors, weights_path)
+    with all_or_nothing(model):
+        model.add_adapter(adapter_name, inject)
+        _fill(model, adapter_name, config, checked)
+        for p in adapter_parameters(model, adapter_name, shared=False).values():
+            p.trainable = False
+        if not is_trainable:
+            model.eval()
+
+
+def from_pretrained(model, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                    allow_nonfinite: bool = False) -> LoraModel:
+    """Wrap base ``model`` with the adapter saved in ``model_id``, active; ``is_trainable=False``
+    (PEFT's default) freezes everything and calls ``eval()``. On error ``model`` is left as it was."""
+    config, inject, tensors, weights_path = _prepare(model_id, adapter_name, is_trainable, allow_nonfinite)
+    scratch = _inject(lambda: LoraModel(_scratch_copy(model), inject, adapter_name), Path(model_id) / CONFIG_NAME)
+    checked = _checked(scratch, adapter_name, tensors, weights_path)
+    with all_or_nothing(model):
+        lora_model = LoraModel(model, inject, adapter_name)
+        _fill(lora_model, adapter_name, config, checked)
+        if not is_trainable:
+            lora_model.requires_grad_(False).eval()
+    return lora_model

@@ -1,0 +1,114 @@
+"""Slow, obviously-correct float64 formulas, one scalar sum per element: the kernels' oracle.
+
+Letters as in kernels/reference.py: x (N, D_in), W (D_out, D_in), A (r, D_in), B (D_out, r),
+s = scaling, mask (N, D_in) or None, index (N,) with −1 = base only. Every output element
+is written out as the sum it is; nothing here calls a matrix product.
+"""
+import numpy as np
+
+
+def _f64(*arrays):
+    return [None if a is None else np.asarray(a, np.float64) for a in arrays]
+
+
+def dense_forward(x, W, bias=None):
+    """y[i, o] = Σ_j x[i, j] W[o, j] + b[o]."""
+    x, W, bias = _f64(x, W, bias)
+    N, D_in = x.shape
+    y = np.zeros((N, W.shape[0]))
+    for i in range(N):
+        for o in range(W.shape[0]):
+            y[i, o] = sum(x[i, j] * W[o, j] for j in range(D_in)) + (0.0 if bias is None else bias[o])
+    return y
+
+
+def dense_backward(dy, x, W):
+    """dx[i, j] = Σ_o dy[i, o] W[o, j];  dW[o, j] = Σ_i dy[i, o] x[i, j];  db[o] = Σ_i dy[i, o]."""
+    dy, x, W = _f64(dy, x, W)
+    N, D_out = dy.shape
+    D_in = W.shape[1]
+    dx = np.array([[sum(dy[i, o] * W[o, j] for o in range(D_out)) for j in range(D_in)] for i in range(N)])
+    dW = np.array([[sum(dy[i, o] * x[i, j] for i in range(N)) for j in range(D_in)] for o in range(D_out)])
+    db = np.array([sum(dy[i, o] for i in range(N)) for o in range(D_out)])
+    return dx.reshape(N, D_in), dW.reshape(D_out, D_in), db
+
+
+def lora_forward(x, W, A, B, s, bias=None, mask=None):
+    """h[i, t] = Σ_j x[i, j] m[i, j] A[t, j];  y[i, o] = (x Wᵀ)[i, o] + b[o] + s Σ_t h[i, t] B[o, t]."""
+    x, W, A, B, bias, mask = _f64(x, W, A, B, bias, mask)
+    N, D_in = x.shape
+    r, D_out = A.shape[0], B.shape[0]
+    m = np.ones_like(x) if mask is None else mask
+    h = np.array([[sum(x[i, j] * m[i, j] * A[t, j] for j in range(D_in)) for t in range(r)] for i in range(N)])
+    h = h.reshape(N, r)
+    y = dense_forward(x, W, bias) if W is not None else np.zeros((N, D_out)) + (0 if bias is None else bias)
+    for i in range(N):
+        for o in range(D_out):
+            y[i, o] += s * sum(h[i, t] * B[o, t] for t in range(r))
+    return y, h
+
+
+def lora_backward(dy, x, W, A, B, s, mask=None):
+    """dh = s dy B;  dB[o, t] = s Σ_i dy[i, o] h[i, t];  dA[t, j] = Σ_i dh[i, t] x[i, j] m[i, j];
+    dx[i, j] = (dy W)[i, j] + m[i, j] Σ_t dh[i, t] A[t, j]."""
+    dy, x, W, A, B, mask = _f64(dy, x, W, A, B, mask)
+    N, D_in = x.shape
+    r, D_out = A.shape[0], B.shape[0]
+    m = np.ones_like(x) if mask is None else mask
+    _, h = lora_forward(x, None, A, B, s, mask=mask)
+    dh = np.array([[s * sum(dy[i, o] * B[o, t] for o in range(D_out)) for t in range(r)] for i in range(N)])
+    dh = dh.reshape(N, r)
+    dB = np.array([[s * sum(dy[i, o] * h[i, t] for i in range(N)) for t in range(r)] for o in range(D_out)])
+    dA = np.array([[sum(dh[i, t] * x[i, j] * m[i, j] for i in range(N)) for j in range(D_in)] for t in range(r)])
+    dx = np.zeros((N, D_in)) if W is None else dense_backward(dy, x, W)[0]
+    for i in range(N):
+        for j in range(D_in):
+            dx[i, j] += m[i, j] * sum(dh[i, t] * A[t, j] for t in range(r))
+    return dx, dA.reshape(r, D_in), dB.reshape(D_out, r)
+
+
+def lora_forward_multi(x, W, A_stack, B_stack, scalings, index, bias=None):
+    """Row by row: row i is lora_forward with adapter index[i], or the base alone (h = 0) for −1."""
+    N, r = x.shape[0], A_stack.shape[1]
+    y, h = dense_forward(x, W, bias), np.zeros((N, r))
+    for i in range(N):
+        k = int(index[i])
+        if k >= 0:
+            y_i, h_i = lora_forward(x[i:i + 1], W, A_stack[k], B_stack[k], float(scalings[k]), bias)
+            y[i], h[i] = y_i[0], h_i[0]
+    return y, h
+
+
+def lora_backward_multi(dy, x, W, A_stack, B_stack, scalings, index):
+    """Row by row: each row's lora_backward, its dA and dB summed into its adapter's slot."""
+    dx = dense_backward(dy, x, W)[0]
+    dA, dB = np.zeros(A_stack.shape), np.zeros(B_stack.shape)
+    for i in range(x.shape[0]):
+        k = int(index[i])
+        if k >= 0:
+            dx_i, dA_i, dB_i = lora_backward(dy[i:i + 1], x[i:i + 1], None, A_stack[k], B_stack[k],
+                                             float(scalings[k]))
+            dx[i] += dx_i[0]
+            dA[k] += dA_i
+            dB[k] += dB_i
+    return dx, dA, dB
+
+
+def segments_to_index(indptr, seg_index):
+    """Row i lies in the segment s with indptr[s] <= i < indptr[s+1]; its adapter is seg_index[s]."""
+    return np.array([seg_index[s] for s in range(len(seg_index)) for _ in range(indptr[s], indptr[s + 1])],
+                    dtype=np.int64)
+
+
+# -- inputs shared by the kernel tests: O(1) data, so relative tolerances mean something ----------
+def lora_inputs(rng, N, D_in, D_out, r, dtype=np.float64, masked=False, K=None):
+    """x, W, A, B, bias, dy (and mask, or the stacks/scalings for K adapters) as ``dtype`` arrays."""
+    f = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
+    d = dict(x=f(N, D_in), W=f(D_out, D_in), A=f(r, D_in), B=f(D_out, r), bias=f(D_out), dy=f(N, D_out),
+             s=float(rng.uniform(0.25, 2.0)))
+    if masked:
+        keep = 0.75
+        d["mask"] = ((rng.random((N, D_in)) < keep) / keep).astype(dtype)
+    if K is not None:
+        d.update(A_stack=f(K, r, D_in), B_stack=f(K, D_out, r), scalings=rng.uniform(0.25, 2.0, K).astype(dtype))
+    return d

@@ -1,0 +1,58 @@
+"""The --quick kernel benchmark runs in-process and writes sane JSON with every promised row."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+from benchmarks import kernels as bench  # noqa: E402
+
+
+def promised(cfg):
+    """(group, variant, D_out, D_in, r, N, K) for every row the table promises under ``cfg``."""
+    def keep(group, names, N):
+        skip = cfg["skip"].get(N, set())
+        return [] if group in skip else [v for v in names if f"{group}:{v}" not in skip]
+
+    rows = set()
+    for (D_out, D_in), r, N in cfg["forward"]:
+        d = bench._data(D_out, D_in, r, N)
+        rows |= {("forward", v, D_out, D_in, r, N, 1) for v in keep("forward", bench.forward_variants(d), N)}
+    for (D_out, D_in), r, N in cfg["step"]:
+        d = bench._data(D_out, D_in, r, N)
+        for group, variants in (("backward", bench.backward_variants(d)), ("train", bench.train_variants(d))):
+            rows |= {(group, v, D_out, D_in, r, N, 1) for v in keep(group, variants, N)}
+    for (D_out, D_in), r, N, K in cfg["multi"]:
+        names = bench.multi_variants(bench._data(D_out, D_in, r, N), K)
+        rows |= {("multi", v, D_out, D_in, r, N, K) for v in keep("multi", names, N)}
+    return rows
+
+
+def test_quick_benchmark_writes_every_row_with_positive_numbers(tmp_path):
+    out = tmp_path / "kernels_quick.json"
+    bench.main(["--quick", "--threads", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert (tmp_path / "kernels_quick.png").stat().st_size > 1000
+    m = data["machine"]
+    assert m["threads"] == 1 and m["blas_peak_gflops"] > 0 and m["copy_gbs"] > 0
+    assert all(lib["threads"] == 1 for lib in m["blas"]) and m["numba_threads"] == 1
+    got = {(r["group"], r["variant"], r["D_out"], r["D_in"], r["r"], r["N"], r["K"]) for r in data["rows"]}
+    assert got == promised(bench.QUICK)
+    assert len(got) == len(data["rows"])                       # no row twice
+    for row in data["rows"]:
+        for key in ("median_ms", "min_ms", "ratio", "gflops", "gbs", "pct_peak", "pct_bw"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row, key)
+        assert row["min_ms"] <= row["median_ms"]
+        if row["variant"] == "base":
+            assert row["ratio"] == 1.0                         # each round divided by itself
+    assert data["targets"] and all(v is not None and v > 0 for v in data["targets"].values())
+
+
+def test_cost_counts_the_lora_term_on_top_of_the_base():
+    base, io = bench.cost("forward", "base", 8, 4, 2, 3)
+    assert base == 2 * 3 * 4 * 8 and io == 4 * (3 * 4 + 4 * 8 + 3 * 8)
+    flops, _ = bench.cost("forward", "numba", 8, 4, 2, 3)
+    assert flops == base + 2 * 3 * 2 * (4 + 8)
+    assert bench.cost("train", "full", 8, 4, 2, 3)[0] == 3 * base
+    assert np.isclose(bench.cost("train", "lora_numba", 8, 4, 2, 3)[0] / base, 2 + 4 * (2 * 3 * 2 * 12) / base)

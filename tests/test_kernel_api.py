@@ -1,0 +1,38 @@
+"""Every kernel backend exposes kernels.API with exactly the NumPy reference's signatures."""
+import importlib
+import inspect
+
+import pytest
+
+from lowrank import kernels
+from lowrank.kernels import reference
+
+
+def test_reference_exposes_exactly_the_api():
+    public = {n for n, f in vars(reference).items() if inspect.isfunction(f) and not n.startswith("_")}
+    assert public == set(kernels.API)
+
+
+@pytest.mark.parametrize("backend", sorted(kernels.MODULES))
+def test_backend_signatures_equal_the_reference(backend):
+    try:
+        module = kernels.load(backend)
+    except ImportError as e:                  # cupy_gpu needs CuPy; numba_cpu needs Numba
+        pytest.skip(f"{backend}: {e}")
+    for name in kernels.API:
+        fn = getattr(module, name, None)
+        assert callable(fn), f"{module.__name__} lacks {name}"
+        assert inspect.signature(fn) == inspect.signature(getattr(reference, name)), \
+            f"{module.__name__}.{name}{inspect.signature(fn)} != reference{inspect.signature(getattr(reference, name))}"
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown kernel backend 'fortran'"):
+        kernels.load("fortran")
+
+
+def test_numba_module_reexports_the_multi_kernels():
+    nb = importlib.import_module("lowrank.kernels.numba_cpu")
+    multi = importlib.import_module("lowrank.kernels.numba_multi")
+    for name in ("lora_forward_multi", "lora_backward_multi", "lora_forward_sgmv", "lora_backward_sgmv"):
+        assert getattr(nb, name) is getattr(multi, name)
