@@ -6,8 +6,8 @@ Letters: N rows, D_in, D_out, r rank. The math is ``reference``'s, line for line
     backward  dh = s · dy B    dB = s · dyᵀ h    dA = dhᵀ (x ⊙ mask)
               dx = dy W,  then  dx += (dh A) ⊙ mask   in place
 
-Which form of the LoRA term, measured (4096², r = 16, float32, 2 threads pinned; adding
-s·h Bᵀ to a finished y = x Wᵀ, medians; ``benchmarks/kernels.py`` has the full table):
+Which form of the LoRA term, measured (4096², r = 16, float32, adding s·h Bᵀ to a finished
+y = x Wᵀ, medians; microbenchmark with 2 BLAS threads on the shared 2-core machine):
 
     N = 2048   GEMM with beta = 1 into y (``gemm_acc``)   3.7 ms   <- kept
                NumPy temporary + add (PEFT's unfused)    14.3 ms
@@ -15,7 +15,11 @@ s·h Bᵀ to a finished y = x Wᵀ, medians; ``benchmarks/kernels.py`` has the f
                Numba row loop, reduction over r          28.6 ms
     N = 256    beta = 1: 0.52 ms, temporary + add: 0.94 ms, Numba loop: 1.42 ms
 
-so the expand is one more BLAS call that writes into the base GEMM's output: no (N, D_out)
+and in ``python -m benchmarks.kernels --threads 1`` (results/kernels.json, same shapes), the
+whole LoRA work (h = x Aᵀ plus the beta = 1 GEMM) costs 1.0 % / 1.8 % / 1.6 % of the base
+product at N = 1 / 256 / 2048, against 0.6 % / 2.1 % / 2.7 % for the NumPy temporary + add;
+the concatenated [x, h]·[W, s·B]ᵀ form costs 1.2-6× the base, merged-per-step W + s·B·A 1.5-13×.
+So the expand is one more BLAS call that writes into the base GEMM's output: no (N, D_out)
 temporary and no separate add pass. The concatenated [W | s·B]·[x ; h] form must copy W every
 step (B changes) and merged weights W + s·B·A cost a full (D_out, D_in) pass per change; both
 are in the benchmark table for contrast. The shrink h = x Aᵀ is a BLAS call too (0.45 ms vs a

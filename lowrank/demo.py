@@ -14,23 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .accounting import measure_step, stored_bytes
-from .experiment import (DemoConfig, dense_names, downstream, finetune, lora_config, prepare, pretrain,
-                         test_accuracy)
+from .experiment import (DemoConfig, dense_names, downstream, finetune, lora_config, method_row, prepare,
+                         pretrain, test_accuracy)
 from .model_files import load_model, save_model
-from .optim import Adam
 from .peft_model import LoraModel
-
-
-def method_row(name: str, model, ds, cfg: DemoConfig, history, **extra) -> dict:
-    """One line of the comparison table (memory counted on one training step)."""
-    probe = copy.deepcopy(model)
-    memory = measure_step(probe, Adam(probe.parameters(trainable_only=True)),
-                          ds.X_train[:cfg.batch_size], ds.y_train[:cfg.batch_size])
-    return {"method": name, "test_acc": test_accuracy(model, ds),
-            "trainable_params": model.num_parameters(trainable_only=True), "all_params": model.num_parameters(),
-            "stored_bytes": stored_bytes(model), "memory": memory.to_dict(),
-            "seconds_per_epoch": history.seconds_per_epoch, **extra}
+from .variants_demo import variant_rows
 
 
 def run_methods(cfg: DemoConfig, pretrained, ds):
@@ -48,6 +36,11 @@ def run_methods(cfg: DemoConfig, pretrained, ds):
         ranks.append(method_row(f"lora r={r}", model, ds, cfg, h, r=r))
         models[f"lora r={r}"], histories[f"lora r={r}"] = model, h
     rows.extend(ranks)
+    qlora = prepare("qlora", pretrained, cfg)
+    h = finetune(qlora, ds, cfg)
+    rows.append(method_row(f"qlora r={cfg.r}", qlora, ds, cfg, h, r=cfg.r))
+    histories[f"qlora r={cfg.r}"] = h
+    rows.extend(variant_rows(cfg, pretrained, ds))
     return rows, ranks, models, histories
 
 
@@ -79,7 +72,8 @@ def run_two_tasks(cfg: DemoConfig, pretrained, ds_pre) -> dict:
                      "max_abs_diff": float(np.abs(logits - alone[name][0]).max()),
                      "base_acc": test_accuracy(pretrained, ds)}
         start += n
-    out["adapter_params"] = {n: sum(p.size for k, p in model.named_parameters() if f".{n}" in k)
+    out["adapter_params"] = {n: sum(p.numel for k, p in model.named_parameters()
+                                    if k.endswith((f".lora_A.{n}", f".lora_B.{n}")) or f".modules_to_save.{n}." in k)
                              for n in tasks}
     out["base_params"] = pretrained.num_parameters()
     return out

@@ -7,13 +7,14 @@ Methods (all start from a deep copy of the same pretrained model):
     adapter   Houlsby bottleneck adapters after each hidden activation, plus the head
     lora      LoRA on every hidden Dense layer (lora_alpha = 2r, so scaling = 2 at
               every rank), plus the head as a module to save
+    qlora     the same LoRA over hidden layers quantized to 4-bit NF4 (QLoRA)
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, replace
 
-from .accounting import release
+from .accounting import measure_step, release, stored_bytes
 from .adapters import insert_bottleneck_adapters
 from .data import Dataset, TaskSpec, downstream_task, make_task
 from .layers import MLP, Dense
@@ -22,9 +23,10 @@ from .losses import BCEWithLogitsLoss
 from .module import Module
 from .optim import Adam
 from .peft_model import get_lora_model
+from .qlora import quantize_model
 from .train import History, evaluate, fit
 
-METHODS = ("full", "head", "adapter", "lora")
+METHODS = ("full", "head", "adapter", "lora", "qlora")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,9 @@ def prepare(method: str, pretrained: Module, cfg: DemoConfig, r: int | None = No
         return adapted
     if method == "lora":
         return get_lora_model(model, lora_config(cfg, model, r))
+    if method == "qlora":                      # the frozen hidden layers in 4-bit NF4, LoRA on top
+        config = lora_config(cfg, model, r)
+        return get_lora_model(quantize_model(model, skip=(head,)), config)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
@@ -132,6 +137,17 @@ def test_accuracy(model: Module, ds: Dataset) -> float:
 
 
 test_accuracy.__test__ = False      # a library function, not a pytest test when imported into one
+
+
+def method_row(name: str, model, ds, cfg: DemoConfig, history, **extra) -> dict:
+    """One line of the demo's comparison table (memory counted on one training step)."""
+    probe = copy.deepcopy(model)
+    memory = measure_step(probe, Adam(probe.parameters(trainable_only=True)),
+                          ds.X_train[:cfg.batch_size], ds.y_train[:cfg.batch_size])
+    return {"method": name, "test_acc": test_accuracy(model, ds),
+            "trainable_params": model.num_parameters(trainable_only=True), "all_params": model.num_parameters(),
+            "stored_bytes": stored_bytes(model), "frozen_bytes": memory.weights - stored_bytes(model),
+            "memory": memory.to_dict(), "seconds_per_epoch": history.seconds_per_epoch, **extra}
 
 
 def with_overrides(cfg: DemoConfig, **kw) -> DemoConfig:

@@ -157,8 +157,8 @@ class LoRALinear(Module):
         """W ← W + s·B·A for each adapter (default: the active one). Zero added inference latency."""
         names = [self.active_adapter] if adapter_names is None else list(adapter_names)
         if not self._fusable:
-            raise TypeError(f"{self.label}: merge needs a dense base; for a quantized base use "
-                            f"lowrank.quant's merge functions")
+            raise TypeError(f"{self.label}: merge needs a dense base; for a 4-bit base use "
+                            f"lowrank.qlora.merge_nf4 (or LoraModel.merge_and_unload)")
         unknown = [n for n in names if n is not None and n not in self.lora_A]
         if unknown:                                # checked first: a failing merge changes nothing
             raise ValueError(f"{self.label}: no adapter {unknown[0]!r}; it has {list(self.lora_A)}")

@@ -146,9 +146,9 @@ register_layer("GELU", GELU, lambda m: {"approximate": m.approximate}, lambda s:
 
 
 def _build_nf4(s) -> NF4Dense:
-    """An NF4Dense of the right shapes (a zero weight); load_state_dict then puts the saved codes in."""
-    zeros = np.zeros((s["out_features"], s["in_features"]), s["dtype"])
-    weight = NF4Tensor.quantize(zeros, s["blocksize"], s["double_quant"], s["dq_blocksize"])
+    """An NF4Dense of the right shapes (zero buffers); load_state_dict then puts the saved codes in."""
+    weight = NF4Tensor.empty((s["out_features"], s["in_features"]), s["dtype"], s["blocksize"], s["double_quant"],
+                             s["dq_blocksize"])
     return NF4Dense(weight, np.zeros(s["out_features"], s["dtype"]) if s["bias"] else None)
 
 

@@ -23,10 +23,11 @@ class CallOrderError(ValueError, RuntimeError):
 class Parameter:
     """An array with a gradient slot. ``grad`` stays None until a backward fills it."""
 
-    def __init__(self, data, trainable: bool = True):
+    def __init__(self, data, trainable: bool = True, numel: int | None = None):
         self.data = data
         self.grad = None
         self.trainable = trainable
+        self._numel = numel        # logical parameters when they differ from data.size (packed codes)
 
     @property
     def shape(self):
@@ -39,6 +40,12 @@ class Parameter:
     @property
     def size(self) -> int:
         return int(self.data.size)
+
+    @property
+    def numel(self) -> int:
+        """Parameters this array stands for, as PEFT counts them: two 4-bit weights per packed
+        byte, none for quantization scales; ``size`` otherwise."""
+        return self.size if self._numel is None else self._numel
 
     def accumulate(self, g):
         """Add ``g`` into ``.grad`` (trainable parameters only; frozen ones are skipped)."""
@@ -184,7 +191,7 @@ class Module:
         return self
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.size for p in self.parameters(trainable_only))
+        return sum(p.numel for p in self.parameters(trainable_only))
 
     # -- calling ------------------------------------------------------------------
     def __call__(self, *args, **kwargs):

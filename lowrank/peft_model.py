@@ -289,10 +289,19 @@ class LoraModel(Module):
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def merge_and_unload(self, adapter_names=None) -> Module:
-        """Fold the adapters into the base weights and return the plain base model (no LoRA layers)."""
-        self.merge_adapter(adapter_names)
+    def merge_and_unload(self, adapter_names=None, *, keep_float: bool = False) -> Module:
+        """Fold the adapters into the base weights and return the plain base model (no LoRA layers).
+
+        Over a 4-bit (NF4) base the merged weight is requantized, which is lossy (as in PEFT);
+        ``keep_float=True`` keeps those merged layers as exact float Dense layers instead.
+        """
+        from .qlora import merge_nf4
+        quantized = {n for n, layer in self.lora_layers() if not layer._fusable}
         for name, layer in self.lora_layers():
+            if name in quantized:
+                self.model.set_submodule(name, merge_nf4(layer, exact=keep_float))
+                continue
+            layer.merge([n for n in (adapter_names or [layer.active_adapter]) if n in layer.lora_A])
             self.model.set_submodule(name, layer.base_layer)
         for name, w in [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSave)]:
             self.model.set_submodule(name, w._module_for(w.active_adapter))

@@ -46,8 +46,9 @@ class NF4Dense(Module):
         self.blocksize, self.dq_blocksize = weight.blocksize, weight.dq_blocksize
         self.double_quant = weight.double_quant
         self.backend = backend
-        for name, array in weight.buffers().items():
-            setattr(self, f"weight_{name}", Parameter(array, trainable=False))
+        for name, array in weight.buffers().items():       # the codes count as the weights; scales as none
+            setattr(self, f"weight_{name}", Parameter(array, trainable=False,
+                                                      numel=weight.numel if name == "packed" else 0))
         if bias is not None and (np.dtype(bias.dtype) != self.dtype or tuple(bias.shape) != (self.out_features,)):
             raise ValueError(f"NF4Dense: bias must be {self.dtype} of shape ({self.out_features},), "
                              f"got {bias.dtype} {tuple(bias.shape)}")

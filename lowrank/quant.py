@@ -155,6 +155,18 @@ class NF4Tensor:
         return cls(packed, w.shape, w.dtype, blocksize, absmax_q=q, absmax_scale=scale,
                    absmax_offset=np.array([offset], np.float32), dq_blocksize=dq_blocksize)
 
+    @classmethod
+    def empty(cls, shape, dtype, blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256):
+        """Zero buffers of the right sizes, to be filled by load_state_dict (no quantization work)."""
+        n = int(np.prod(shape))
+        n_blocks = -(-n // check_blocksize(blocksize))
+        packed = np.zeros(-(-n // 2), np.uint8)
+        if not double_quant:
+            return cls(packed, shape, dtype, blocksize, absmax=np.zeros(n_blocks, np.float32))
+        return cls(packed, shape, dtype, blocksize, absmax_q=np.zeros(n_blocks, np.uint8),
+                   absmax_scale=np.zeros(-(-n_blocks // check_blocksize(dq_blocksize)), np.float32),
+                   absmax_offset=np.zeros(1, np.float32), dq_blocksize=dq_blocksize)
+
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape))

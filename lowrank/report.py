@@ -17,14 +17,14 @@ def _table(header: list, rows: list) -> str:
 def methods_table(rows: list) -> str:
     """Accuracy, parameters, stored bytes and the memory split of one training step."""
     header = ["method", "test acc", "trainable params", "all params", "trainable %", "stored per task (KB)",
-              "weights (KB)", "grads (KB)", "optimizer (KB)", "activations (KB)", "tracemalloc peak (KB)",
+              "frozen base (KB)", "weights (KB)", "grads (KB)", "optimizer (KB)", "activations (KB)", "tracemalloc peak (KB)",
               "s / epoch"]
     body = []
     for r in rows:
         m = r["memory"]
         body.append([r["method"], f"{r['test_acc']:.3f}", f"{r['trainable_params']:,}", f"{r['all_params']:,}",
                      f"{100 * r['trainable_params'] / r['all_params']:.2f}", _kb(r["stored_bytes"]),
-                     _kb(m["weights"]), _kb(m["gradients"]), _kb(m["optimizer"]), _kb(m["activations"]),
+                     _kb(r["frozen_bytes"]), _kb(m["weights"]), _kb(m["gradients"]), _kb(m["optimizer"]), _kb(m["activations"]),
                      _kb(m["tracemalloc_peak"]), f"{r['seconds_per_epoch']:.3f}"])
     return _table(header, body)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 
-from .experiment import DemoConfig, dense_names, finetune, lora_config, prepare
+from .experiment import DemoConfig, dense_names, finetune, lora_config, method_row, prepare
 from .loraplus import create_loraplus_optimizer
 from .module import Module
 from .optim import Adam
@@ -39,8 +39,6 @@ def vera_config(model: Module, r: int = VERA_R) -> VeraConfig:
 def variant_rows(cfg: DemoConfig, pretrained: Module, ds_down) -> list[dict]:
     """Rows {method, test_acc, trainable_params, stored_bytes, seconds_per_epoch, ...} for DoRA,
     LoRA+ and VeRA, in the demo's ``method_row`` format (so its table takes them as they are)."""
-    from .demo import method_row          # here, not at the top: the demo imports this module
-
     rows = []
     dora = get_lora_model(copy.deepcopy(pretrained), lora_config(cfg, pretrained, use_dora=True))
     rows.append(method_row(f"dora r={cfg.r}", dora, ds_down, cfg, finetune(dora, ds_down, cfg), r=cfg.r))

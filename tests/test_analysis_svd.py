@@ -97,3 +97,8 @@ def test_choose_rank_rejects_bad_targets(kwargs, match):
 def test_truncated_svd_rejects_bad_rank_or_shape(W, r, match):
     with pytest.raises(ValueError, match=match):
         truncated_svd(W, r)
+
+
+def test_zero_matrix_has_no_error_and_keeps_all_energy():
+    a = truncated_svd(np.zeros((3, 2)), 1)
+    assert a.spectral_error == 0.0 and a.relative_error == 0.0 and a.energy == 1.0

@@ -112,3 +112,13 @@ def test_sweep_and_d90():
     fake = [{"d": d, "accuracy": a} for d, a in ((1, 0.5), (4, 0.88), (16, 0.95), (64, 0.9))]
     assert d90(fake, 0.97) == 4 and d90(fake, 1.0) == 16 and d90(fake, 0.9, fraction=1.0) == 16
     assert d90(fake[:1], 0.97) is None
+
+
+def test_dz_over_a_lora_model_whose_other_adapter_gets_no_gradient(rng):
+    """Parameters that the forward never touches (an inactive adapter) have dθ = 0."""
+    model = lr.get_lora_model(tiny(), lr.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+    model.add_adapter("other", lr.LoraConfig(r=1, lora_alpha=1, target_modules=["2"]))
+    sub = SubspaceModel(model, 4, projection="dense", seed=2)
+    assert sub.D == model.num_parameters()
+    sub.z.data = 0.3 * rng.standard_normal(4)
+    lr.check_module(sub, rng.standard_normal((3, 4)))

@@ -1,5 +1,7 @@
 """QLoRA: NF4Dense against the float layer holding its dequantized weight, LoRA over it,
 quantize_model, and merging an adapter into a 4-bit base (lossy, measured) or into float (exact)."""
+import copy
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -203,3 +205,20 @@ def test_get_lora_model_on_a_quantized_model_is_qlora():
     y = peft(x)
     assert peft.backward(np.ones_like(y)).shape == (5, 8)
     assert all(p.grad is not None for p in peft.parameters() if p.trainable)
+
+
+def test_merge_and_unload_over_a_4bit_base_and_parameter_counts():
+    base = lr.MLP([8, 16, 1], dtype="float32", seed=0)
+    float_count = base.num_parameters()
+    quantize_model(base, skip=("2",))
+    assert base.num_parameters() == float_count            # codes count as the weights they encode, scales as none
+    model = lr.get_lora_model(base, lr.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    y = model.forward(x)
+    exact = copy.deepcopy(model).merge_and_unload(keep_float=True)
+    assert isinstance(exact.get_submodule("0"), lr.Dense)
+    np.testing.assert_allclose(exact.forward(x), y, rtol=1e-5, atol=1e-5)
+    lossy = copy.deepcopy(model).merge_and_unload()
+    assert type(lossy.get_submodule("0")).__name__ == "NF4Dense"
+    err = output_error(model, lossy, x)
+    assert 0 < err["rel_fro"] < 0.2                       # requantization costs something, but not everything
