@@ -1,7 +1,8 @@
 """Kernel benchmark: the fused LoRA path against its floor, the bare base product x·Wᵀ.
 
-    python -m benchmarks.kernels            # full matrix (~15 min on 2 cores; see FULL), results/kernels.{json,png}
-    python -m benchmarks.kernels --quick    # tiny shapes, seconds (CI)
+    python -m benchmarks.kernels --threads 1   # pruned full matrix (see FULL): 5-12 min on the shared
+                                               # 2 cores; writes results/kernels.{json,png}
+    python -m benchmarks.kernels --quick       # tiny shapes, seconds (CI)
 
 Groups (float32, no bias, like an LLM projection; every variant interleaved with the base):
   forward   base | numpy (reference, unfused: a temporary + add) | numba (fused: GEMM beta = 1)
@@ -14,7 +15,8 @@ Groups (float32, no bias, like an LLM projection; every variant interleaved with
   multi     one adapter vs mixed batches of K adapters: BGMV (per-row index), SGMV (sorted rows),
             loop_numpy (base once + per-adapter gather/scatter, PEFT's mixed batch), loop_batches
             (a separate fused forward per adapter's rows)
-Ratios are per-round t(variant) / t(base), medians over rounds; GF/s and GB/s count the
+Ratios are per-round t(variant) / t(base), medians over rounds (a target "a/b" between two
+variants is ratio(a) / ratio(b)); GF/s and GB/s count the
 minimum FLOPs and bytes (each operand touched once) against this run's measured floors.
 """
 from __future__ import annotations
@@ -198,7 +200,8 @@ def targets(rows, cfg):
         return None
 
     def ratio(a, b):
-        return a["median_ms"] / b["median_ms"] if a and b else None
+        """a / b through their per-round ratios to the same base: steadier than a ratio of medians."""
+        return a["ratio"] / b["ratio"] if a and b else None
 
     (D_out, D_in), r = cfg["target_shape"], cfg["target_r"]
     at, out = f"{D_out}x{D_in} r={r}", {}

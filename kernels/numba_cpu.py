@@ -16,9 +16,10 @@ y = x Wᵀ, medians; microbenchmark with 2 BLAS threads on the shared 2-core mac
     N = 256    beta = 1: 0.52 ms, temporary + add: 0.94 ms, Numba loop: 1.42 ms
 
 and in ``python -m benchmarks.kernels --threads 1`` (results/kernels.json, same shapes), the
-whole LoRA work (h = x Aᵀ plus the beta = 1 GEMM) costs 1.0 % / 1.8 % / 1.6 % of the base
-product at N = 1 / 256 / 2048, against 0.6 % / 2.1 % / 2.7 % for the NumPy temporary + add;
-the concatenated [x, h]·[W, s·B]ᵀ form costs 1.2-6× the base, merged-per-step W + s·B·A 1.5-13×.
+whole LoRA work (h = x Aᵀ plus the beta = 1 GEMM) costs 0.8 % / 1.5 % / 2.1 % of the base
+product at N = 1 / 256 / 2048, against 0.6 % / 2.3 % / 3.6 % for the NumPy temporary + add;
+the fused forward / base medians are 1.012 / 1.025 / 1.002. The concatenated [x, h]·[W, s·B]ᵀ
+form costs 1.6-5× the base, merged-per-step W + s·B·A 1.3-13×.
 So the expand is one more BLAS call that writes into the base GEMM's output: no (N, D_out)
 temporary and no separate add pass. The concatenated [W | s·B]·[x ; h] form must copy W every
 step (B changes) and merged weights W + s·B·A cost a full (D_out, D_in) pass per change; both
