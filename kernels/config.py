@@ -16,6 +16,9 @@ NUMBA_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 NUMBA_PARALLEL = False
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
+# Threads of the BLAS that SciPy bundles (used for the in-place rank-r GEMMs): 1 keeps it from
+# fighting NumPy's own BLAS thread pool (see numba_multi.pin_scipy_blas).
+SCIPY_BLAS_THREADS = 1
 
 # --- cupy_gpu -------------------------------------------------------------------------
 # CUDA block sizes, passed to kernels/cuda/*.cu as -D macros (a change recompiles).

@@ -17,6 +17,7 @@ from . import plots
 from .experiment import (DemoConfig, dense_names, downstream, finetune, lora_config, method_row, prepare,
                          pretrain, test_accuracy)
 from .model_files import load_model, save_model
+from .analysis.spectrum import full_deltas, lora_deltas, singular_values, spectrum_rows
 from .peft_model import LoraModel
 from .variants_demo import variant_rows
 
@@ -118,21 +119,16 @@ def run_files(model: LoraModel, pretrained, ds, out: Path) -> dict:
 
 
 def delta_spectra(models: dict, pretrained) -> dict:
-    """Singular values of each method's learned update of the widest hidden layer."""
-    names = dense_names(pretrained)
-    target = max(names[:-1], key=lambda n: pretrained.get_submodule(n).weight.size)
-    W0 = pretrained.get_submodule(target).weight.data.astype(np.float64)
-    spectra = {}
-    for label, model in models.items():
-        if isinstance(model, LoraModel):
-            layer = dict(model.lora_layers())[target]
-            delta = layer.delta_weight(layer.active_adapter)
-        elif label == "full":
-            delta = model.get_submodule(target).weight.data - W0
-        else:
-            continue
-        spectra[label] = np.linalg.svd(np.asarray(delta, dtype=np.float64), compute_uv=False)
-    return {"layer": target, "shape": list(W0.shape), "spectra": spectra}
+    """What fine-tuning learned in the widest hidden layer: the singular values of ΔW for full
+    fine-tuning and each LoRA rank, with stable/effective rank and the share of ‖ΔW‖_F² that a
+    rank-r truncation keeps (``lowrank analyze`` goes further: subspace similarity, d90)."""
+    names = dense_names(pretrained)[:-1]
+    target = max(names, key=lambda n: pretrained.get_submodule(n).weight.size)
+    deltas = {"full": full_deltas(models["full"], pretrained, [target])[target],
+              **{label: lora_deltas(m)[target] for label, m in models.items() if label.startswith("lora")}}
+    return {"layer": target, "shape": list(deltas["full"].shape),
+            "spectra": {label: singular_values(d) for label, d in deltas.items()},
+            "rows": [row for label, d in deltas.items() for row in spectrum_rows({target: d}, label)]}
 
 
 def add_arguments(parser):

@@ -40,7 +40,7 @@ class DemoConfig:
     noise: float = 0.1
     downstream: str = "rotate"      # how the downstream task differs: rotate | shift | relabel
     pretrain_epochs: int = 15
-    finetune_epochs: int = 20
+    finetune_epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3                # full fine-tuning and pretraining
     peft_lr: float = 3e-3           # head, adapter and LoRA

@@ -206,8 +206,8 @@ class LoraModel(Module):
             layer.update_layer(adapter_name, **kwargs)
             return (name, original, None) if layer is not original else (name, None, layer)
         cls = DoraLinear if config.use_dora else LoRALinear
-        self.model.set_submodule(name, cls(layer, adapter_name=adapter_name, seed=_seed(adapter_name, name),
-                                           **kwargs))
+        self.model.set_submodule(name, cls(layer, adapter_name=adapter_name,
+                                           seed=_seed(adapter_name, name, kwargs["r"]), **kwargs))
         return name, original, None
 
     # -- adapters -------------------------------------------------------------------
@@ -370,9 +370,10 @@ def _is_adapter_part(name: str) -> bool:
                for p in parts)
 
 
-def _seed(adapter_name: str, layer_name: str) -> int:
-    """A stable per-(adapter, layer) seed so that injection is deterministic."""
-    return zlib.crc32(f"{adapter_name}/{layer_name}".encode())
+def _seed(adapter_name: str, layer_name: str, r: int) -> int:
+    """A stable seed per (adapter, layer, rank): injection is deterministic, and adapters of
+    different ranks do not start with the same first rows of A."""
+    return zlib.crc32(f"{adapter_name}/{layer_name}/r={r}".encode())
 
 
 def get_lora_model(model: Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:

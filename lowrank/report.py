@@ -69,6 +69,16 @@ def write_report(path, results: dict) -> str:
                   f"Hugging Face PEFT's format; the frozen base `{f['base_file']}` takes {f['base_bytes']:,} bytes and is "
                   f"shared by every task. Reloading base + adapter from disk reproduces the outputs exactly "
                   f"(max |Δ| = {f['reload_max_abs_diff']:.1e})."]
+    if "rows" in results.get("delta", {}):
+        d = results["delta"]
+        parts += ["## What fine-tuning learned is low-rank",
+                  f"Singular values of ΔW in layer `{d['layer']}` {tuple(d['shape'])}: ΔW = W_finetuned − W_pretrained for "
+                  "full fine-tuning, s·B·A for LoRA. Stable rank ‖ΔW‖_F²/‖ΔW‖₂², entropy effective rank, and the "
+                  "share of ‖ΔW‖_F² kept by the best rank-r approximation. `lowrank analyze` adds the subspace "
+                  "similarity of adapters and the intrinsic dimension d90 (its own report).",
+                  _table(["ΔW of", "‖ΔW‖_F", "stable rank", "effective rank", "r=1", "r=2", "r=4", "r=8"],
+                         [[r["method"], f"{r['fro_norm']:.3f}", f"{r['stable_rank']:.2f}", f"{r['effective_rank']:.2f}",
+                           *[f"{r[f'captured@{k}']:.2f}" for k in (1, 2, 4, 8)]] for r in d["rows"]])]
     for title, key in (("Loss curves", "loss"), ("Decision boundaries", "boundaries"),
                        ("Accuracy and storage vs rank", "ranks"), ("Singular values of the learned ΔW", "spectra")):
         if key in figs:

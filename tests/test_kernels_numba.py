@@ -206,3 +206,13 @@ def test_bad_input_raises_before_any_kernel(case, error, match, rng):
     finally:
         for p in patches:
             p.stop()
+
+
+def test_scipy_own_blas_is_pinned_to_one_thread():
+    """gemm_acc's BLAS must not run a second spinning thread pool beside NumPy's (numba_multi)."""
+    from threadpoolctl import threadpool_info
+
+    from lowrank.kernels import numba_multi
+    threads = {info["filepath"]: info["num_threads"] for info in threadpool_info()}
+    for path in numba_multi.PINNED_BLAS:
+        assert threads[path] == 1
