@@ -10,6 +10,7 @@ same run so "achieved / possible" needs no datasheet.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -134,3 +135,28 @@ def plot_ratios(path, panels: dict, title: str, ylabel: str = "time / base produ
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def parse_args(argv, doc: str, name: str):
+    """The command line every CPU kernel benchmark shares: --quick, --threads, --out."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shapes: finishes in seconds (CI)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS and Numba threads")
+    p.add_argument("--out", default=None, help=f"JSON path (default results/{name}[_quick].json)")
+    a = p.parse_args(argv)
+    a.out = a.out or os.path.join(RESULTS, f"{name}_quick.json" if a.quick else f"{name}.json")
+    return a
+
+
+def run_pinned(a, run, cfg):
+    """Pin threads, measure this machine's BLAS peak and copy bandwidth, then ``run(cfg)``:
+    returns (machine, rows)."""
+    with pinned_threads(a.threads) as info:
+        print(f"threads pinned: {info}")
+        mach = machine(a.threads, info, quick=a.quick)
+        print(f"BLAS sgemm peak {mach['blas_peak_gflops']:.1f} GF/s, copy bandwidth {mach['copy_gbs']:.1f} GB/s")
+        rows = run(cfg)
+    return mach, rows

@@ -21,8 +21,6 @@ minimum FLOPs and bytes (each operand touched once) against this run's measured 
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 
@@ -52,7 +50,6 @@ QUICK = dict(
     multi=[((96, 64), 4, 16, K) for K in (4, 16)],
     skip={16: {"backward", "forward:merged"}}, target_s=0.002, rounds={1: 3, 16: 3}, target_shape=(96, 64), target_r=4,
     target_Ns=(1, 16), step_N=16, multi_N=16)
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def _data(D_out, D_in, r, N, seed=0):
@@ -231,19 +228,10 @@ def plot(rows, path, r):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny shapes: finishes in seconds (CI)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS and Numba threads")
-    p.add_argument("--out", default=None, help="JSON path (default results/kernels[_quick].json)")
-    a = p.parse_args(argv)
-    cfg = QUICK if a.quick else FULL
-    out = a.out or os.path.join(RESULTS, "kernels_quick.json" if a.quick else "kernels.json")
+    a = harness.parse_args(argv, __doc__, "kernels")
+    cfg, out = (QUICK if a.quick else FULL), a.out
     t0 = time.time()
-    with harness.pinned_threads(a.threads) as info:
-        print(f"threads pinned: {info}")
-        mach = harness.machine(a.threads, info, quick=a.quick)
-        print(f"BLAS sgemm peak {mach['blas_peak_gflops']:.1f} GF/s, copy bandwidth {mach['copy_gbs']:.1f} GB/s")
-        rows = run(cfg)
+    mach, rows = harness.run_pinned(a, run, cfg)
     for row in rows:
         row["pct_peak"] = 100 * row["gflops"] / mach["blas_peak_gflops"]
         row["pct_bw"] = 100 * row["gbs"] / mach["copy_gbs"]

@@ -13,8 +13,6 @@ with and without double quantization (targets <= 4.13 and 4.5).
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 
@@ -26,7 +24,6 @@ from lowrank.quant import quantize_nf4
 
 from . import harness
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 FULL = dict(shape=(4096, 4096), Ns=(1, 16, 256), rounds=7)
 QUICK = dict(shape=(512, 1024), Ns=(1, 16), rounds=3)
 
@@ -78,19 +75,10 @@ def targets(rows, cfg) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small shapes: finishes in seconds (CI)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS and Numba threads")
-    p.add_argument("--out", default=None, help="JSON path (default results/nf4[_quick].json)")
-    a = p.parse_args(argv)
-    cfg = QUICK if a.quick else FULL
-    out = a.out or os.path.join(RESULTS, "nf4_quick.json" if a.quick else "nf4.json")
+    a = harness.parse_args(argv, __doc__, "nf4")
+    cfg, out = (QUICK if a.quick else FULL), a.out
     t0 = time.time()
-    with harness.pinned_threads(a.threads) as info:
-        print(f"threads pinned: {info}")
-        mach = harness.machine(a.threads, info, quick=a.quick)
-        print(f"BLAS sgemm peak {mach['blas_peak_gflops']:.1f} GF/s, copy bandwidth {mach['copy_gbs']:.1f} GB/s")
-        rows = run(cfg)
+    mach, rows = harness.run_pinned(a, run, cfg)
     bits = storage(cfg["shape"])
     for kind, s in bits.items():
         print(f"storage  {kind:12s} {s['bits_per_param']:.4f} bits/weight  {s['buffers']}")

@@ -4,6 +4,14 @@
     model = lr.MLP([2, 64, 1])
     layer = lr.LoRALinear(model[0], r=4, lora_alpha=8)
 """
+from pathlib import Path as _Path
+
+# Installed, the kernels live at lowrank/kernels (setup.cfg maps the repository's kernels/ there).
+# In a source checkout they sit beside this package: let lowrank.kernels resolve to them too,
+# so `python -m benchmarks.kernels` and friends work from the repository root.
+if not (_Path(__file__).parent / "kernels").is_dir() and (_Path(__file__).parent.parent / "kernels").is_dir():
+    __path__.append(str(_Path(__file__).parent.parent))
+
 from .backend import get_array_module, to_device
 from .dispatch import get_backend, kernels_for, set_backend, use_backend
 from .gradcheck import check_module, gradcheck, numerical_gradient

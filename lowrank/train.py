@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import get_array_module, to_device
+from .backend import get_array_module
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss
 
 
@@ -85,11 +85,11 @@ def _progress(total: int, show: bool | None, desc: str):
 
 def fit(model, optimizer, loss_fn: Loss, X, y, *, X_val=None, y_val=None, epochs: int = 10,
         batch_size: int = 64, seed: int = 0, target_acc: float | None = None,
-        progress: bool | None = None, desc: str = "train", step_hook=None) -> History:
+        progress: bool | None = None, desc: str = "train") -> History:
     """Train ``model`` in minibatches; returns a History.
 
     target_acc: stop early once validation accuracy reaches it (needs X_val, y_val).
-    step_hook:  called after each backward, before the optimizer step (e.g. MPI all-reduce).
+    (Data-parallel training over MPI: lowrank.distributed.DataParallel.fit, the same loop sharded.)
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"fit: epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
@@ -110,8 +110,6 @@ def fit(model, optimizer, loss_fn: Loss, X, y, *, X_val=None, y_val=None, epochs
             z = model.forward(X[rows])
             total += loss_fn.forward(z, targets_for(loss_fn, y[rows], z)) * len(rows)
             model.backward(loss_fn.backward())
-            if step_hook is not None:
-                step_hook()
             optimizer.step()
         history.seconds.append(time.perf_counter() - start)
         history.epoch.append(epoch)
@@ -130,8 +128,3 @@ def fit(model, optimizer, loss_fn: Loss, X, y, *, X_val=None, y_val=None, epochs
         bar.close()
     model.eval()
     return history
-
-
-def as_device(arrays, device: str):
-    """Move a tuple of arrays to 'cpu' or 'gpu'."""
-    return tuple(to_device(a, device) for a in arrays)

@@ -1,5 +1,7 @@
 """Shared test setup: the hypothesis profiles and small helpers."""
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,10 @@ settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None
 settings.register_profile("dev", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The benchmarks (not installed) are importable from the repository root; appended, so the
+# installed lowrank package still comes first and is the one under test.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture

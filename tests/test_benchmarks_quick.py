@@ -56,3 +56,17 @@ def test_cost_counts_the_lora_term_on_top_of_the_base():
     assert flops == base + 2 * 3 * 2 * (4 + 8)
     assert bench.cost("train", "full", 8, 4, 2, 3)[0] == 3 * base
     assert np.isclose(bench.cost("train", "lora_numba", 8, 4, 2, 3)[0] / base, 2 + 4 * (2 * 3 * 2 * 12) / base)
+
+
+def test_quick_nf4_benchmark_counts_storage_from_real_buffers(tmp_path):
+    from benchmarks import nf4
+    out = tmp_path / "nf4_quick.json"
+    data = nf4.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["targets"] == data["targets"]
+    bits = data["storage"]
+    # 4 bits per weight plus one float32 absmax per 64 weights (4.5), or with double quantization
+    # one byte per 64 weights plus a float32 per 64·256 weights and one offset (≈ 4.127)
+    assert bits["plain"]["bits_per_param"] == pytest.approx(4 + 32 / 64, abs=1e-3)
+    assert bits["double_quant"]["bits_per_param"] == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=2e-3)
+    for row in data["rows"]:
+        assert math.isfinite(row["median_s"]) and row["median_s"] > 0
