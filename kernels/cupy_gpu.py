@@ -19,8 +19,6 @@ CUBLAS_COMPUTE_32F: no TF32). float64 goes to ``reference`` explicitly (cuBLAS o
 GPU). Sources compile lazily (cupy.RawModule, NVRTC; CuPy picks ``-arch`` from the device)
 with the block sizes of ``config`` as -D macros; importing this module touches no device.
 """
-from pathlib import Path
-
 import numpy as np
 
 try:
@@ -30,64 +28,14 @@ except ImportError as e:                         # dispatch reads ImportError as
                       "(cupy-cuda12x) on a machine with an NVIDIA GPU") from e
 
 from . import config, reference, validate
+from .cuda_launch import (defines, dequant_geometry, expand_geometry, gemv_geometry, shrink_geometry, source_code,
+                          vectorizable)
 from .reference_nf4 import NF4_CODE, check_nf4
 
-CUDA_DIR = Path(__file__).parent / "cuda"
-MACROS = ("SHRINK_ROWS", "SHRINK_RANKS", "SHRINK_THREADS", "EXPAND_ROWS", "EXPAND_THREADS",
-          "GEMV_ROWS", "GEMV_WARPS", "NF4_THREADS")
-MAX_GRID_Y = 65535
 _modules: dict = {}
 
 
-# -- pure helpers (no device): compile options and launch geometry --------------------------------
-def defines():
-    """The -D options of the CUDA sources, read from ``config`` now (tests shrink them)."""
-    return tuple(f"-D{m}={int(getattr(config, 'CUPY_' + m))}" for m in MACROS)
-
-
-def cdiv(a, b):
-    return -(-a // b)
-
-
-def shrink_geometry(N, r):
-    """(grid, block) of lora_shrink: SHRINK_ROWS rows × SHRINK_RANKS ranks per block."""
-    gy = cdiv(r, config.CUPY_SHRINK_RANKS)
-    if gy > MAX_GRID_Y:
-        raise ValueError(f"cupy_gpu shrink: r={r} needs {gy} blocks along y, more than {MAX_GRID_Y}")
-    return (cdiv(N, config.CUPY_SHRINK_ROWS), gy, 1), (config.CUPY_SHRINK_THREADS, 1, 1)
-
-
-def expand_geometry(N, D_out):
-    """(grid, block) of lora_expand: EXPAND_THREADS outputs × EXPAND_ROWS rows per block."""
-    gy = cdiv(N, config.CUPY_EXPAND_ROWS)
-    if gy > MAX_GRID_Y:
-        raise ValueError(f"cupy_gpu expand: N={N} needs {gy} blocks along y, more than {MAX_GRID_Y}; "
-                         f"raise config.CUPY_EXPAND_ROWS")
-    return (cdiv(D_out, config.CUPY_EXPAND_THREADS), gy, 1), (config.CUPY_EXPAND_THREADS, 1, 1)
-
-
-def gemv_geometry(D_out):
-    """(grid, block) of the GEMV kernels: one warp per output row."""
-    return (cdiv(D_out, config.CUPY_GEMV_WARPS), 1, 1), (32 * config.CUPY_GEMV_WARPS, 1, 1)
-
-
-def dequant_geometry(numel):
-    """(grid, block) of nf4_dequant: two elements (one byte) per thread."""
-    return (cdiv(cdiv(numel, 2), config.CUPY_NF4_THREADS), 1, 1), (config.CUPY_NF4_THREADS, 1, 1)
-
-
-def vectorizable(ptrs, D_in, itemsize, width=16):
-    """True when rows of length D_in starting at these addresses allow ``width``-byte loads."""
-    return D_in % (width // itemsize) == 0 and all(p % width == 0 for p in ptrs)
-
-
 # -- device plumbing ---------------------------------------------------------------------------------
-def source_code(source):
-    """kernels/cuda/<source>.cu with common.cu inlined (so CuPy's compile cache sees every line)."""
-    common = (CUDA_DIR / "common.cu").read_text()
-    return (CUDA_DIR / f"{source}.cu").read_text().replace('#include "common.cu"', common)
-
-
 def _kernel(source, name, dtype):
     """Kernel ``name_f32``/``name_f16`` of kernels/cuda/<source>.cu, compiled once per device and config."""
     key = (source, cupy.cuda.Device().id, defines())

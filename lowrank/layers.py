@@ -31,6 +31,7 @@ def check_dtype(owner: str, dtype) -> np.dtype:
 
 class DenseCache(NamedTuple):
     x: object          # (N, D_in) input, kept only when dW is needed (trainable weight)
+    rows: int          # N, to check dy
 
 
 class Dense(Module):
@@ -50,11 +51,12 @@ class Dense(Module):
     def forward(self, x):
         self._check_input(x, self.in_features, self.weight.dtype)
         b = self.bias.data if self.bias is not None else None
-        self._cache = DenseCache(x if self.weight.trainable else None)
+        self._cache = DenseCache(x if self.weight.trainable else None, x.shape[0])
         return kernels_for(x, self.backend).dense_forward(x, self.weight.data, b)   # (N, D_out)
 
     def backward(self, dy):
         cache = self._need_cache()
+        self._check_dy(dy, (cache.rows, self.out_features))
         k = kernels_for(dy, self.backend)
         need_db = self.bias is not None and self.bias.trainable
         dx, dW, db = k.dense_backward(dy, cache.x, self.weight.data, need_dx=True,
@@ -79,6 +81,7 @@ class ReLU(Module):
     def backward(self, dy):
         mask = self._need_cache()
         self._cache = None
+        self._check_dy(dy, mask.shape)
         return dy * mask
 
 
@@ -93,6 +96,7 @@ class Tanh(Module):
     def backward(self, dy):
         y = self._need_cache()
         self._cache = None
+        self._check_dy(dy, y.shape)
         return dy * (1 - y * y)
 
 
@@ -114,6 +118,7 @@ class Sigmoid(Module):
     def backward(self, dy):
         y = self._need_cache()
         self._cache = None
+        self._check_dy(dy, y.shape)
         return dy * y * (1 - y)
 
 
@@ -142,6 +147,7 @@ class GELU(Module):
     def backward(self, dy):
         x = self._need_cache()
         self._cache = None
+        self._check_dy(dy, x.shape)
         xp = get_array_module(x)
         if self.approximate == "tanh":
             c = math.sqrt(2 / math.pi)

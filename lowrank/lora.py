@@ -231,6 +231,7 @@ class LoRALinear(Module):
     def backward(self, dy):
         cache = self._need_cache()
         self._cache = None
+        self._check_dy(dy, (cache.x.shape[0], self.out_features))
         if isinstance(cache, MixedCache):
             return self._backward_mixed(dy, cache)
         k, a = kernels_for(dy, self.backend), cache.adapter

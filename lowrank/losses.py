@@ -55,6 +55,9 @@ class BCEWithLogitsLoss(Loss):
             raise ValueError(f"BCEWithLogitsLoss: target shape {tuple(target.shape)} != logits shape "
                              f"{tuple(logits.shape)}")
         xp = get_array_module(logits)
+        if bool((target < 0).any()) or bool((target > 1).any()):
+            raise ValueError(f"BCEWithLogitsLoss: targets must lie in [0, 1], got values in "
+                             f"[{float(target.min())}, {float(target.max())}]")
         z, t = logits, target.astype(logits.dtype)
         loss = xp.maximum(z, 0) - z * t + xp.log1p(xp.exp(-xp.abs(z)))
         self._cache = (z, t)

@@ -203,6 +203,12 @@ class Module:
             raise CallOrderError(f"{self.label}: backward called before forward (or after the cache was used)")
         return self._cache
 
+    def _check_dy(self, dy, shape):
+        """ValueError naming this module when dy is not shaped like the forward's output."""
+        if tuple(getattr(dy, "shape", ())) != tuple(shape):
+            raise ValueError(f"{self.label}: backward expects dy of shape {tuple(shape)} (the forward's output), "
+                             f"got {tuple(getattr(dy, 'shape', ())) or type(dy).__name__}")
+
     def _check_input(self, x, width: int, dtype=None):
         """TypeError/ValueError naming this module when ``x`` is not a float (N, width) array."""
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):

@@ -32,6 +32,10 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}: lr must be > 0, got {g['lr']} in param group {i}")
             g["params"] = [p for p in group["params"] if p.trainable]      # frozen: no state, ever
             self.param_groups.append(g)
+        seen = [id(p) for g in self.param_groups for p in g["params"]]
+        if len(seen) != len(set(seen)):
+            raise ValueError(f"{type(self).__name__}: a parameter appears in more than one param group "
+                             f"(it would be updated twice per step)")
         self.state: dict[int, dict] = {}
         self.steps = 0
 

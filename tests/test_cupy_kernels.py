@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import lowrank as lr
 from lowrank.backend import cupy_module
-from lowrank.kernels import config, reference
+from lowrank.kernels import config, cuda_launch, reference
 from lowrank.kernels.reference_nf4 import NF4_CODE
 
 cp = cupy_module()
@@ -28,7 +28,7 @@ SIZES = pytest.mark.parametrize("sizes", [{}, SHRUNK], ids=["default-blocks", "s
 
 
 def _gpu_module():
-    return pytest.importorskip("lowrank.kernels.cupy_gpu", reason="cupy is not installed")
+    return pytest.importorskip("lowrank.kernels.cupy_gpu", reason="cupy is not installed", exc_type=ImportError)
 
 
 @contextmanager
@@ -78,14 +78,14 @@ def test_numpy_inputs_are_refused_before_any_launch(rng):
 
 
 def test_defines_follow_config():
-    g = _gpu_module()
+    g = cuda_launch
     with _config(**SHRUNK):
         assert "-DSHRINK_THREADS=32" in g.defines() and "-DGEMV_WARPS=2" in g.defines()
     assert "-DSHRINK_THREADS=256" in g.defines()
 
 
 def test_vectorizable_needs_aligned_rows():
-    g = _gpu_module()
+    g = cuda_launch
     assert g.vectorizable((256, 512), 64, 2) and g.vectorizable((0, 16), 4, 4)
     assert not g.vectorizable((256, 8), 64, 2) and not g.vectorizable((0, 0), 6, 4)
     assert g.vectorizable((8, 16), 4, 2, width=8) and not g.vectorizable((4,), 4, 2, width=8)   # 4 halves
@@ -106,7 +106,7 @@ def test_vector_loops_cover_every_column_once(D, shrunk):
 
 
 def test_grid_y_limit_is_a_clear_error():
-    g = _gpu_module()
+    g = cuda_launch
     with pytest.raises(ValueError, match="CUPY_EXPAND_ROWS"):
         g.expand_geometry(65535 * config.CUPY_EXPAND_ROWS + 1, 8)
     with pytest.raises(ValueError, match="blocks along y"):
@@ -117,7 +117,7 @@ def test_grid_y_limit_is_a_clear_error():
 @given(N=st.integers(1, 40), r=st.integers(1, 40), D=st.integers(1, 90), shrunk=st.booleans())
 def test_launch_geometry_writes_every_output_once(N, r, D, shrunk):
     """The kernels' index math, mirrored: each (row, column) of h, y and W is written exactly once."""
-    g = _gpu_module()
+    g = cuda_launch
     with _config(**(SHRUNK if shrunk else {})):
         (gx, gy, _), (tx, _, _) = g.shrink_geometry(N, r)           # one block: SHRINK_ROWS x SHRINK_RANKS
         h = [(bx * config.CUPY_SHRINK_ROWS + t // config.CUPY_SHRINK_RANKS,

@@ -189,3 +189,22 @@ def test_optimizer_argument_errors():
         lr.SGD([p], lr=0)
     with pytest.raises(ValueError, match="AdamW: lr must be > 0, got -1 in param group 1"):
         lr.AdamW([{"params": [p]}, {"params": [lr.Parameter(np.zeros(1))], "lr": -1}])
+
+
+def test_backward_checks_dy_against_the_forward_output():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3))
+    model = lr.MLP([3, 5, 2], dtype="float64", seed=0)
+    model.set_submodule("0", lr.LoRALinear(model[0], r=2))
+    for layer, bad in ((model[2], (4, 1)), (model[1], (4, 1)), (model[0], (3, 5))):
+        model.forward(x)
+        with pytest.raises(ValueError, match=rf"{layer.label}: backward expects dy of shape"):
+            layer.backward(np.ones(bad))
+
+
+def test_a_parameter_in_two_groups_and_bce_targets_out_of_range():
+    p = lr.Parameter(np.zeros(3))
+    with pytest.raises(ValueError, match="more than one param group"):
+        lr.SGD([{"params": [p]}, {"params": [p], "lr": 0.1}], lr=0.01)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\], got values in \[0.0, 2.0\]"):
+        lr.BCEWithLogitsLoss().forward(np.zeros((2, 1)), np.array([[0.0], [2.0]]))
