@@ -219,10 +219,8 @@ the best rank-r approximation.
 ## 3. Subspace similarity (LoRA paper, Figure 3)
 
 φ(i, j) = ‖U_iᵀU_j‖_F² / min(i, j) over the top singular directions (input side). Two
-random subspaces of those sizes in ℝ^{summary['D_in']} would score about max(i, j)/D_in. Adapters
-trained under the same adapter name start from the same first rows of A (the init seed is
-per adapter name and layer), which raises the lora_A grid; `analyze` trains its own under
-distinct names.
+random subspaces of those sizes in ℝ^{summary['D_in']} would score about max(i, j)/D_in. The
+adapters start from independent random A (the init seed depends on adapter name, layer and rank).
 
 {_table(tables['similarity'])}{fig('similarity')}
 ## 4. Intrinsic dimension
