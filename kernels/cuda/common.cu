@@ -5,6 +5,15 @@
 #define LOWRANK_COMMON_CU
 #include <cuda_fp16.h>
 
+// The GEMV kernels of both files (N <= GEMV_ROWS rows): GEMV_WARPS warps per block, one per
+// output; cupy_gpu passes the values of kernels/config.py with -D.
+#ifndef GEMV_ROWS
+#define GEMV_ROWS 4
+#endif
+#ifndef GEMV_WARPS
+#define GEMV_WARPS 8
+#endif
+
 __device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float ld(const __half* p, long long i) { return __half2float(p[i]); }
 __device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }

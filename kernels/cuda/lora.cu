@@ -24,12 +24,6 @@
 #ifndef EXPAND_THREADS
 #define EXPAND_THREADS 256
 #endif
-#ifndef GEMV_ROWS
-#define GEMV_ROWS 4
-#endif
-#ifndef GEMV_WARPS
-#define GEMV_WARPS 8
-#endif
 
 // grid (ceil(N / SHRINK_ROWS), ceil(r / SHRINK_RANKS)), block SHRINK_THREADS.
 // vec: rows of x, mask and A allow 4-element loads (D_in % 4 == 0, bases aligned to 4 elements).

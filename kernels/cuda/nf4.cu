@@ -10,12 +10,6 @@
 #ifndef NF4_THREADS
 #define NF4_THREADS 256
 #endif
-#ifndef GEMV_ROWS
-#define GEMV_ROWS 4
-#endif
-#ifndef GEMV_WARPS
-#define GEMV_WARPS 8
-#endif
 
 __device__ const float NF4[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
