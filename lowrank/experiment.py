@@ -96,8 +96,9 @@ def lora_config(cfg: DemoConfig, model: Module, r: int | None = None, **override
                          "modules_to_save": [names[-1]], **overrides})
 
 
-def prepare(method: str, pretrained: Module, cfg: DemoConfig, r: int | None = None) -> Module:
-    """A fresh copy of ``pretrained`` set up for ``method`` (see the module docstring)."""
+def prepare(method: str, pretrained: Module, cfg: DemoConfig, r: int | None = None, **lora_overrides) -> Module:
+    """A fresh copy of ``pretrained`` set up for ``method`` (see the module docstring);
+    ``lora_overrides`` (lora_alpha, lora_dropout, target_modules, ...) go to LoRA's config."""
     model = release(copy.deepcopy(pretrained))
     head = dense_names(model)[-1]
     if method == "full":
@@ -112,9 +113,9 @@ def prepare(method: str, pretrained: Module, cfg: DemoConfig, r: int | None = No
         dense_names(adapted) and adapted.get_submodule(_last_child(adapted)).requires_grad_(True)
         return adapted
     if method == "lora":
-        return get_lora_model(model, lora_config(cfg, model, r))
+        return get_lora_model(model, lora_config(cfg, model, r, **lora_overrides))
     if method == "qlora":                      # the frozen hidden layers in 4-bit NF4, LoRA on top
-        config = lora_config(cfg, model, r)
+        config = lora_config(cfg, model, r, **lora_overrides)
         return get_lora_model(quantize_model(model, skip=(head,)), config)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 

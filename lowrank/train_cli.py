@@ -13,19 +13,20 @@ also writes its adapter as PEFT files to ``OUT/adapter``. Only rank 0 prints or 
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 from .data import make_task
-from .experiment import (METHODS, DemoConfig, downstream, finetune, lora_config, prepare, pretrain, task_spec,
+from .experiment import (METHODS, DemoConfig, downstream, finetune, prepare, pretrain, task_spec,
                          test_accuracy)
 from .layers import MLP
 from .losses import BCEWithLogitsLoss
 from .optim import Adam
-from .peft_model import get_lora_model
+
+
+LORA_METHODS = ("lora", "qlora")       # these write OUT/adapter (PEFT's files)
 
 
 def _ints(text: str) -> tuple:
@@ -101,15 +102,15 @@ def _data_parallel(model, optimizer, comm):
 
 
 def build_model(args, base, cfg: DemoConfig):
-    """A copy of ``base`` set up for ``args.method`` (LoRA with the --r/--alpha/--dropout/--target-modules flags)."""
-    if args.method != "lora":
+    """A copy of ``base`` set up for ``args.method`` (LoRA and QLoRA with the --r/--alpha/--dropout/
+    --target-modules flags)."""
+    if args.method not in LORA_METHODS:
         return prepare(args.method, base, cfg)
     overrides = {"lora_alpha": 2 * args.r if args.alpha is None else args.alpha, "lora_dropout": args.dropout}
     if args.target_modules:
         t = args.target_modules
         overrides["target_modules"] = t if t == "all-linear" else t.split(",")
-    model = copy.deepcopy(base)
-    return get_lora_model(model, lora_config(cfg, model, args.r, **overrides))
+    return prepare(args.method, base, cfg, args.r, **overrides)
 
 
 def run(args) -> int:
@@ -148,7 +149,7 @@ def train(args, comm) -> tuple[dict, object, object]:
     summary.update(test_acc=test_accuracy(model, ds), trainable_params=trainable, all_params=total,
                    seconds_per_epoch=history.seconds_per_epoch, val_acc=history.val_acc,
                    train_loss=history.train_loss, seconds=time.perf_counter() - started)
-    if args.method == "lora":
+    if args.method in LORA_METHODS:
         summary["lora"] = {"r": args.r, "lora_alpha": model.peft_config["default"].lora_alpha,
                            "lora_dropout": args.dropout, "target_modules": model.peft_config["default"].target_modules}
     return summary, model, base
@@ -163,7 +164,7 @@ def write_outputs(args, summary: dict, model, base=None):
         from .model_files import save_model
         save_model(base, out / "base.safetensors", overwrite=True)
         files["base"] = str(out / "base.safetensors")
-    if args.method == "lora":
+    if args.method in LORA_METHODS:
         model.save_pretrained(out / "adapter", overwrite=True)
         files["adapter"] = str(out / "adapter")
     summary["files"] = files

@@ -107,3 +107,11 @@ def test_all_linear_adapts_every_dense_layer_but_the_saved_head(tmp_path):
     out, _ = train(tmp_path, "--method", "lora", "--r", "1", "--target-modules", "all-linear", "--quiet")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["0", "2"] and config["modules_to_save"] == ["4"]
+
+
+def test_qlora_takes_the_lora_flags_and_writes_its_adapter(tmp_path):
+    out, _ = train(tmp_path, "--method", "qlora", "--r", "1", "--alpha", "3", "--quiet")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 1 and config["lora_alpha"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lora"]["r"] == 1
