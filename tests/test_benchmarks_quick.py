@@ -70,3 +70,13 @@ def test_quick_nf4_benchmark_counts_storage_from_real_buffers(tmp_path):
     assert bits["double_quant"]["bits_per_param"] == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=2e-3)
     for row in data["rows"]:
         assert math.isfinite(row["median_s"]) and row["median_s"] > 0
+
+
+def test_quick_qlora_accuracy_compares_the_same_task(tmp_path):
+    from benchmarks import qlora_accuracy
+    out = tmp_path / "qa.json"
+    result = qlora_accuracy.main(["--quick", "--seeds", "0", "--r", "2", "--out", str(out)])
+    row = result["rows"][0]
+    assert 0.5 <= row["lora"] <= 1 and 0.5 <= row["qlora"] <= 1
+    assert result["gap_points"] == pytest.approx(100 * (row["lora"] - row["qlora"]))
+    assert json.loads(out.read_text())["rows"] == result["rows"]
