@@ -5,6 +5,17 @@ Letters: N rows, D_in, D_out, r rank, K adapters in a mixed batch.
     lora_A[name] (r, D_in)    lora_B[name] (D_out, r)    scaling[name] = alpha / r
                                                           (alpha / √r with rsLoRA)
 
+    forward   h = drop(x) Aᵀ                (N, r)
+              y = x Wᵀ + b + s · h Bᵀ       (N, D_out)
+    backward  dh = s · dy B                 (N, r)
+              dB = s · dyᵀ h                (D_out, r)
+              dA = dhᵀ drop(x)              (r, D_in)
+              dx = dy W + drop'(dh A)       (N, D_in)   (the same dropout mask as the forward)
+
+W gets no gradient: the base is frozen, so the layer keeps no dW buffer and Adam no state
+for it. Merging folds s·B·A into W (zero added latency); the frozen-base equations above
+then reduce to the base layer's, and dA, dB still come from the kept h.
+
 The layer holds several named adapters, as PEFT's LoraLayer does (``lora_A`` and
 ``lora_B`` are keyed by adapter name); one is active at a time, or none (the base
 alone). The forward and backward math lives in the kernels (``lowrank.kernels``),
@@ -45,7 +56,8 @@ class MixedCache(NamedTuple):
 
 
 class LoRALinear(Module):
-    """A Dense base (frozen) with LoRA adapters. See the module docstring for the math."""
+    """A Dense base (frozen) with LoRA adapters. The math: the module docstring; the code that
+    computes it: ``lora_forward`` / ``lora_backward`` in kernels/reference.py."""
 
     row_adapters = None    # set by LoraModel.forward(x, adapter_names=...) for a mixed batch
 
