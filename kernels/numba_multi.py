@@ -220,9 +220,9 @@ def lora_forward_sgmv(x, W, A_stack, B_stack, scalings, indptr, seg_index, bias=
         return reference.lora_forward_sgmv(x, W, A_stack, B_stack, scalings, indptr, seg_index, bias)
     y = base_product(x, W, bias)                                        # (N, D_out)
     h = np.zeros((N, r), x.dtype)
-    for k, a, b in _segments(indptr, seg_index):
-        h[a:b] = x[a:b] @ A_stack[k].T                                  # (n, D_in) @ (D_in, r)
-        gemm_acc(y[a:b], h[a:b], B_stack[k].T, float(scalings[k]))      # y[a:b] += s (n, r) @ (r, D_out)
+    for k, a, b in _segments(indptr, seg_index):                        # every small product in SciPy's
+        gemm_acc(h[a:b], x[a:b], A_stack[k].T, 1.0)                     # one-thread BLAS (pin_scipy_blas):
+        gemm_acc(y[a:b], h[a:b], B_stack[k].T, float(scalings[k]))      # h = (n, D_in) @ (D_in, r); y += s h Bᵀ
     return y, h
 
 
@@ -236,7 +236,7 @@ def lora_backward_sgmv(dy, x, h, W, A_stack, B_stack, scalings, indptr, seg_inde
     dA_stack, dB_stack = np.zeros_like(A_stack, order="C"), np.zeros_like(B_stack, order="C")
     for k, a, b in _segments(indptr, seg_index):
         s = float(scalings[k])
-        dh = s * (dy[a:b] @ B_stack[k])                                 # (n, D_out) @ (D_out, r)
+        dh = gemm_acc(np.zeros((b - a, r), dy.dtype), dy[a:b], B_stack[k], s)   # s (n, D_out) @ (D_out, r)
         gemm_acc(dB_stack[k], dy[a:b].T, h[a:b], s)                     # += s (D_out, n) @ (n, r)
         gemm_acc(dA_stack[k], dh.T, x[a:b], 1.0)                        # += (r, n) @ (n, D_in)
         if need_dx:
