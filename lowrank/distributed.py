@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device
+from .backend import device_of, to_device
 from .lora import LoRALinear
 from .losses import Loss
-from .train import History, evaluate, targets_for
+from .train import History, fit, targets_for
 
 FIXED_HEADER = 2          # n_errors, Σ loss·n_k; then one has-gradient count per trainable parameter
 
@@ -214,34 +214,12 @@ class DataParallel:
 
         X, y  the whole training set (N, D_in), (N,), the same on every rank
         """
-        if epochs < 1 or batch_size < 1:
-            raise ValueError(f"DataParallel.fit: epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
-        if target_acc is not None and X_val is None:
-            raise ValueError("DataParallel.fit: target_acc needs validation data (X_val, y_val)")
-        xp = get_array_module(X)
-        rng = np.random.default_rng(seed)
-        n = X.shape[0]
-        history = History()
-        for epoch in range(1, epochs + 1):
-            self.model.train()
-            start, total = time.perf_counter(), 0.0
-            order = xp.asarray(rng.permutation(n))
-            for i in range(0, n, batch_size):
-                rows = order[i:i + batch_size]                                   # the global batch
-                lo, hi = shard_bounds(len(rows), self.rank, self.size)
-                total += self.step(X[rows[lo:hi]], y[rows[lo:hi]], len(rows)) * len(rows)
-            history.seconds.append(time.perf_counter() - start)
-            history.epoch.append(epoch)
-            history.train_loss.append(total / n)
-            if X_val is not None:
-                vl, va = evaluate(self.model, self.loss_fn, X_val, y_val)        # the same on every rank
-                history.val_loss.append(vl)
-                history.val_acc.append(va)
-            if target_acc is not None and history.val_acc[-1] >= target_acc:
-                history.stopped_early = True
-                break
-        self.model.eval()
-        return history
+        def batch_step(rows):                                   # the global batch -> this rank's shard
+            lo, hi = shard_bounds(len(rows), self.rank, self.size)
+            return self.step(X[rows[lo:hi]], y[rows[lo:hi]], len(rows))
+
+        return fit(self.model, None, self.loss_fn, X, y, X_val=X_val, y_val=y_val, epochs=epochs,
+                   batch_size=batch_size, seed=seed, target_acc=target_acc, progress=False, batch_step=batch_step)
 
 
 @contextmanager

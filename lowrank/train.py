@@ -83,13 +83,24 @@ def _progress(total: int, show: bool | None, desc: str):
     return tqdm(total=total, desc=desc, leave=False)
 
 
+def local_step(model, optimizer, loss_fn: Loss, X, y) -> float:
+    """One training step on (X, y): forward, loss, backward, optimizer step; returns the mean loss."""
+    optimizer.zero_grad()
+    z = model.forward(X)
+    loss = loss_fn.forward(z, targets_for(loss_fn, y, z))
+    model.backward(loss_fn.backward())
+    optimizer.step()
+    return loss
+
+
 def fit(model, optimizer, loss_fn: Loss, X, y, *, X_val=None, y_val=None, epochs: int = 10,
         batch_size: int = 64, seed: int = 0, target_acc: float | None = None,
-        progress: bool | None = None, desc: str = "train") -> History:
+        progress: bool | None = None, desc: str = "train", batch_step=None) -> History:
     """Train ``model`` in minibatches; returns a History.
 
     target_acc: stop early once validation accuracy reaches it (needs X_val, y_val).
-    (Data-parallel training over MPI: lowrank.distributed.DataParallel.fit, the same loop sharded.)
+    batch_step: ``rows -> mean loss`` for one minibatch (default: ``local_step`` on X[rows]);
+                DataParallel.fit passes one that trains this rank's shard over MPI.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"fit: epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
@@ -106,11 +117,9 @@ def fit(model, optimizer, loss_fn: Loss, X, y, *, X_val=None, y_val=None, epochs
         order = xp.asarray(rng.permutation(n))
         for i in range(0, n, batch_size):
             rows = order[i:i + batch_size]
-            optimizer.zero_grad()
-            z = model.forward(X[rows])
-            total += loss_fn.forward(z, targets_for(loss_fn, y[rows], z)) * len(rows)
-            model.backward(loss_fn.backward())
-            optimizer.step()
+            loss = (local_step(model, optimizer, loss_fn, X[rows], y[rows]) if batch_step is None
+                    else batch_step(rows))
+            total += loss * len(rows)
         history.seconds.append(time.perf_counter() - start)
         history.epoch.append(epoch)
         history.train_loss.append(total / n)
