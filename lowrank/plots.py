@@ -7,6 +7,15 @@ from .data import Dataset, lift
 from .train import predict
 
 
+def save(fig, path, tight: bool = True, **savefig_kw) -> str:
+    """Lay out (tight_layout unless ``tight`` is False), write as PNG, close; returns the path."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110, **savefig_kw)
+    _plt().close(fig)
+    return str(path)
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -25,10 +34,7 @@ def loss_curves(histories: dict, path) -> str:
     ax1.set(xlabel="epoch", ylabel="training loss", yscale="log", title="loss")
     ax2.set(xlabel="epoch", ylabel="validation accuracy", title="accuracy")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path)
 
 
 def decision_boundaries(models: dict, ds: Dataset, path, resolution: int = 150) -> str:
@@ -44,10 +50,7 @@ def decision_boundaries(models: dict, ds: Dataset, path, resolution: int = 150) 
         ax.contourf(gx, gy, regions, levels=[-0.5, 0.5, 1.5], colors=["#cfe0f5", "#f7d4c8"])
         ax.scatter(pts[:, 0], pts[:, 1], c=ds.y_test, cmap="coolwarm", s=5)
         ax.set(title=name, xticks=[], yticks=[])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path)
 
 
 def rank_tradeoff(rows: list, full_acc: float, full_bytes: int, path) -> str:
@@ -63,10 +66,7 @@ def rank_tradeoff(rows: list, full_acc: float, full_bytes: int, path) -> str:
     ax2.axhline(full_bytes, color="gray", ls="--", label="full model copy")
     ax2.set(xscale="log", yscale="log", xlabel="rank r", ylabel="bytes stored per task", title="storage vs rank")
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path)
 
 
 def singular_values(spectra: dict, path) -> str:
@@ -78,7 +78,4 @@ def singular_values(spectra: dict, path) -> str:
         ax.semilogy(np.arange(1, len(s) + 1), s / s[0], ".-", label=name)
     ax.set(xlabel="index", ylabel="σ_i / σ_1", title="singular values of ΔW", xlim=(0.5, 40.5), ylim=(1e-8, 2))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path)

@@ -21,7 +21,7 @@ from ..experiment import (DemoConfig, dense_names, downstream, finetune, lora_co
 from ..losses import BCEWithLogitsLoss
 from ..optim import Adam
 from ..peft_model import get_lora_model
-from ..plots import _plt
+from ..plots import _plt, save
 from ..train import fit
 from .intrinsic import d90, intrinsic_sweep
 from .similarity import similarity_grid
@@ -146,10 +146,7 @@ def _plot_spectra(spectra: dict, layer: str, path) -> str:
     ax2.set(xlabel="rank r", ylabel="share of ‖ΔW‖_F² kept", title="captured by a rank-r truncation",
             ylim=(0, 1.02))
     ax1.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path)
 
 
 def _plot_grids(grids: dict, layer: str, path) -> str:
@@ -162,9 +159,7 @@ def _plot_grids(grids: dict, layer: str, path) -> str:
         ax.set(xlabel="j", ylabel="i", title=title)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.85, label="φ(i, j)")
     fig.suptitle(f"subspace similarity, layer {layer}", fontsize=10)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return save(fig, path, tight=False, bbox_inches="tight")
 
 
 def _plot_intrinsic(rows: list, acc: dict, path) -> str:
@@ -178,10 +173,7 @@ def _plot_intrinsic(rows: list, acc: dict, path) -> str:
     ax.axhline(acc["pretrained (downstream)"], color="tab:red", ls=":", label="pretrained, not tuned")
     ax.set(xlabel="subspace dimension d", ylabel="test accuracy", title="intrinsic dimension")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save(fig, path)
 
 
 # -- report ------------------------------------------------------------------------------
