@@ -161,9 +161,12 @@ class LoRALinear(Module):
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.lora_A), None)
 
-    def delta_weight(self, name: str):
-        """s·B·A (D_out, D_in): what adapter ``name`` adds to W."""
-        return self.scaling[name] * (self.lora_B[name].data @ self.lora_A[name].data)   # (D_out, r) @ (r, D_in)
+    def delta_weight(self, name: str, dtype=None):
+        """s·B·A (D_out, D_in): what adapter ``name`` adds to W (computed in ``dtype``, default the factors')."""
+        A, B = self.lora_A[name].data, self.lora_B[name].data
+        if dtype is not None:
+            A, B = A.astype(dtype, copy=False), B.astype(dtype, copy=False)
+        return self.scaling[name] * (B @ A)                      # (D_out, r) @ (r, D_in)
 
     def merge(self, adapter_names=None):
         """W ← W + s·B·A for each adapter (default: the active one). Zero added inference latency."""

@@ -101,10 +101,7 @@ def _saved_module_owners(lora_model, adapters) -> list:
 
 def _exact_delta(layer, present):
     """Σ w_i s_i B_i A_i (D_out, D_in) in float64."""
-    xp = get_array_module(layer.weight.data)
-    return sum(w * layer.scaling[a] * (xp.asarray(layer.lora_B[a].data, np.float64)      # (D_out, r_i)
-                                       @ xp.asarray(layer.lora_A[a].data, np.float64))   # @ (r_i, D_in)
-               for a, w in present)
+    return sum(w * layer.delta_weight(a, np.float64) for a, w in present)
 
 
 def _cat(layer, present):

@@ -79,10 +79,7 @@ def lora_deltas(lora_model, adapter: str | None = None) -> dict:
     out = {}
     for name, layer in lora_model.lora_layers():
         if adapter in layer.lora_A:
-            xp = get_array_module(layer.lora_A[adapter].data)
-            A = xp.asarray(layer.lora_A[adapter].data, dtype=np.float64)      # (r, D_in)
-            B = xp.asarray(layer.lora_B[adapter].data, dtype=np.float64)      # (D_out, r)
-            out[name] = layer.scaling[adapter] * (B @ A)                       # (D_out, r) @ (r, D_in)
+            out[name] = layer.delta_weight(adapter, np.float64)
     if not out:
         raise ValueError(f"lora_deltas: no LoRA layer holds adapter {adapter!r}")
     return out
