@@ -41,3 +41,5 @@ NF4_TILE_ROWS = 256       # output rows of W dequantized at a time by nf4_matmul
                           # the full float W never exists; 256 x 4096 float32 = 4 MiB per tile
 NF4_GEMV_MAX_N = 1        # numba: nf4_matmul with N <= this uses the fused dequant-GEMV (reads 4-bit
                           # codes directly); larger N dequantizes a tile and calls BLAS
+NF4_AVX2 = True           # numba: that GEMV decodes codes with AVX2 byte shuffles (nf4_avx2) where the CPU,
+                          # dtype and layout allow; False keeps the portable kernels (tests cover both)

@@ -2,12 +2,14 @@
 
     N <= config.NF4_GEMV_MAX_N   fused dequant-GEMV (and GEMVᵀ for dx): each row of W is read
                                  as 4-bit codes, y[o] = Σ_blocks absmax_b · Σ_{i in b} x_i·code[q_i]
-                                 (an eighth of the bytes of a float32 W). When rows are whole
-                                 blocks of whole 4-byte groups, a block's codes are decoded 8 at
-                                 a time into a small buffer and dotted with x in SIMD; other
-                                 layouts go element by element (dx: through the tile path).
-    larger N                     dequantize NF4_TILE_ROWS rows of W into one buffer (one thread),
-                                 then BLAS on it; the full float W never exists
+                                 (an eighth of the bytes of a float32 W). float32 rows of whole
+                                 32-code blocks on an AVX2 CPU: nf4_avx2 (byte-shuffle decode).
+                                 Otherwise, rows of whole blocks of whole 4-byte groups decode a
+                                 block 8 codes at a time into a small buffer and dot it with x;
+                                 other layouts go element by element (dx: through the tile path).
+    larger N                     dequantize NF4_TILE_ROWS rows of W into one buffer (one thread;
+                                 AVX2 shuffles where the GEMV above takes them, x's columns put in
+                                 the decoder's order), then BLAS on it; the full float W never exists
 
 A row of W is walked block segment by block segment: blocks start at even flat indices
 (blocksize is even), so only a row that starts at an odd index (odd D_in) begins with a
@@ -18,7 +20,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import config
+from . import config, nf4_avx2
 from .reference_nf4 import NF4_CODE, check_nf4, check_operand, OUT_DTYPES
 
 
@@ -132,19 +134,29 @@ def nf4_dequantize(packed, absmax, shape, blocksize=64, dtype="float32"):
     return W
 
 
+def _tile(avx2, packed, absmax, code, D_in, blocksize, o0, out):
+    """Rows o0 .. o0 + len(out) of W into out, on one thread: AVX2 shuffles (columns permuted) or lookups."""
+    if avx2:
+        nf4_avx2.dequantize_tile(packed, absmax, D_in, blocksize, o0, out)
+    else:
+        _dequantize_tile(packed, absmax, code, D_in, blocksize, o0, out)
+
+
 def nf4_matmul(x, packed, absmax, shape, blocksize=64, bias=None):
     """y = x·dequant(W)ᵀ + b (N, D_out): fused GEMV for tiny N, else tiles of W and BLAS."""
     D_out, D_in = check_nf4(packed, absmax, shape, blocksize)
     check_operand("x", x, D_in, bias, D_out)
-    x = np.ascontiguousarray(x)
-    N, code = x.shape[0], NF4_CODE.astype(x.dtype)
+    N, bs, code = x.shape[0], int(blocksize), NF4_CODE.astype(x.dtype)
+    avx2 = config.NF4_AVX2 and nf4_avx2.usable(x.dtype, D_in, bs)
+    x = nf4_avx2.permute(x) if avx2 else np.ascontiguousarray(x)    # the AVX2 decoder's column order
     y = np.empty((N, D_out), x.dtype)
     if N <= config.NF4_GEMV_MAX_N:
-        zero, bs = x.dtype.type(0), int(blocksize)
-        aligned = D_in % bs == 0 and bs % 8 == 0
+        zero, chunks = x.dtype.type(0), 4 * numba.get_num_threads()
         for n in range(N):
-            if aligned:
-                _gemv_aligned(packed, absmax, code, x[n], bs, zero, y[n], 4 * numba.get_num_threads())
+            if avx2:
+                nf4_avx2.gemv(packed, absmax, x[n], bs, y[n], chunks)
+            elif D_in % bs == 0 and bs % 8 == 0:
+                _gemv_aligned(packed, absmax, code, x[n], bs, zero, y[n], chunks)
             else:
                 _gemv(packed, absmax, code, x[n], bs, zero, y[n])
     else:
@@ -152,7 +164,7 @@ def nf4_matmul(x, packed, absmax, shape, blocksize=64, bias=None):
         buf = np.empty((T, D_in), x.dtype)                 # the only float copy of W: one tile
         for o0 in range(0, D_out, T):
             t = min(T, D_out - o0)
-            _dequantize_tile(packed, absmax, code, D_in, int(blocksize), o0, buf[:t])
+            _tile(avx2, packed, absmax, code, D_in, bs, o0, buf[:t])
             y[:, o0:o0 + t] = x @ buf[:t].T                 # (N, D_in) @ (D_in, t)
     if bias is not None:
         y += bias
@@ -163,20 +175,23 @@ def nf4_matmul_dx(dy, packed, absmax, shape, blocksize=64):
     """dx = dy·dequant(W) (N, D_in): fused for tiny N over rows of whole blocks, else tiles and BLAS."""
     D_out, D_in = check_nf4(packed, absmax, shape, blocksize)
     check_operand("dy", dy, D_out)
-    code, bs = NF4_CODE.astype(dy.dtype), int(blocksize)
-    if dy.shape[0] <= config.NF4_GEMV_MAX_N and D_in % bs == 0 and bs % 8 == 0:
+    N, bs, code = dy.shape[0], int(blocksize), NF4_CODE.astype(dy.dtype)
+    avx2 = config.NF4_AVX2 and nf4_avx2.usable(dy.dtype, D_in, bs)
+    dx = np.zeros((N, D_in), dy.dtype)                    # columns in the AVX2 decoder's order if avx2
+    if N <= config.NF4_GEMV_MAX_N and D_in % bs == 0 and bs % 8 == 0:
         dy = np.ascontiguousarray(dy)
-        dx = np.empty((dy.shape[0], D_in), dy.dtype)
-        for n in range(dy.shape[0]):
+        for n in range(N):
             partial = np.zeros((min(numba.get_num_threads(), D_out), D_in), dy.dtype)
-            _gemv_t_aligned(packed, absmax, code, dy[n], bs, partial)
+            if avx2:
+                nf4_avx2.gemv_t(packed, absmax, dy[n], bs, partial)
+            else:
+                _gemv_t_aligned(packed, absmax, code, dy[n], bs, partial)
             dx[n] = partial.sum(axis=0)
-        return dx
-    dx = np.zeros((dy.shape[0], D_in), dy.dtype)
-    T = min(config.NF4_TILE_ROWS, D_out)
-    buf = np.empty((T, D_in), dy.dtype)
-    for o0 in range(0, D_out, T):
-        t = min(T, D_out - o0)
-        _dequantize_tile(packed, absmax, code, D_in, int(blocksize), o0, buf[:t])
-        dx += dy[:, o0:o0 + t] @ buf[:t]                    # (N, t) @ (t, D_in)
-    return dx
+    else:
+        T = min(config.NF4_TILE_ROWS, D_out)
+        buf = np.empty((T, D_in), dy.dtype)
+        for o0 in range(0, D_out, T):
+            t = min(T, D_out - o0)
+            _tile(avx2, packed, absmax, code, D_in, bs, o0, buf[:t])
+            dx += dy[:, o0:o0 + t] @ buf[:t]                # (N, t) @ (t, D_in)
+    return nf4_avx2.unpermute(dx) if avx2 else dx

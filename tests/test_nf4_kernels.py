@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowrank.kernels import config, numba_nf4, reference_nf4
+from lowrank.kernels import config, nf4_avx2, numba_nf4, reference_nf4
 from lowrank.kernels.reference_nf4 import NF4_CODE
 
 BACKENDS = [reference_nf4, numba_nf4]
@@ -86,17 +86,72 @@ def test_numba_equals_the_reference(N, D_out, D_in, blocksize, seed, dtype, gemv
     assert np.all(np.abs(dx - dx_ref) <= tol * scale_of(dy, W) + 1e-30)
 
 
+@pytest.mark.parametrize("avx2", [True, False])
 @pytest.mark.parametrize("D_in", [4096, 4095])
-def test_numba_gemv_at_a_wide_row(D_in):
-    """The fused GEMV and GEMVᵀ on rows of whole blocks, and the element / tile paths (odd D_in)."""
+def test_numba_gemv_at_a_wide_row(D_in, avx2):
+    """The fused GEMV and GEMVᵀ on rows of whole blocks (AVX2 or portable), and the element / tile
+    paths (odd D_in)."""
     rng = np.random.default_rng(3)
     packed, absmax = random_nf4(rng, 5, D_in, 64)
     x, dy = rng.standard_normal((1, D_in)).astype(np.float32), rng.standard_normal((1, 5)).astype(np.float32)
     W = reference_nf4.nf4_dequantize(packed, absmax, (5, D_in), 64, "float64")
-    y = numba_nf4.nf4_matmul(x, packed, absmax, (5, D_in), 64)
-    dx = numba_nf4.nf4_matmul_dx(dy, packed, absmax, (5, D_in), 64)
+    with mock.patch.object(config, "NF4_AVX2", avx2):
+        y = numba_nf4.nf4_matmul(x, packed, absmax, (5, D_in), 64)
+        dx = numba_nf4.nf4_matmul_dx(dy, packed, absmax, (5, D_in), 64)
     assert np.all(np.abs(y - x @ W.T) <= 1e-5 * scale_of(x, W.T))
     assert np.all(np.abs(dx - dy @ W) <= 1e-5 * scale_of(dy, W))
+
+
+AVX2 = pytest.mark.skipif(not nf4_avx2.AVAILABLE, reason="the CPU has no AVX2 (or NUMBA_CPU_NAME is set)")
+
+
+@AVX2
+@given(N=st.integers(1, 3), D_out=st.integers(1, 9), blocks=st.integers(1, 3), blocksize=st.sampled_from([32, 64, 128]),
+       gemv=st.booleans(), bias=st.booleans(), seed=SEED)
+def test_avx2_kernels_equal_the_reference(N, D_out, blocks, blocksize, gemv, bias, seed):
+    """The byte-shuffle decode (every code, lane order, block scales, chunks of rows, tiles of 2 rows)
+    vs the reference, and the AVX2 kernels are the ones that ran: the GEMV pair, or the tile decoder."""
+    rng = np.random.default_rng(seed)
+    D_in = blocks * blocksize
+    packed, absmax = random_nf4(rng, D_out, D_in, blocksize)
+    x = rng.standard_normal((N, D_in)).astype(np.float32)
+    dy = rng.standard_normal((N, D_out)).astype(np.float32)
+    b = rng.standard_normal(D_out).astype(np.float32) if bias else None
+    W = reference_nf4.nf4_dequantize(packed, absmax, (D_out, D_in), blocksize, "float64")
+    spies = [mock.patch.object(nf4_avx2, name, wraps=getattr(nf4_avx2, name))
+             for name in ("gemv", "gemv_t", "dequantize_tile")]
+    with mock.patch.multiple(config, NF4_GEMV_MAX_N=3 if gemv else 0, NF4_TILE_ROWS=2), \
+            spies[0] as dot, spies[1] as dot_t, spies[2] as tile:
+        y = numba_nf4.nf4_matmul(x, packed, absmax, (D_out, D_in), blocksize, b)
+        dx = numba_nf4.nf4_matmul_dx(dy, packed, absmax, (D_out, D_in), blocksize)
+    assert (dot.call_count, dot_t.call_count, tile.call_count) == ((N, N, 0) if gemv else (0, 0, 2 * -(-D_out // 2)))
+    tol = config.RTOL["float32"]
+    assert np.all(np.abs(y - (x @ W.T + (b if bias else 0))) <= tol * (scale_of(x, W.T) + (np.abs(b) if bias else 0)))
+    assert np.all(np.abs(dx - dy @ W) <= tol * scale_of(dy, W))
+
+
+@AVX2
+def test_avx2_tile_is_the_reference_dequantization_exactly():
+    rng = np.random.default_rng(5)
+    packed, absmax = random_nf4(rng, 7, 192, 64)
+    tile = np.empty((3, 192), np.float32)
+    nf4_avx2.dequantize_tile(packed, absmax, 192, 64, 4, tile)                  # rows 4, 5, 6
+    W = reference_nf4.nf4_dequantize(packed, absmax, (7, 192), 64)
+    np.testing.assert_array_equal(nf4_avx2.unpermute(tile), W[4:])
+
+
+def test_avx2_lane_order_round_trips_and_the_kernel_says_what_it_takes():
+    v = np.arange(48.0).reshape(2, 24)
+    assert list(nf4_avx2.permute(v)[1, 8:16]) == [32, 34, 36, 38, 33, 35, 37, 39]     # along the last axis
+    np.testing.assert_array_equal(nf4_avx2.unpermute(nf4_avx2.permute(v)), v)
+    assert not nf4_avx2._available("generic", {"avx2": True})            # Numba told to target another CPU
+    assert not nf4_avx2._available(None, {"avx2": False})
+    assert nf4_avx2._available(None, {"avx2": True})
+    with mock.patch.object(nf4_avx2, "AVAILABLE", True):
+        assert nf4_avx2.usable(np.float32, 4096, 64)
+        assert not nf4_avx2.usable(np.float64, 4096, 64)                  # float32 only
+        assert not nf4_avx2.usable(np.float32, 4096, 16)                  # blocks of whole 32-code steps
+        assert not nf4_avx2.usable(np.float32, 4095, 64)                  # rows of whole blocks
 
 
 def test_reference_never_dequantizes_more_than_a_tile():
