@@ -35,12 +35,13 @@ from numba.extending import intrinsic
 from .reference_nf4 import NF4_CODE
 
 
-def _available(cpu_name, features):
-    """AVX2 intrinsics compile only when Numba targets this host (no NUMBA_CPU_NAME) and it has AVX2."""
-    return cpu_name in (None, "host") and bool(features.get("avx2"))
+def _available(cpu_name, features, disable_jit=False):
+    """AVX2 intrinsics compile only when Numba targets this host (no NUMBA_CPU_NAME), the host has
+    AVX2, and Numba compiles at all (NUMBA_DISABLE_JIT runs kernels as Python, where IR can't run)."""
+    return cpu_name in (None, "host") and bool(features.get("avx2")) and not disable_jit
 
 
-AVAILABLE = _available(numba.config.CPU_NAME, llvm.get_host_cpu_features())
+AVAILABLE = _available(numba.config.CPU_NAME, llvm.get_host_cpu_features(), numba.config.DISABLE_JIT)
 STEP = 32                                                   # codes per decode: 16 packed bytes
 ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])                  # element of each group of 8 in F_k's lanes
 PLANES = NF4_CODE.view(np.uint8).reshape(16, 4).T           # PLANES[j, q] = byte j of code[q] (little endian)

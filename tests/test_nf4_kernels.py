@@ -146,6 +146,7 @@ def test_avx2_lane_order_round_trips_and_the_kernel_says_what_it_takes():
     np.testing.assert_array_equal(nf4_avx2.unpermute(nf4_avx2.permute(v)), v)
     assert not nf4_avx2._available("generic", {"avx2": True})            # Numba told to target another CPU
     assert not nf4_avx2._available(None, {"avx2": False})
+    assert not nf4_avx2._available(None, {"avx2": True}, disable_jit=True)
     assert nf4_avx2._available(None, {"avx2": True})
     with mock.patch.object(nf4_avx2, "AVAILABLE", True):
         assert nf4_avx2.usable(np.float32, 4096, 64)
