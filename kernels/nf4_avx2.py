@@ -1,4 +1,5 @@
-"""NF4 dequant-GEMV for N = 1 with AVX2 byte shuffles: 32 codes decoded in 16 instructions.
+"""NF4 codes decoded by AVX2 byte shuffles, 32 in 16 instructions: the N = 1 GEMV and GEMVᵀ,
+and the tiles that numba_nf4 hands to BLAS for larger N.
 
 A table lookup per weight (``code[q]``) costs Numba a scalar load each; the product it feeds
 reads an eighth of a float32 W's bytes, so the lookup, not memory, bounds the kernel. The
@@ -14,9 +15,11 @@ float32 code has 4 bytes, so the table is kept as 4 byte planes and a code is re
 
 F_k holds elements 8k + ORDER of the 32, ORDER = (0, 2, 4, 6, 1, 3, 5, 7), so x is put in
 that order once per call (``permute``) and the dot product is 4 FMAs per 32 codes. The
-GEMVᵀ for dx keeps its partial sums in the same order and ``unpermute`` puts them back.
-Per 32 codes: 1 broadcast load, 1 shift, 1 and, 4 vpshufb, 8 unpacks, 4 FMAs (measured
-at 4096²: 1.5 ms against 3 ms for the float32 GEMV; vpermps lookups, 8 codes each, took 2.6).
+GEMVᵀ for dx keeps its partial sums in the same order and ``unpermute`` puts them back; a
+dequantized tile has its columns in that order, so BLAS multiplies it by the permuted x.
+Per 32 codes: 1 broadcast load, 1 shift, 1 and, 4 vpshufb, 8 unpacks, 4 FMAs. At 4096², one
+thread (``python -m benchmarks.nf4 --threads 1``): 1.62 ms against 2.72 ms for the float32 GEMV;
+vpermps lookups (two 8-entry tables and a blend per 8 codes) were compute-bound near 2.6 ms.
 
 The IR is written with llvmlite inside Numba ``@intrinsic``s (Numba has no vector type and
 LLVM has no variable shuffle of its own); the loops around them are plain Numba. x86 only:
