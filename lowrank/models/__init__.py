@@ -1,0 +1,1 @@
+"""Models built from lowrank's engine layers (``lowrank.nn``), checkpoint-compatible with transformers."""

@@ -1,0 +1,169 @@
+"""A Llama decoder (transformers' ``LlamaForCausalLM``) with hand-written backward passes.
+
+Letters: B batch, T tokens, d = hidden_size, V = vocab_size. The module tree is transformers',
+so ``named_parameters()`` gives its state-dict names (``model.embed_tokens.weight``,
+``model.layers.0.self_attn.q_proj.weight``, ``model.norm.weight``, ``lm_head.weight``):
+
+    LlamaForCausalLM
+      model: LlamaModel
+        embed_tokens: Embedding (V, d)
+        layers: "0", "1", ...: LlamaDecoderLayer
+            h = x + self_attn(input_layernorm(x))          (B, T, d)
+            y = h + mlp(post_attention_layernorm(h))       (B, T, d)
+        norm: RMSNorm
+      lm_head: Dense (V, d) or, when tie_word_embeddings, TiedLMHead -> model.embed_tokens.weight
+
+A residual's backward adds the branch's dx to the skip's dy: dh = dy + dbranch(dy).
+With tied embeddings there is one Parameter, listed once (as ``model.embed_tokens.weight``,
+the name transformers writes; ``lm_head.weight`` is absent from its file); lm_head's dW and the
+embedding's scatter-add both accumulate into its ``.grad``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ...layers import Dense, check_dtype
+from ...module import Module, Sequential
+from ...nn import Embedding, LlamaAttention, LlamaMLP, RMSNorm
+from .configuration import LlamaConfig
+
+
+class LlamaDecoderLayer(Module):
+    """Pre-norm block: attention then SwiGLU MLP, each added to the residual stream."""
+
+    def __init__(self, config: LlamaConfig, *, dtype="float32", seed=None):
+        super().__init__()
+        s = [int(v) for v in np.random.default_rng(seed).integers(2**31, size=2)]
+        c = config
+        self.self_attn = LlamaAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                        rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
+                                        bias=c.attention_bias, dtype=dtype, seed=s[0])
+        self.mlp = LlamaMLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, seed=s[1])
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+
+    def forward(self, x, attention_mask=None):
+        h = x + self.self_attn.forward(self.input_layernorm.forward(x), attention_mask)   # (B, T, d)
+        return h + self.mlp.forward(self.post_attention_layernorm.forward(h))              # (B, T, d)
+
+    def backward(self, dy):
+        dh = dy + self.post_attention_layernorm.backward(self.mlp.backward(dy))           # (B, T, d)
+        return dh + self.input_layernorm.backward(self.self_attn.backward(dh))             # (B, T, d)
+
+
+class LlamaModel(Module):
+    """Token ids (B, T) -> final hidden states (B, T, d)."""
+
+    def __init__(self, config: LlamaConfig, *, dtype="float32", seed=None):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, seed=int(rng.integers(2**31)))
+        self.layers = Sequential(*[LlamaDecoderLayer(config, dtype=dtype, seed=int(rng.integers(2**31)))
+                                   for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+    def forward(self, input_ids, attention_mask=None):
+        if not hasattr(input_ids, "shape") or input_ids.ndim != 2:
+            raise ValueError(f"{self.label} expects input_ids of shape (B, T), "
+                             f"got {tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
+        T = input_ids.shape[1]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"{self.label}: sequence length T={T} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings} (RoPE positions beyond it were never trained)")
+        h = self.embed_tokens.forward(input_ids)                                # (B, T, d)
+        for i in range(len(self.layers)):
+            h = self.layers[i].forward(h, attention_mask)                      # (B, T, d)
+        return self.norm.forward(h)                                            # (B, T, d)
+
+    def backward(self, dy):
+        dh = self.norm.backward(dy)                                            # (B, T, d)
+        for i in reversed(range(len(self.layers))):
+            dh = self.layers[i].backward(dh)
+        return self.embed_tokens.backward(dh)                                  # None: ids get no gradient
+
+
+class TiedLMHeadCache(NamedTuple):
+    h: object          # (N, d) hidden states, kept only when the shared weight is trainable
+    rows: int          # N, to check dy
+
+
+class TiedLMHead(Module):
+    """logits = h Wᵀ with W = the embedding's weight (V, d); owns no Parameter, so nothing is listed twice."""
+
+    def __init__(self, embedding: Embedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)          # a reference, not a child: no second name
+
+    @property
+    def weight(self):
+        return self.embedding.weight
+
+    def forward(self, h):
+        W = self.weight
+        self._check_input(h, W.shape[1], W.dtype)
+        self._cache = TiedLMHeadCache(h if W.trainable else None, h.shape[0])
+        return h @ W.data.T                                                    # (N, d) @ (d, V)
+
+    def backward(self, dy):
+        h, rows = self._need_cache()
+        W = self.weight
+        self._check_dy(dy, (rows, W.shape[0]))
+        self._cache = None
+        if h is not None:
+            W.accumulate(dy.T @ h)                                             # (V, N) @ (N, d)
+        return dy @ W.data                                                     # (N, V) @ (V, d)
+
+    def extra_repr(self):
+        return f"tied to {self.embedding.label}"
+
+
+class LlamaForCausalLM(Module):
+    """Token ids (B, T) [+ padding mask (B, T)] -> logits (B, T, V); ``backward(dlogits)`` fills ``.grad``."""
+
+    def __init__(self, config: LlamaConfig, *, dtype="float32", seed=None):
+        super().__init__()
+        check_dtype("LlamaForCausalLM", dtype)                   # float32 or float64; files in 16 bits are upcast
+        rng = np.random.default_rng(seed)
+        self.config = config
+        self.model = LlamaModel(config, dtype=dtype, seed=int(rng.integers(2**31)))
+        if config.tie_word_embeddings:
+            self.lm_head = TiedLMHead(self.model.embed_tokens)
+        else:
+            self.lm_head = Dense(config.hidden_size, config.vocab_size, False, dtype=dtype)
+        for name, p in self.named_parameters():                    # transformers' init: N(0, std) weights, ones, zeros
+            if p.data.ndim == 2:
+                p.data = (rng.standard_normal(p.shape) * config.initializer_range).astype(p.dtype)
+            elif name.endswith(".bias"):
+                p.data = np.zeros_like(p.data)
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.model.forward(input_ids, attention_mask)                      # (B, T, d)
+        B, T, d = h.shape
+        logits = self.lm_head.forward(h.reshape(B * T, d))                     # (B·T, V)
+        self._cache = (B, T)
+        return logits.reshape(B, T, -1)                                        # (B, T, V)
+
+    def backward(self, dlogits):
+        B, T = self._need_cache()
+        self._check_dy(dlogits, (B, T, self.config.vocab_size))
+        self._cache = None
+        dh = self.lm_head.backward(dlogits.reshape(B * T, -1))                 # (B·T, d)
+        self.model.backward(dh.reshape(B, T, -1))
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype="float32") -> "LlamaForCausalLM":
+        """Load a folder written by transformers' ``save_pretrained`` (see ``checkpoint``)."""
+        from .checkpoint import from_pretrained
+        return from_pretrained(path, dtype=dtype)
+
+    def save_pretrained(self, path, *, overwrite: bool = False):
+        """Write ``config.json`` + ``model.safetensors`` that transformers loads (see ``checkpoint``)."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, overwrite=overwrite)

@@ -1,0 +1,11 @@
+"""Engine layers for transformer decoders: each with its backward written under its forward."""
+from .activations import SiLU
+from .attention import LlamaAttention
+from .embedding import Embedding
+from .losses_lm import CausalLMLoss
+from .mlp import LlamaMLP
+from .norm import RMSNorm
+from .rotary import RotaryEmbedding, apply_rope, apply_rope_backward, rope_tables, rotate_half
+
+__all__ = ["CausalLMLoss", "Embedding", "LlamaAttention", "LlamaMLP", "RMSNorm", "RotaryEmbedding", "SiLU",
+           "apply_rope", "apply_rope_backward", "rope_tables", "rotate_half"]

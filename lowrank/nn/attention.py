@@ -1,0 +1,143 @@
+"""Causal multi-head self-attention with grouped-query attention (GQA) and RoPE, as Llama.
+
+Letters: B batch, T tokens, d = hidden_size, H query heads, H_kv key/value heads, G = H/H_kv
+queries per key/value head, h = head_dim. Query head i uses key/value head i // G
+(transformers' ``repeat_kv``); here q is viewed as (B, H_kv, G, T, h) so k and v broadcast
+over G instead of being copied, and "the gradient of a repeated head is the sum over its
+group" is a sum over that G axis.
+
+    q = rope(x W_qᵀ)  (B, H, T, h)      k = rope(x W_kᵀ), v = x W_vᵀ  (B, H_kv, T, h)
+    S = q kᵀ / sqrt(h), −inf where key > query or attention_mask[key] = 0     (B, H, T, T)
+    P = softmax(S)  (in float32 or wider)       O = P v  (B, H, T, h)       y = O W_oᵀ (B, T, d)
+    backward:  dP = dO vᵀ,  dv = Σ_G Pᵀ dO,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),
+               dq = dS k / sqrt(h),  dk = Σ_G dSᵀ q / sqrt(h),  then RoPE by −angle.
+
+A query row with no visible key (a left-padding position) gets P = 0, so its output is 0
+(transformers' eager path spreads it uniformly over all keys instead, or gives NaN in a float64
+model, whose float32 softmax sees −inf everywhere; no real token attends to such a row).
+
+What the backward keeps, besides the projections' own caches (when trainable, q/k/v_proj share
+one (B·T, d) input and o_proj keeps its (B·T, H·h) input; frozen ones keep nothing): P (B, H, T, T),
+rotated q (B, H, T, h), rotated k and v (B, H_kv, T, h) and the RoPE tables (2, T, h), that is
+itemsize · (B·H·T² + B·T·h·(H + 2·H_kv) + 2·T·h) bytes (itemsize 8 in float64, 4 in float32).
+P is the only O(T²) term; no temporary is bigger than O(B·H·T²).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..layers import Dense
+from ..module import Module
+from .rotary import RotaryEmbedding, apply_rope, apply_rope_backward
+
+
+class AttentionCache(NamedTuple):
+    q: object          # (B, H_kv, G, T, h) rotated queries
+    k: object          # (B, H_kv, T, h) rotated keys
+    v: object          # (B, H_kv, T, h) values
+    P: object          # (B, H_kv, G, T, T) attention probabilities
+    cos: object        # (T, h) RoPE tables
+    sin: object        # (T, h)
+    shape: tuple       # (B, T, d), to check dy
+
+
+def visible_keys(T: int, attention_mask, xp):
+    """Boolean (B or 1, 1, 1, T, T): key j visible to query i when j <= i and attention_mask[b, j]."""
+    causal = xp.tril(xp.ones((T, T), dtype=bool))                             # (T, T)
+    if attention_mask is None:
+        return causal[None, None, None]
+    return causal[None, None, None] & (attention_mask != 0)[:, None, None, None, :]
+
+
+class LlamaAttention(Module):
+    """Causal self-attention with GQA; q/k/v/o projections are Dense layers LoRA can wrap by name."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 *, rope_theta: float = 10000.0, max_position_embeddings: int | None = None, bias: bool = False,
+                 dtype="float32", seed=None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"LlamaAttention: num_attention_heads ({num_heads}) must be a positive multiple of "
+                             f"num_key_value_heads ({num_kv_heads})")
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim = head_dim
+        self.scaling = head_dim ** -0.5
+        rng = np.random.default_rng(seed)
+        s = [int(v) for v in rng.integers(2**31, size=4)]
+        self.q_proj = Dense(hidden_size, num_heads * head_dim, bias, dtype=dtype, seed=s[0])
+        self.k_proj = Dense(hidden_size, num_kv_heads * head_dim, bias, dtype=dtype, seed=s[1])
+        self.v_proj = Dense(hidden_size, num_kv_heads * head_dim, bias, dtype=dtype, seed=s[2])
+        self.o_proj = Dense(num_heads * head_dim, hidden_size, bias, dtype=dtype, seed=s[3])
+        self.rotary = RotaryEmbedding(head_dim, rope_theta, max_position_embeddings)
+
+    def _check_mask(self, attention_mask, B, T):
+        if attention_mask is None:
+            return
+        if tuple(getattr(attention_mask, "shape", ())) != (B, T):
+            raise ValueError(f"{self.label}: attention_mask must have shape (B, T) = ({B}, {T}) like the input ids, "
+                             f"got {tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
+        xp = get_array_module(attention_mask)
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(f"{self.label}: attention_mask must hold 0 (padding) or 1 (token), "
+                             f"got values {xp.unique(attention_mask)[:8].tolist()}")
+
+    def forward(self, x, attention_mask=None):
+        if not hasattr(x, "shape") or x.ndim != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"{self.label} expects input of shape (B, T, {self.hidden_size}), "
+                             f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        xp = get_array_module(x)
+        B, T, d = x.shape
+        H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        self._check_mask(attention_mask, B, T)
+        cos, sin = self.rotary.tables(T, x.dtype, xp)                          # (T, h) each
+        x2 = x.reshape(B * T, d)                                               # (B·T, d)
+        q = self.q_proj.forward(x2).reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)   # (B, H_kv, G, T, h)
+        k = self.k_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
+        v = self.v_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        S = (q @ k[:, :, None].swapaxes(-1, -2)) * self.scaling                # (B, H_kv, G, T, T)
+        P = masked_softmax(S, visible_keys(T, attention_mask, xp))             # (B, H_kv, G, T, T)
+        O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
+        O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
+        self._cache = AttentionCache(q, k, v, P, cos, sin, x.shape)
+        return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)
+
+    def backward(self, dy):
+        q, k, v, P, cos, sin, shape = self._need_cache()
+        self._check_dy(dy, shape)
+        self._cache = None
+        B, T, d = shape
+        H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        dO2 = self.o_proj.backward(dy.reshape(B * T, d))                       # (B·T, H·h)
+        dO = dO2.reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)           # (B, H_kv, G, T, h)
+        dP = dO @ v[:, :, None].swapaxes(-1, -2)                               # (B, H_kv, G, T, T)
+        dv = (P.swapaxes(-1, -2) @ dO).sum(axis=2)                             # (B, H_kv, T, h), Σ over G
+        dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))                   # softmax backward
+        dq = (dS @ k[:, :, None]) * self.scaling                               # (B, H_kv, G, T, h)
+        dk = (dS.swapaxes(-1, -2) @ q).sum(axis=2) * self.scaling              # (B, H_kv, T, h), Σ over G
+        dq, dk = apply_rope_backward(dq, cos, sin), apply_rope_backward(dk, cos, sin)
+        dx = self.q_proj.backward(dq.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h))   # (B·T, d)
+        dx = dx + self.k_proj.backward(dk.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))
+        dx = dx + self.v_proj.backward(dv.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))
+        return dx.reshape(B, T, d)
+
+    def extra_repr(self):
+        return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}")
+
+
+def masked_softmax(S, visible):
+    """softmax over the last axis of S where ``visible``, 0 elsewhere; a row with nothing visible is 0.
+    Computed in the wider of float32 and S's dtype, returned in S's dtype."""
+    xp = get_array_module(S)
+    Sw = xp.where(visible, S.astype(np.promote_types(np.float32, S.dtype), copy=False), -xp.inf)
+    m = Sw.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)                                         # all-masked rows
+    E = xp.exp(Sw - m)                                                         # exp(−inf) = 0
+    Z = E.sum(axis=-1, keepdims=True)
+    return (E / xp.where(Z > 0, Z, 1)).astype(S.dtype, copy=False)

@@ -1,0 +1,90 @@
+"""Rotary position embedding (RoPE), transformers' Llama convention ("default" rope type).
+
+Letters: T positions 0..T−1, h = head_dim (even), θ = rope_theta.
+
+    inv_freq_j = θ^(−2j/h), j < h/2;   angles = pos ⊗ inv_freq  (T, h/2)
+    emb = concat(angles, angles)  (T, h);   cos, sin = cos(emb), sin(emb)
+    rotate_half(x) = concat(−x[..., h/2:], x[..., :h/2])
+    y  = x cos + rotate_half(x) sin                 (rotation of each pair (j, j+h/2) by +angle)
+    dx = dy cos − rotate_half(dy) sin               (rotate_half is skew: Rᵀ = −R; the rotation by −angle)
+
+The tables are computed in the wider of float32 and the input's dtype, as transformers
+computes them in float32 (a float64 transformers model narrows there; lowrank does not).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..module import Module
+
+
+def rope_tables(T: int, head_dim: int, theta: float, dtype, xp=np):
+    """(cos, sin), each (T, head_dim), in ``dtype``; angles computed in float32 or wider."""
+    wide = np.promote_types(np.float32, dtype)
+    inv_freq = 1.0 / theta ** (xp.arange(0, head_dim, 2, dtype=wide) / head_dim)   # (h/2,)
+    angles = xp.arange(T, dtype=wide)[:, None] * inv_freq[None, :]                 # (T, h/2)
+    emb = xp.concatenate([angles, angles], axis=-1)                                 # (T, h)
+    return xp.cos(emb).astype(dtype), xp.sin(emb).astype(dtype)
+
+
+def rotate_half(x):
+    """concat(−x2, x1) over the last axis, x = concat(x1, x2)."""
+    xp = get_array_module(x)
+    half = x.shape[-1] // 2
+    return xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x (..., T, h) rotated by +angle: x cos + rotate_half(x) sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_backward(dy, cos, sin):
+    """dy (..., T, h) rotated by −angle: the transpose of ``apply_rope``."""
+    return dy * cos - rotate_half(dy) * sin
+
+
+class RotaryCache(NamedTuple):
+    cos: object        # (T, h)
+    sin: object        # (T, h)
+    shape: tuple       # x.shape, to check dy
+
+
+class RotaryEmbedding(Module):
+    """RoPE on x (..., T, h) at positions 0..T−1; no parameters (attention calls the functions)."""
+
+    def __init__(self, head_dim: int, rope_theta: float = 10000.0, max_position_embeddings: int | None = None):
+        super().__init__()
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"RotaryEmbedding: head_dim must be even and >= 2, got {head_dim}")
+        if not rope_theta > 0:
+            raise ValueError(f"RotaryEmbedding: rope_theta must be > 0, got {rope_theta}")
+        self.head_dim, self.rope_theta = head_dim, float(rope_theta)
+        self.max_position_embeddings = max_position_embeddings
+
+    def tables(self, T: int, dtype, xp=np):
+        """(cos, sin) for positions 0..T−1; ValueError past ``max_position_embeddings``."""
+        if self.max_position_embeddings is not None and T > self.max_position_embeddings:
+            raise ValueError(f"{self.label}: sequence length {T} exceeds max_position_embeddings="
+                             f"{self.max_position_embeddings}")
+        return rope_tables(T, self.head_dim, self.rope_theta, dtype, xp)
+
+    def forward(self, x):
+        if not hasattr(x, "shape") or x.ndim < 2 or x.shape[-1] != self.head_dim:
+            raise ValueError(f"{self.label} expects input of shape (..., T, {self.head_dim}), "
+                             f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        cos, sin = self.tables(x.shape[-2], x.dtype, get_array_module(x))
+        self._cache = RotaryCache(cos, sin, x.shape)
+        return apply_rope(x, cos, sin)
+
+    def backward(self, dy):
+        cos, sin, shape = self._need_cache()
+        self._check_dy(dy, shape)
+        self._cache = None
+        return apply_rope_backward(dy, cos, sin)
+
+    def extra_repr(self):
+        return f"head_dim={self.head_dim}, rope_theta={self.rope_theta}"
