@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
+from .progress import StageLog, no_stage
 from .experiment import (DemoConfig, dense_names, downstream, finetune, lora_config, method_row, prepare,
                          pretrain, test_accuracy)
 from .model_files import load_model, save_model
@@ -22,26 +23,21 @@ from .peft_model import LoraModel
 from .variants_demo import variant_rows
 
 
-def run_methods(cfg: DemoConfig, pretrained, ds):
-    """Full, head-only, bottleneck adapter and LoRA at every rank, on the same start."""
+def run_methods(cfg: DemoConfig, pretrained, ds, stage=no_stage):
+    """Full, head-only, bottleneck adapter, LoRA at every rank (the rank sweep), QLoRA and the
+    variants, on the same start; one ``stage`` line each."""
     rows, models, histories = [], {}, {}
-    for method in ("full", "head", "adapter"):
-        model = prepare(method, pretrained, cfg)
-        h = finetune(model, ds, cfg, lr=cfg.lr if method == "full" else cfg.peft_lr)
-        rows.append(method_row(method, model, ds, cfg, h))
-        models[method], histories[method] = model, h
-    ranks = []
-    for r in cfg.ranks:
-        model = prepare("lora", pretrained, cfg, r=r)
-        h = finetune(model, ds, cfg)
-        ranks.append(method_row(f"lora r={r}", model, ds, cfg, h, r=r))
-        models[f"lora r={r}"], histories[f"lora r={r}"] = model, h
-    rows.extend(ranks)
-    qlora = prepare("qlora", pretrained, cfg)
-    h = finetune(qlora, ds, cfg)
-    rows.append(method_row(f"qlora r={cfg.r}", qlora, ds, cfg, h, r=cfg.r))
-    histories[f"qlora r={cfg.r}"] = h
-    rows.extend(variant_rows(cfg, pretrained, ds))
+    runs = [(m, m, {}) for m in ("full", "head", "adapter")]
+    runs += [(f"lora r={r}", "lora", {"r": r}) for r in cfg.ranks] + [(f"qlora r={cfg.r}", "qlora", {})]
+    for label, method, kw in runs:
+        with stage(label) as note:
+            model = prepare(method, pretrained, cfg, **kw)
+            h = finetune(model, ds, cfg, lr=cfg.lr if method == "full" else None)
+            rows.append(method_row(label, model, ds, cfg, h, **({"r": kw.get("r", cfg.r)} if "lora" in label else {})))
+            note["result"] = f"test acc {rows[-1]['test_acc']:.3f}"
+        models[label], histories[label] = model, h
+    rows.extend(variant_rows(cfg, pretrained, ds, stage))
+    ranks = [row for row in rows if row["method"].startswith("lora r=")]
     return rows, ranks, models, histories
 
 
@@ -143,44 +139,57 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = run_demo(cfg, out, plots_on=not args.no_plots)
-    results["seconds"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
-    from .report import summary, write_report
-    write_report(out / "report.md", results)
+    log = StageLog("demo")
+    results = run_demo(cfg, out, plots_on=not args.no_plots, stage=log.stage)
+    with log.stage("report") as note:
+        results["seconds"] = time.perf_counter() - started
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+        from .report import summary, write_report
+        write_report(out / "report.md", results)
+        note["result"] = str(out / "report.md")
     print(summary(results))
     print(f"report: {out / 'report.md'}")
     return 0
 
 
-def run_demo(cfg: DemoConfig, out: Path, plots_on: bool = True) -> dict:
-    """Every section of the demo; returns the numbers the report prints."""
-    pretrained, ds_pre, h_pre = pretrain(cfg)
-    ds = downstream(cfg, ds_pre)
-    rows, ranks, models, histories = run_methods(cfg, pretrained, ds)
+def run_demo(cfg: DemoConfig, out: Path, plots_on: bool = True, stage=no_stage) -> dict:
+    """Every section of the demo; returns the numbers the report prints. ``stage`` (a
+    ``StageLog.stage``) gets one line per stage: pretrain, each method, two tasks, merge, ..."""
+    with stage("pretrain") as note:
+        pretrained, ds_pre, h_pre = pretrain(cfg)
+        ds = downstream(cfg, ds_pre)
+        note["result"] = f"val acc {h_pre.val_acc[-1]:.3f}"
+    rows, ranks, models, histories = run_methods(cfg, pretrained, ds, stage)
     headline = models[f"lora r={cfg.r}"] if f"lora r={cfg.r}" in models else models[f"lora r={cfg.ranks[-1]}"]
     results = {
         "config": cfg.to_dict(),
         "pretrain": {"val_acc": h_pre.val_acc[-1], "test_acc": test_accuracy(pretrained, ds_pre),
                      "params": pretrained.num_parameters()},
         "downstream": {"kind": cfg.downstream, "base_test_acc": test_accuracy(pretrained, ds)},
-        "methods": rows, "ranks": ranks,
-        "two_tasks": run_two_tasks(cfg, pretrained, ds_pre),
-        "merge": run_merge(headline, ds),
-        "files": run_files(headline, pretrained, ds, out),
-        "delta": delta_spectra({k: m for k, m in models.items() if k == "full" or k.startswith("lora")},
-                               pretrained),
-        "figures": {},
+        "methods": rows, "ranks": ranks, "figures": {},
     }
+    with stage("two tasks") as note:
+        results["two_tasks"] = two = run_two_tasks(cfg, pretrained, ds_pre)
+        note["result"] = "mixed batch max |Δ| " + ", ".join(f"{two[n]['max_abs_diff']:.1e}" for n in ("rotate", "shift"))
+    with stage("merge") as note:
+        results["merge"] = merge = run_merge(headline, ds)
+        note["result"] = f"max |Δy| {merge['max_abs_diff']:.1e}"
+    with stage("files") as note:
+        results["files"] = run_files(headline, pretrained, ds, out)
+        note["result"] = f"reload max |Δ| {results['files']['reload_max_abs_diff']:.1e}"
+    with stage("ΔW spectra"):
+        results["delta"] = delta_spectra({k: m for k, m in models.items() if k == "full" or k.startswith("lora")},
+                                         pretrained)
     if plots_on:
-        figs = results["figures"]
-        figs["loss"] = plots.loss_curves(histories, out / "loss_curves.png")
-        figs["boundaries"] = plots.decision_boundaries(
-            {"pretrained base": pretrained, f"LoRA r={cfg.r}": headline, "full fine-tuning": models["full"]},
-            ds, out / "decision_boundaries.png")
-        full = next(r for r in rows if r["method"] == "full")
-        figs["ranks"] = plots.rank_tradeoff(ranks, full["test_acc"], full["stored_bytes"], out / "rank_tradeoff.png")
-        figs["spectra"] = plots.singular_values(results["delta"]["spectra"], out / "delta_singular_values.png")
+        with stage("plots"):
+            figs = results["figures"]
+            figs["loss"] = plots.loss_curves(histories, out / "loss_curves.png")
+            figs["boundaries"] = plots.decision_boundaries(
+                {"pretrained base": pretrained, f"LoRA r={cfg.r}": headline, "full fine-tuning": models["full"]},
+                ds, out / "decision_boundaries.png")
+            full = next(r for r in rows if r["method"] == "full")
+            figs["ranks"] = plots.rank_tradeoff(ranks, full["test_acc"], full["stored_bytes"], out / "rank_tradeoff.png")
+            figs["spectra"] = plots.singular_values(results["delta"]["spectra"], out / "delta_singular_values.png")
     return results
 
 

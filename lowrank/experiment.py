@@ -127,9 +127,9 @@ def _last_child(model) -> str:
 def finetune(model: Module, ds: Dataset, cfg: DemoConfig, lr: float | None = None, epochs: int | None = None,
              optimizer=None) -> History:
     """Train ``model``'s trainable parameters on ``ds``."""
-    optimizer = optimizer or Adam(model.parameters(trainable_only=True), lr=lr or cfg.peft_lr)
+    optimizer = optimizer or Adam(model.parameters(trainable_only=True), lr=cfg.peft_lr if lr is None else lr)
     return fit(model, optimizer, BCEWithLogitsLoss(), ds.X_train, ds.y_train, X_val=ds.X_val, y_val=ds.y_val,
-               epochs=epochs or cfg.finetune_epochs, batch_size=cfg.batch_size, seed=cfg.seed + 1, desc="finetune")
+               epochs=cfg.finetune_epochs if epochs is None else epochs, batch_size=cfg.batch_size, seed=cfg.seed + 1, desc="finetune")
 
 
 def test_accuracy(model: Module, ds: Dataset) -> float:

@@ -22,6 +22,7 @@ from .loraplus import create_loraplus_optimizer
 from .module import Module
 from .optim import Adam
 from .peft_model import get_lora_model
+from .progress import no_stage
 from .vera import VeraConfig, get_vera_model
 
 LORAPLUS_RATIO = 16.0
@@ -36,21 +37,29 @@ def vera_config(model: Module, r: int = VERA_R) -> VeraConfig:
     return VeraConfig(r=r, target_modules=names[:-1], modules_to_save=[names[-1]], save_projection=False)
 
 
-def variant_rows(cfg: DemoConfig, pretrained: Module, ds_down) -> list[dict]:
+def variant_rows(cfg: DemoConfig, pretrained: Module, ds_down, stage=no_stage):
     """Rows {method, test_acc, trainable_params, stored_bytes, seconds_per_epoch, ...} for DoRA,
-    LoRA+ and VeRA, in the demo's ``method_row`` format (so its table takes them as they are)."""
-    rows = []
-    dora = get_lora_model(copy.deepcopy(pretrained), lora_config(cfg, pretrained, use_dora=True))
-    rows.append(method_row(f"dora r={cfg.r}", dora, ds_down, cfg, finetune(dora, ds_down, cfg), r=cfg.r))
+    LoRA+ and VeRA, in the demo's ``method_row`` format (so its table takes them as they are),
+    yielded as each finishes (one ``stage`` line each)."""
+    with stage(f"dora r={cfg.r}") as note:
+        dora = get_lora_model(copy.deepcopy(pretrained), lora_config(cfg, pretrained, use_dora=True))
+        row = method_row(f"dora r={cfg.r}", dora, ds_down, cfg, finetune(dora, ds_down, cfg), r=cfg.r)
+        note["result"] = f"test acc {row['test_acc']:.3f}"
+    yield row
 
-    plus = prepare("lora", pretrained, cfg)
-    optimizer = create_loraplus_optimizer(plus, Adam, lr=LORAPLUS_LR_FACTOR * cfg.peft_lr,
-                                          loraplus_lr_ratio=LORAPLUS_RATIO)
-    rows.append(method_row(f"lora+ r={cfg.r}", plus, ds_down, cfg, finetune(plus, ds_down, cfg, optimizer=optimizer),
-                           r=cfg.r))
+    with stage(f"lora+ r={cfg.r}") as note:
+        plus = prepare("lora", pretrained, cfg)
+        optimizer = create_loraplus_optimizer(plus, Adam, lr=LORAPLUS_LR_FACTOR * cfg.peft_lr,
+                                              loraplus_lr_ratio=LORAPLUS_RATIO)
+        row = method_row(f"lora+ r={cfg.r}", plus, ds_down, cfg, finetune(plus, ds_down, cfg, optimizer=optimizer),
+                         r=cfg.r)
+        note["result"] = f"test acc {row['test_acc']:.3f}"
+    yield row
 
-    base = copy.deepcopy(pretrained)
-    vera = get_vera_model(base, vera_config(base))
-    history = finetune(vera, ds_down, cfg, lr=VERA_LR_FACTOR * cfg.peft_lr)
-    rows.append(method_row(f"vera r={VERA_R}", vera, ds_down, cfg, history, r=VERA_R))
-    return rows
+    with stage(f"vera r={VERA_R}") as note:
+        base = copy.deepcopy(pretrained)
+        vera = get_vera_model(base, vera_config(base))
+        history = finetune(vera, ds_down, cfg, lr=VERA_LR_FACTOR * cfg.peft_lr)
+        row = method_row(f"vera r={VERA_R}", vera, ds_down, cfg, history, r=VERA_R)
+        note["result"] = f"test acc {row['test_acc']:.3f}"
+    yield row

@@ -106,7 +106,7 @@ def test_variant_rows_for_the_demo_table():
 
     cfg = DemoConfig.quick()
     pretrained, ds, _ = pretrain(cfg)
-    rows = variant_rows(cfg, pretrained, downstream(cfg, ds))
+    rows = list(variant_rows(cfg, pretrained, downstream(cfg, ds)))
     shapes = [tuple(m.weight.shape) for _, m in pretrained.named_modules() if isinstance(m, Dense)]
     head = shapes[-1][0] * shapes[-1][1] + shapes[-1][0]
     lora = lora_parameter_count(shapes[:-1], cfg.r) + head
