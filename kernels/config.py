@@ -9,8 +9,11 @@ RTOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
 ATOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
 
 # --- numba_cpu ------------------------------------------------------------------------
-# LLVM may reorder sums (vectorized dot products) and fuse multiply-adds; never assumes no NaN/inf.
-NUMBA_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+# The fastmath flags of every Numba kernel (numba_multi, numba_nf4): LLVM may reorder sums (vectorized
+# dot products) and fuse multiply-adds, nothing more. Never "fast", "nnan" or "ninf": those let LLVM
+# assume no NaN/Inf, and a NaN or Inf in the input must come out as IEEE says (tests/test_nf4_nonfinite.py);
+# nor "nsz"/"arcp", which may flip the sign of a zero and so of an Inf divided by it.
+NUMBA_FASTMATH = {"reassoc", "contract"}
 # prange over rows / column blocks. Off: on the 2 shared cores Numba's workers fight OpenBLAS's
 # spinning threads right after each GEMM (measured 8-12 ms per parallel call vs 0.01-2 ms serial).
 NUMBA_PARALLEL = False

@@ -61,7 +61,7 @@ def _dequantize_tile(packed, absmax, code, D_in, blocksize, o0, out):
         _dequantize_row(packed, absmax, code, (o0 + t) * D_in, blocksize, out[t])
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath=config.NUMBA_FASTMATH)
 def _gemv(packed, absmax, code, x, blocksize, zero, y):
     """y[o] = Σ_i x[i]·W[o, i] (x (D_in,), y (D_out,)), any layout: element by element."""
     D_in = x.shape[0]
@@ -80,7 +80,7 @@ def _gemv(packed, absmax, code, x, blocksize, zero, y):
         y[o] = total
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath=config.NUMBA_FASTMATH)
 def _gemv_aligned(packed, absmax, code, x, blocksize, zero, y, chunks):
     """As _gemv when every row is whole blocks of whole 4-byte groups (D_in % blocksize == 0,
     blocksize % 8 == 0): decode a block's codes 8 at a time into a small buffer, then a SIMD dot."""
@@ -105,7 +105,7 @@ def _gemv_aligned(packed, absmax, code, x, blocksize, zero, y, chunks):
             y[o] = total
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath=config.NUMBA_FASTMATH)
 def _gemv_t_aligned(packed, absmax, code, dy, blocksize, partial):
     """partial[c] = Σ_{o in chunk c} dy[o]·W[o, :] (dy (D_out,), partial (chunks, D_in)), same layout
     as _gemv_aligned; dx = Σ_c partial[c]."""

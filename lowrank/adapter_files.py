@@ -9,6 +9,12 @@ One adapter = one directory (the root for "default", ``root/<name>`` for the oth
                                  base_model.model.<path>.weight / .bias   modules_to_save copies
                                  base_model.model.<path>[.base_layer].bias   bias "all"/"lora_only"
 
+Saving commits every selected adapter's two files as one (``atomic.commit``: all new or all
+old, under a lock), optionally in bfloat16/float16 (``dtype``); the tensor file's metadata
+records the sha256 of the exact config bytes saved with it (``lowrank.adapter_config_sha256``),
+so tensors beside a config from another save (a killed save, a foreign writer, a hand edit)
+are refused at load, naming both files. Files without that key (PEFT's) load as before.
+
 Loading reads and checks everything first (config fields and values, file integrity,
 tensor keys, shapes against the model and the config's r, dtypes, NaN/Inf) on a scratch
 copy of the model whose parameters share the model's arrays; only then does it inject the
@@ -23,20 +29,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
 
-from .atomic import all_or_nothing, commit_files
+from .atomic import all_or_nothing, commit
 from .backend import device_of, get_array_module, to_device
 from .lora_config import LoraConfig
-from .model_files import FileFormatError, check_tensors, read_tensor_file, tensor_file_bytes
-from .peft_model import LoraModel
+from .peft_model import LoraModel, check_adapter_name
+from .tensor_files import FileFormatError, cast_for_saving, check_tensors, read_tensor_file, tensor_file_bytes
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+CONFIG_HASH_KEY = "lowrank.adapter_config_sha256"      # binds the tensors to the config saved with them
 
 
 class AdapterFileError(FileFormatError):
@@ -92,11 +99,12 @@ def config_to_dict(config: LoraConfig, targets: list[str]) -> dict:
             "base_model_name_or_path": config.base_model_name_or_path, "inference_mode": True}
 
 
-def read_config(path) -> LoraConfig:
-    """The LoraConfig in ``path``; AdapterFileError for anything lowrank would not compute faithfully."""
+def read_config(path, data: bytes | None = None) -> LoraConfig:
+    """The LoraConfig in ``path`` (or in ``data``, its bytes as read already); AdapterFileError for
+    anything lowrank would not compute faithfully."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        raw = json.loads((path.read_bytes() if data is None else data).decode("utf-8"))
     except ValueError as e:                    # bad UTF-8 or bad JSON
         raise AdapterFileError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(raw, dict):
@@ -197,17 +205,16 @@ def _what(key: str, model: LoraModel, adapter_name: str) -> str:
     return "modules_to_save copy or trained bias, shaped as in the base model"
 
 
-def _check_adapter_name(name):
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-        raise ValueError(f"adapter name must be letters, digits, '_' or '-' (it names a directory), got {name!r}")
-
-
 # -- save -------------------------------------------------------------------------------
-def save_pretrained(model: LoraModel, save_directory, selected_adapters=None, overwrite: bool = False):
+def save_pretrained(model: LoraModel, save_directory, selected_adapters=None, overwrite: bool = False,
+                    dtype: str | None = None):
     """Write each adapter as PEFT does ("default" in ``save_directory``, others in sub-directories).
 
-    Every file is serialised before any is written, existing adapter files are replaced only
-    with ``overwrite=True``, and each adapter's two files are committed atomically.
+    Every file is serialised before any is written; then all of them are committed as one
+    (``atomic.commit``): the folder holds every new adapter or every old one. Existing files
+    are replaced only with ``overwrite=True``. ``dtype`` ("bfloat16", "float16", "float32")
+    stores the tensors in that type (PEFT does so for half-precision models). Each tensor
+    file records the sha256 of the config written with it (``lowrank.adapter_config_sha256``).
     """
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in model.peft_config]
@@ -216,20 +223,22 @@ def save_pretrained(model: LoraModel, save_directory, selected_adapters=None, ov
     root = Path(save_directory)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"save_pretrained: {root} exists and is not a directory")
-    plans = []
+    files = {}
     for name in names:
-        _check_adapter_name(name)
+        check_adapter_name(name)
         targets = [n.replace(".original_module", "") for n, layer in model.lora_layers()
                    if name in layer.lora_A and ".modules_to_save." not in n]
-        config = json.dumps(config_to_dict(model.peft_config[name], targets), indent=2, sort_keys=True) + "\n"
-        tensors = {k: p.data for k, p in adapter_parameters(model, name).items()}
-        plans.append((root if name == "default" else root / name,
-                      {WEIGHTS_NAME: tensor_file_bytes(tensors), CONFIG_NAME: config.encode()}))
-    clashes = [str(d / f) for d, files in plans for f in files if (d / f).exists()]
-    if clashes and not overwrite:
-        raise FileExistsError(f"save_pretrained: refusing to overwrite {clashes}; pass overwrite=True")
-    for directory, files in plans:
-        commit_files(directory, files, overwrite=overwrite)
+        config = (json.dumps(config_to_dict(model.peft_config[name], targets), indent=2, sort_keys=True)
+                  + "\n").encode()
+        tensors = cast_for_saving({k: p.data for k, p in adapter_parameters(model, name).items()}, dtype)
+        directory = root if name == "default" else root / name
+        files[directory / WEIGHTS_NAME] = tensor_file_bytes(tensors, {CONFIG_HASH_KEY: _sha256(config)})
+        files[directory / CONFIG_NAME] = config
+    commit(root, files, overwrite=overwrite)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 # -- load -------------------------------------------------------------------------------
@@ -241,8 +250,15 @@ def _read_adapter(model_id, allow_nonfinite):
         subs = sorted(p.name for p in directory.glob(f"*/{CONFIG_NAME}")) if directory.is_dir() else []
         hint = f" (adapters in sub-directories here: {[f'{directory / s}' for s in subs]})" if subs else ""
         raise AdapterFileError(f"{config_path}: file not found{hint}")
-    config = read_config(config_path)
-    tensors, _ = read_tensor_file(directory / WEIGHTS_NAME, allow_nonfinite)
+    config_bytes = config_path.read_bytes()
+    config = read_config(config_path, config_bytes)
+    tensors, metadata = read_tensor_file(directory / WEIGHTS_NAME, allow_nonfinite)
+    bound = metadata.get(CONFIG_HASH_KEY)           # PEFT's files carry none
+    if bound is not None and bound != _sha256(config_bytes):
+        raise AdapterFileError(f"{directory / WEIGHTS_NAME} was saved with a different {config_path} (the config's "
+                               f"sha256 is not the one recorded in the tensors): the two files come from two "
+                               f"different saves (one interrupted, or two writers at once?) or the config was "
+                               f"edited; save the adapter again")
     return config, tensors, directory / WEIGHTS_NAME
 
 
@@ -279,7 +295,7 @@ def _fill(model: LoraModel, adapter_name, config, tensors):
 
 def _prepare(model_id, adapter_name, is_trainable, allow_nonfinite):
     """Read and check the files; (config as loaded, config to inject with, tensors, paths)."""
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     config, tensors, weights_path = _read_adapter(model_id, allow_nonfinite)
     config = dataclasses.replace(config, inference_mode=not is_trainable)
     return config, dataclasses.replace(config, init_lora_weights=True), tensors, weights_path

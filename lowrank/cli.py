@@ -34,9 +34,27 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(import_module(args._module).run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
-        print(f"lowrank {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:   # bad usage or bad input
+        return _fail(args.command, e, 2)
+    except OSError as e:                                           # a file the command can't read or write
+        return _fail(args.command, e, 1)
+    except RecursionError as e:                                    # e.g. JSON nested 100,000 deep
+        return _fail(args.command, f"input nested too deeply to read ({e})", 2)
+    except MemoryError as e:
+        return _fail(args.command, f"out of memory{f': {e}' if str(e) else ''}", 1)
+
+
+def printable(text) -> str:
+    """``text`` with control characters escaped (ESC -> \\x1b, newline -> \\n), other characters kept:
+    names read from a file can't move the cursor, recolour the terminal or fake an output line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def _fail(command: str, error, code: int) -> int:
+    """One line on stderr (never a traceback); ``code`` is the exit status."""
+    text = printable(" ".join(str(error).split()) or type(error).__name__)    # multi-line messages too
+    print(f"lowrank {command}: error: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

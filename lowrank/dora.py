@@ -171,7 +171,14 @@ class DoraLinear(LoRALinear):
         return self._norm(name).n
 
     def _norm(self, name: str) -> DoraNorm:
-        return dora_norm(self.weight.data, self.lora_A[name].data, self.lora_B[name].data, self.scaling[name])
+        """n and its parts; a row with n = 0 would make c = m / n = 0 / 0 (PEFT returns NaN): an error."""
+        norm = dora_norm(self.weight.data, self.lora_A[name].data, self.lora_B[name].data, self.scaling[name])
+        if not norm.n.all():
+            rows = [int(i) for i in get_array_module(norm.n).flatnonzero(norm.n == 0)[:10]]
+            raise ValueError(f"{self.label} adapter {name!r}: rows {rows} of W + s·B·A have norm 0 (an all-zero "
+                             f"output unit), so DoRA's scale m / ‖W + s·B·A‖ would be 0/0 = NaN; leave that "
+                             f"layer out of target_modules or use plain LoRA (use_dora=False)")
+        return norm
 
     def delete_adapter(self, name: str):
         super().delete_adapter(name)
@@ -202,7 +209,7 @@ class DoraLinear(LoRALinear):
             return super().forward(x, adapter_names)
         self._check_input(x, self.in_features, self.weight.dtype)
         if a in self.merged_adapters:
-            self._cache = LoraCache(x, None, None, None, fused=False)   # backward: dx through the base only
+            self._cache = LoraCache(None, None, None, None, fused=False, rows=x.shape[0])   # dx through the base only
             return self.base_layer.forward(x)
         mask = self._dropout_mask(x, a)
         norm = self._norm(a)

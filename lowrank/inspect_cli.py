@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_config
+from .cli import printable as _p       # every name and value read from a file goes through it
 from .model_files import ARCH_KEY, CHECKSUM_KEY, FileFormatError, read_tensor_file
 
 
@@ -24,12 +25,12 @@ def add_arguments(parser):
 def run(args) -> int:
     path = Path(args.path)
     if path.is_dir():
-        print(f"adapter directory {path}")
+        print(f"adapter directory {_p(path)}")
         _print_config(path / CONFIG_NAME)
         _print_tensors(path / WEIGHTS_NAME)
-        subs = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}"))
+        subs = sorted(_p(p.parent.name) for p in path.glob(f"*/{CONFIG_NAME}"))
         if subs:
-            print(f"adapters in sub-directories: {', '.join(subs)} (inspect {path}/<name>)")
+            print(f"adapters in sub-directories: {', '.join(subs)} (inspect {_p(path)}/<name>)")
     else:
         _print_tensors(path)
     return 0
@@ -44,17 +45,17 @@ def _print_config(path: Path):
         raise FileFormatError(f"{path}: not valid JSON: {e}") from e
     print(f"config {path.name}:")
     for key, value in (sorted(raw.items()) if isinstance(raw, dict) else [("<not an object>", raw)]):
-        print(f"  {key}: {json.dumps(value)}")
+        print(f"  {_p(key)}: {json.dumps(value)}")
     try:
         read_config(path)
         print("  lowrank loads this config: yes")
     except AdapterFileError as e:
-        print(f"  lowrank loads this config: no: {str(e).removeprefix(f'{path}: ')}")
+        print(f"  lowrank loads this config: no: {_p(str(e).removeprefix(f'{path}: '))}")
 
 
 def _print_tensors(path: Path):
     tensors, metadata = read_tensor_file(path, allow_nonfinite=True)
-    print(f"file {path} ({path.stat().st_size:,d} bytes)")
+    print(f"file {_p(path)} ({path.stat().st_size:,d} bytes)")
     if ARCH_KEY in metadata:
         print("architecture:")
         try:
@@ -63,24 +64,25 @@ def _print_tensors(path: Path):
             raise FileFormatError(f"{path}: the architecture in the metadata is not valid JSON: {e}") from e
         _print_node(arch.get("module") if isinstance(arch, dict) else arch, "model")
     extra = sorted(set(metadata) - {ARCH_KEY, CHECKSUM_KEY})
-    print(f"metadata: {', '.join(f'{k}={metadata[k]}' for k in extra) or '-'}"
+    print(f"metadata: {', '.join(_p(f'{k}={metadata[k]}') for k in extra) or '-'}"
           f"{'; checksums verified' if CHECKSUM_KEY in metadata else '; no checksums'}")
-    width = max([len(k) for k in tensors] + [6])
+    names = {k: _p(k) for k in tensors}
+    width = max([len(n) for n in names.values()] + [6])
     print(f"  {'tensor':<{width}}  {'shape':<14} {'dtype':<8} {'params':>10} {'bytes':>12}")
     for name, a in sorted(tensors.items()):
-        print(f"  {name:<{width}}  {str(tuple(a.shape)):<14} {str(a.dtype):<8} {a.size:>10,d} {a.nbytes:>12,d}")
+        print(f"  {names[name]:<{width}}  {str(tuple(a.shape)):<14} {str(a.dtype):<8} {a.size:>10,d} {a.nbytes:>12,d}")
     print(f"total: {len(tensors)} tensors, {sum(a.size for a in tensors.values()):,d} parameters, "
           f"{sum(a.nbytes for a in tensors.values()):,d} bytes")
     nonfinite = sorted(k for k, a in tensors.items() if a.dtype.kind == "f" and not np.isfinite(a).all())
     if nonfinite:
-        print(f"NaN/Inf in: {', '.join(nonfinite)}")
+        print(f"NaN/Inf in: {', '.join(names[k] for k in nonfinite)}")
 
 
 def _print_node(node, name, depth=1):
     if not isinstance(node, dict):
-        print(f"{'  ' * depth}{name}: {node!r}")
+        print(f"{'  ' * depth}{name}: {_p(repr(node))}")
         return
     settings = " ".join(f"{k}={v}" for k, v in node.items() if k not in ("type", "children"))
-    print(f"{'  ' * depth}{name}: {node.get('type')} {settings}".rstrip())
+    print(_p(f"{'  ' * depth}{name}: {node.get('type')} {settings}".rstrip()))
     for i, child in enumerate(node.get("children", [])):
         _print_node(child, str(i), depth + 1)

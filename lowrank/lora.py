@@ -13,8 +13,10 @@ Letters: N rows, D_in, D_out, r rank, K adapters in a mixed batch.
               dx = dy W + drop'(dh A)       (N, D_in)   (the same dropout mask as the forward)
 
 W gets no gradient: the base is frozen, so the layer keeps no dW buffer and Adam no state
-for it. Merging folds s·B·A into W (zero added latency); the frozen-base equations above
-then reduce to the base layer's, and dA, dB still come from the kept h.
+for it. Merging folds s·B·A into W (zero added latency): the forward is then the base
+product alone. Only in training mode with a trainable factor does it still compute
+h = x Aᵀ and keep x, so that dA, dB equal the unmerged layer's; in eval mode, or with both
+factors frozen, it keeps nothing beyond the base's own cache and the backward gives dx alone.
 
 The layer holds several named adapters, as PEFT's LoraLayer does (``lora_A`` and
 ``lora_B`` are keyed by adapter name); one is active at a time, or none (the base
@@ -25,6 +27,7 @@ cache. Dropout applies to the LoRA branch's input only.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -32,17 +35,18 @@ import numpy as np
 from .backend import get_array_module
 from .dispatch import kernels_for
 from .layers import Dense, kaiming_uniform
-from .module import Module, Parameter, ParameterDict
+from .module import Module, Parameter, ParameterDict, check_number
 
 BASE = "__base__"          # PEFT's name for "no adapter" in a mixed batch
 
 
 class LoraCache(NamedTuple):
-    x: object              # (N, D_in) input
-    h: object              # (N, r) = (x ⊙ mask) Aᵀ, None when no adapter is active
+    x: object              # (N, D_in) input, None when no adapter gradient needs it
+    h: object              # (N, r) = (x ⊙ mask) Aᵀ, None when no adapter gradient needs it
     mask: object           # (N, D_in) dropout mask / keep-prob, or None
     adapter: str | None    # the adapter that was active
     fused: bool            # True: one lora_forward kernel did base + LoRA
+    rows: int              # N, to check dy
 
 
 class MixedCache(NamedTuple):
@@ -101,11 +105,12 @@ class LoRALinear(Module):
         """Add adapter ``adapter_name`` (PEFT's name for this method); validates everything first."""
         D_in, D_out = self.in_features, self.out_features
         where = f"{self.label} adapter {adapter_name!r}"
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= min(D_in, D_out):
-            raise ValueError(f"{where}: r must be an integer in [1, min(D_in, D_out)] = [1, {min(D_in, D_out)}], "
-                             f"got {r!r}")
-        if not lora_alpha > 0:
-            raise ValueError(f"{where}: lora_alpha must be > 0, got {lora_alpha!r}")
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
+            raise ValueError(f"{where}: r must be an integer >= 1, got {r!r}")
+        if init_lora_weights == "pissa" and r > min(D_in, D_out):
+            raise ValueError(f"{where}: PiSSA init needs r <= min(D_in, D_out) = {min(D_in, D_out)} (W has only "
+                             f"that many singular triplets), got r={r}; use a smaller r or another init")
+        check_number(where, "lora_alpha", lora_alpha)
         if not 0 <= lora_dropout < 1:
             raise ValueError(f"{where}: lora_dropout must lie in [0, 1), got {lora_dropout!r}")
         if init_lora_weights not in (True, False, "gaussian", "pissa"):
@@ -116,6 +121,10 @@ class LoRALinear(Module):
         if adapter_name == BASE:
             raise ValueError(f"{where}: {BASE!r} is reserved for 'no adapter' in mixed batches")
         r = int(r)
+        if r > min(D_in, D_out):                   # legal (PEFT allows it), but s·B·A has rank <= min(D_in, D_out)
+            warnings.warn(f"{where}: r={r} exceeds min(D_in, D_out) = {min(D_in, D_out)}; the update s·B·A "
+                          f"has rank at most {min(D_in, D_out)}, so the extra ranks add parameters, not rank",
+                          UserWarning, stacklevel=2)
         scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         W = self.base_layer.weight
         xp, dtype = get_array_module(W.data), W.dtype
@@ -132,7 +141,12 @@ class LoRALinear(Module):
         self.scaling[adapter_name], self.lora_dropout[adapter_name] = scaling, float(lora_dropout)
 
     def _pissa(self, r, scaling, where):
-        """PiSSA: A, B from the top-r SVD of W; the frozen base keeps the residual W − s·B·A."""
+        """PiSSA: A, B from the top-r SVD of W; the frozen base keeps the residual W − s·B·A.
+
+        Needs r <= min(D_in, D_out): W has no more singular triplets. ``update_layer`` raises a
+        ValueError naming the layer for a larger r rather than padding A, B with zeros (zero rows of
+        A and columns of B get zero gradients, so they would stay zero: a silently smaller rank).
+        """
         if not self._fusable or self.merged:
             raise ValueError(f"{where}: PiSSA init needs an unmerged dense base layer")
         W = self.base_layer.weight
@@ -229,26 +243,28 @@ class LoRALinear(Module):
             b = self.bias.data if self.bias is not None else None
             y, h = k.lora_forward(x, self.weight.data, self.lora_A[a].data, self.lora_B[a].data,
                                   self.scaling[a], b, mask)
-            self._cache = LoraCache(x, h, mask, a, fused=True)
+            self._cache = LoraCache(x, h, mask, a, fused=True, rows=x.shape[0])
             return y
         y = self.base_layer.forward(x)                 # the base alone, merged adapters included
         h = mask = None
         if a is not None and a in self.merged_adapters:
-            h = x @ self.lora_A[a].data.T               # (N, D_in) @ (D_in, r), for dA and dB only
+            if self.training and (self.lora_A[a].trainable or self.lora_B[a].trainable):
+                h = x @ self.lora_A[a].data.T           # (N, D_in) @ (D_in, r), for dA and dB only
         elif a is not None:
             mask = self._dropout_mask(x, a)
             y_lora, h = k.lora_forward(x, None, self.lora_A[a].data, self.lora_B[a].data, self.scaling[a],
                                        None, mask)
             y += y_lora
-        self._cache = LoraCache(x, h, mask, a, fused=False)
+        self._cache = LoraCache(x if h is not None else None, h, mask, a, fused=False, rows=x.shape[0])
         return y
 
     def backward(self, dy):
         cache = self._need_cache()
         self._cache = None
-        self._check_dy(dy, (cache.x.shape[0], self.out_features))
         if isinstance(cache, MixedCache):
+            self._check_dy(dy, (cache.x.shape[0], self.out_features))
             return self._backward_mixed(dy, cache)
+        self._check_dy(dy, (cache.rows, self.out_features))
         k, a = kernels_for(dy, self.backend), cache.adapter
         if cache.fused:
             dx, dA, dB = k.lora_backward(dy, cache.x, cache.h, self.weight.data, self.lora_A[a].data,
@@ -256,7 +272,7 @@ class LoRALinear(Module):
             self._base_param_grads(k, dy, cache.x)
         else:
             dx = self.base_layer.backward(dy)          # dy W, with W holding any merged adapters
-            if a is None:
+            if cache.h is None:                        # no adapter, or a merged one nobody trains now
                 return dx
             merged = a in self.merged_adapters
             dx_lora, dA, dB = k.lora_backward(dy, cache.x, cache.h, None, self.lora_A[a].data,

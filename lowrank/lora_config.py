@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from .module import check_number
+
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa")
 
@@ -41,8 +43,7 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
-            raise ValueError(f"LoraConfig: lora_alpha must be > 0, got {self.lora_alpha!r}")
+        check_number("LoraConfig", "lora_alpha", self.lora_alpha)      # Infinity would train NaN weights
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"LoraConfig: lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
@@ -65,8 +66,7 @@ class LoraConfig:
             if isinstance(r, bool) or not isinstance(r, int) or r < 1:
                 raise ValueError(f"LoraConfig: rank_pattern[{pattern!r}] must be a positive integer, got {r!r}")
         for pattern, a in self.alpha_pattern.items():
-            if not isinstance(a, (int, float)) or not a > 0:
-                raise ValueError(f"LoraConfig: alpha_pattern[{pattern!r}] must be > 0, got {a!r}")
+            check_number("LoraConfig", f"alpha_pattern[{pattern!r}]", a)
 
     def to_dict(self) -> dict:
         return asdict(self)

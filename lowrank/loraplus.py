@@ -16,14 +16,15 @@ lowrank has no LoRA embedding layer yet; a module whose parameters follow PEFT's
 """
 from __future__ import annotations
 
+from .module import check_number
 from .module import Module
 
 
 def loraplus_param_groups(model: Module, lr: float, loraplus_lr_ratio: float = 16.0,
                           loraplus_weight_decay: float = 0.0, loraplus_lr_embedding: float = 1e-6) -> list[dict]:
     """The param groups (dicts with params, lr, weight_decay) of the module docstring, trainable parameters only."""
-    if not loraplus_lr_ratio > 0:
-        raise ValueError(f"create_loraplus_optimizer: loraplus_lr_ratio must be > 0, got {loraplus_lr_ratio!r}")
+    check_number("create_loraplus_optimizer", "loraplus_lr_ratio", loraplus_lr_ratio)
+    check_number("create_loraplus_optimizer", "loraplus_lr_embedding", loraplus_lr_embedding)
     groups = {"A": [], "B": [], "B_no_decay": [], "embedding": []}
     for name, p in model.named_parameters():
         if not p.trainable:

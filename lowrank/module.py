@@ -7,17 +7,29 @@ buffer: that is the whole memory argument of parameter-efficient fine-tuning.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
 
+from .atomic import all_or_nothing
 from .backend import FLOAT_DTYPES, device_of, get_array_module, to_device
 
 
 class CallOrderError(ValueError, RuntimeError):
     """``backward`` without a matching ``forward``: a ValueError (bad use) and a RuntimeError
     (what PyTorch raises for the same mistake), so either ``except`` catches it."""
+
+
+def check_number(owner: str, name: str, value, low: float = 0.0, inclusive: bool = False, context: str = ""):
+    """ValueError naming ``owner`` unless ``value`` is a finite real number > low (>= low if ``inclusive``):
+    the one rule for hyper-parameters (lora_alpha, lr, eps, ...); an Inf or NaN one trains NaN weights."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}{context}")
+    if value < low or (value == low and not inclusive):
+        raise ValueError(f"{owner}: {name} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}{context}")
 
 
 class Parameter:
@@ -159,8 +171,9 @@ class Module:
         """name -> array (the live arrays, not copies)."""
         return OrderedDict((name, p.data) for name, p in self.named_parameters())
 
-    def load_state_dict(self, state: dict, strict: bool = True):
-        """Copy arrays in by name; checks every key, shape and dtype before changing anything."""
+    def load_state_dict(self, state: dict, strict: bool = True, allow_nonfinite: bool = False):
+        """Copy arrays in by name, all or nothing: every key, shape and dtype is checked, and
+        NaN/Inf refused unless ``allow_nonfinite``, before anything changes."""
         own = dict(self.named_parameters())
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -175,10 +188,15 @@ class Module:
                                  f"expected {tuple(p.shape)}")
             if np.dtype(arr.dtype) != np.dtype(p.dtype):
                 raise TypeError(f"{self.label}.load_state_dict: {name!r} has dtype {arr.dtype}, expected {p.dtype}")
-        for name, arr in state.items():
-            if name in own:
-                xp = get_array_module(own[name].data)
-                own[name].data = xp.array(to_device(arr, device_of(own[name].data)), copy=True)
+            xp = get_array_module(arr)
+            if not allow_nonfinite and np.dtype(arr.dtype).kind == "f" and not bool(xp.isfinite(arr).all()):
+                raise ValueError(f"{self.label}.load_state_dict: {name!r} holds NaN or Inf; pass "
+                                 f"allow_nonfinite=True to load it")
+        with all_or_nothing(self):
+            for name, arr in state.items():
+                if name in own:
+                    xp = get_array_module(own[name].data)
+                    own[name].data = xp.array(to_device(arr, device_of(own[name].data)), copy=True)
         return self
 
     def to(self, device: str):

@@ -10,8 +10,13 @@ dropped at construction, so they never get a moment buffer.
 """
 from __future__ import annotations
 
+import numbers
+
 from .backend import get_array_module
-from .module import Parameter
+from .module import Parameter, check_number
+
+# setting -> (lowest value, whether that value itself is allowed); every setting must also be finite
+RANGES = {"lr": (0.0, False), "weight_decay": (0.0, True), "momentum": (0.0, True), "eps": (0.0, True)}
 
 
 class Optimizer:
@@ -28,8 +33,7 @@ class Optimizer:
         self.param_groups = []
         for i, group in enumerate(params):
             g = {**self.defaults, **settings, **group}
-            if not g["lr"] > 0:                                            # per group: LoRA+ sets its own
-                raise ValueError(f"{type(self).__name__}: lr must be > 0, got {g['lr']} in param group {i}")
+            self._check_settings(g, i)                                     # per group: LoRA+ sets its own lr
             g["params"] = [p for p in group["params"] if p.trainable]      # frozen: no state, ever
             self.param_groups.append(g)
         seen = [id(p) for g in self.param_groups for p in g["params"]]
@@ -38,6 +42,19 @@ class Optimizer:
                              f"(it would be updated twice per step)")
         self.state: dict[int, dict] = {}
         self.steps = 0
+
+    def _check_settings(self, g: dict, i: int):
+        """Every setting of param group ``i`` finite and in range (betas each in [0, 1))."""
+        owner, where = type(self).__name__, f" in param group {i}"
+        for key, (low, inclusive) in RANGES.items():
+            if key in g:
+                check_number(owner, key, g[key], low, inclusive, where)
+        if "betas" in g:
+            b = g["betas"]
+            ok = isinstance(b, (tuple, list)) and len(b) == 2 and all(
+                not isinstance(v, bool) and isinstance(v, numbers.Real) and 0 <= v < 1 for v in b)
+            if not ok:
+                raise ValueError(f"{owner}: betas must be two numbers in [0, 1), got {b!r}{where}")
 
     def zero_grad(self):
         for g in self.param_groups:

@@ -7,15 +7,37 @@ the Dense layers of an MLP), so a PEFT user's target_modules mean the same here.
 """
 from __future__ import annotations
 
+import re
 import zlib
 from contextlib import contextmanager
 
+from .atomic import all_or_nothing
 from .dora import DoraLinear
 from .layers import Dense
 from .lora import BASE, LoRALinear
 from .lora_config import LoraConfig, matches
-from .module import Module
-from .modules_to_save import ModulesToSave
+from .module import Module, ParameterDict
+from .modules_to_save import ModuleDict, ModulesToSave
+
+# Names that are parts of PEFT's parameter names (an adapter called one would be saved under a
+# name that reads as something else), plus "__base__", which means "no adapter" in forward.
+RESERVED_NAMES = frozenset({"original_module", "modules_to_save", "base_layer", "lora_A", "lora_B",
+                            "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_dropout",
+                            "weight", "bias", BASE})
+MAX_NAME_LENGTH = 128
+
+
+def check_adapter_name(name):
+    """An adapter name is a key, an attribute and a directory: letters, digits, '_' and '-', not
+    reserved, not a module attribute, at most 128 characters. TypeError/ValueError otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"adapter name must be a str, got {type(name).__name__} {name!r}")
+    if not re.fullmatch(rf"[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}", name):
+        raise ValueError(f"adapter name must be 1 to {MAX_NAME_LENGTH} letters, digits, '_' or '-' (it names a "
+                         f"directory and parameters), got {name[:140]!r}")
+    if name in RESERVED_NAMES or name.startswith("_") or hasattr(ParameterDict, name) or hasattr(ModuleDict, name):
+        raise ValueError(f"adapter name {name!r} is reserved (PEFT's parameter names use it, or it is a module "
+                         f"attribute); reserved: {sorted(RESERVED_NAMES)} and names starting with '_'")
 
 
 def _adaptable(module) -> bool:
@@ -28,6 +50,7 @@ class LoraModel(Module):
     """A base model with LoRA adapters injected; PEFT's LoraModel/PeftModel surface."""
 
     def __init__(self, model: Module, config: LoraConfig, adapter_name: str = "default"):
+        check_adapter_name(adapter_name)
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
@@ -68,6 +91,7 @@ class LoraModel(Module):
 
         All or nothing: if any layer rejects the config, every change already made is undone.
         """
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.peft_config)}")
         saved = self._saved_modules(config)
@@ -76,25 +100,15 @@ class LoraModel(Module):
         if both:
             raise ValueError(f"layers {both} are both in target_modules and modules_to_save; a layer is either "
                              f"adapted with LoRA or trained in full")
-        undo = []                                  # (layer name, module to put back or None, layer to clean)
-        try:
+        with all_or_nothing(self.model):           # a later layer's refusal undoes earlier layers (PiSSA bases too)
             for name in targets:
-                undo.append(self._inject(name, adapter_name, config))
+                self._inject(name, adapter_name, config)
             for n in saved:
                 m = self.model.get_submodule(n)
                 if isinstance(m, ModulesToSave):
                     m.update(adapter_name)
-                    undo.append((n, None, m))
                 else:
                     self.model.set_submodule(n, ModulesToSave(m, adapter_name))
-                    undo.append((n, m, None))
-        except Exception:
-            for name, original, touched in reversed(undo):
-                if original is not None:
-                    self.model.set_submodule(name, original)
-                else:
-                    touched.delete_adapter(adapter_name)
-            raise
         self.peft_config[adapter_name] = config
 
     def _saved_modules(self, config: LoraConfig) -> list[str]:
@@ -109,9 +123,8 @@ class LoraModel(Module):
         return saved
 
     def _inject(self, name: str, adapter_name: str, config: LoraConfig):
-        """Add the adapter to layer ``name``; returns how to undo it (see add_adapter)."""
+        """Add the adapter to layer ``name`` (wrapping it in a LoRALinear/DoraLinear if needed)."""
         layer = self.model.get_submodule(name)
-        original = layer
         kwargs = dict(r=config.rank_for(name), lora_alpha=config.alpha_for(name),
                       lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                       init_lora_weights=config.init_lora_weights)
@@ -122,11 +135,10 @@ class LoraModel(Module):
                 self.model.set_submodule(name, layer)
         if isinstance(layer, LoRALinear):
             layer.update_layer(adapter_name, **kwargs)
-            return (name, original, None) if layer is not original else (name, None, layer)
+            return
         cls = DoraLinear if config.use_dora else LoRALinear
         self.model.set_submodule(name, cls(layer, adapter_name=adapter_name,
                                            seed=_seed(adapter_name, name, kwargs["r"]), **kwargs))
-        return name, original, None
 
     # -- adapters -------------------------------------------------------------------
     def lora_layers(self) -> list[tuple[str, LoRALinear]]:
@@ -229,10 +241,13 @@ class LoraModel(Module):
         return self.model
 
     # -- files (PEFT's format; the code lives in lowrank.adapter_files) -----------------
-    def save_pretrained(self, save_directory, selected_adapters=None, overwrite: bool = False):
-        """Write each adapter as PEFT does: adapter_config.json + adapter_model.safetensors."""
+    def save_pretrained(self, save_directory, selected_adapters=None, overwrite: bool = False,
+                        dtype: str | None = None):
+        """Write each adapter as PEFT does: adapter_config.json + adapter_model.safetensors
+        (``dtype`` "bfloat16"/"float16"/"float32" stores the tensors in that type)."""
         from .adapter_files import save_pretrained
-        return save_pretrained(self, save_directory, selected_adapters=selected_adapters, overwrite=overwrite)
+        return save_pretrained(self, save_directory, selected_adapters=selected_adapters, overwrite=overwrite,
+                               dtype=dtype)
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
                      allow_nonfinite: bool = False):
@@ -296,4 +311,5 @@ def _seed(adapter_name: str, layer_name: str, r: int) -> int:
 
 def get_lora_model(model: Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
     """Wrap ``model`` (modified in place) with LoRA adapters as ``config`` says."""
+    check_adapter_name(adapter_name)
     return LoraModel(model, config, adapter_name)

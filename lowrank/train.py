@@ -93,6 +93,17 @@ def local_step(model, optimizer, loss_fn: Loss, X, y) -> float:
     return loss
 
 
+def _check_rows(x_name: str, X, y_name: str, y):
+    """ValueError unless X and y are both given, with the same number (>= 1) of rows."""
+    if X is None or y is None:
+        raise ValueError(f"fit: {x_name} and {y_name} go together; got only {y_name if X is None else x_name}")
+    n, m = len(X), len(y)
+    if n == 0:
+        raise ValueError(f"fit: no {'training' if x_name == 'X' else 'validation'} data: {x_name} has 0 rows")
+    if n != m:
+        raise ValueError(f"fit: {x_name} has {n} rows but {y_name} has {m}; they must match row for row")
+
+
 def fit(model, optimizer, loss_fn: Loss, X, y, *, X_val=None, y_val=None, epochs: int = 10,
         batch_size: int = 64, seed: int = 0, target_acc: float | None = None,
         progress: bool | None = None, desc: str = "train", batch_step=None) -> History:
@@ -106,6 +117,9 @@ def fit(model, optimizer, loss_fn: Loss, X, y, *, X_val=None, y_val=None, epochs
         raise ValueError(f"fit: epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     if target_acc is not None and X_val is None:
         raise ValueError("fit: target_acc needs validation data (X_val, y_val)")
+    _check_rows("X", X, "y", y)
+    if X_val is not None or y_val is not None:
+        _check_rows("X_val", X_val, "y_val", y_val)
     xp = get_array_module(X)
     rng = np.random.default_rng(seed)
     n = X.shape[0]

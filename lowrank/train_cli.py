@@ -14,6 +14,8 @@ also writes its adapter as PEFT files to ``OUT/adapter``. Only rank 0 prints or 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,9 +23,11 @@ from pathlib import Path
 from .data import make_task
 from .experiment import (METHODS, DemoConfig, downstream, finetune, prepare, pretrain, task_spec,
                          test_accuracy)
-from .layers import MLP
+from .layers import MLP, Dense
+from .lora_config import LoraConfig
 from .losses import BCEWithLogitsLoss
 from .optim import Adam
+from .qlora import NF4Dense
 
 
 LORA_METHODS = ("lora", "qlora")       # these write OUT/adapter (PEFT's files)
@@ -65,14 +69,40 @@ def add_arguments(parser):
     parser.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of mpiexec")
 
 
+def check_flags(args):
+    """Refuse bad flags before anything is trained (a zero is an error, never "the default")."""
+    for flag in ("n_features", "n_samples", "pretrain_epochs", "epochs", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.method in LORA_METHODS:                  # LoraConfig's own rules for --r, --alpha, --dropout
+        LoraConfig(r=args.r, lora_alpha=2 * args.r if args.alpha is None else args.alpha, lora_dropout=args.dropout)
+    check_out(args.out)
+
+
+def check_out(out):
+    """--out must be a directory or creatable as one: not a file, not under a file, writable."""
+    path = Path(out)
+    existing = next(p for p in (path, *path.parents) if p.exists())     # "." exists at worst
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, a file"
+        raise ValueError(f"--out {out} {where}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
+
+
 def config_from(args, n_features: int | None = None, dtype: str | None = None) -> DemoConfig:
     """The DemoConfig the flags describe (input width and dtype from the base model when given)."""
     if n_features is not None and args.n_features not in (None, n_features):
         raise ValueError(f"--n-features {args.n_features} does not match the --base model's input width {n_features}")
-    return DemoConfig(dataset=args.dataset, n_features=n_features or args.n_features or DemoConfig.n_features,
+    if n_features is None:
+        n_features = DemoConfig.n_features if args.n_features is None else args.n_features
+    return DemoConfig(dataset=args.dataset, n_features=n_features,
                       hidden=_ints(args.hidden), n_samples=args.n_samples, pretrain_epochs=args.pretrain_epochs,
                       finetune_epochs=args.epochs, batch_size=args.batch_size, r=args.r, seed=args.seed,
-                      dtype=dtype or args.dtype)
+                      dtype=args.dtype if dtype is None else dtype)
 
 
 def _base(args, comm):
@@ -80,8 +110,9 @@ def _base(args, comm):
     if args.base:
         from .model_files import load_model
         base = load_model(args.base)
-        first = base.parameters()[0]                                   # the first layer's weight (D_out, D_in)
-        cfg = config_from(args, n_features=first.shape[1], dtype=str(first.dtype))
+        first = _first_layer(base, args.base)           # a Dense or a 4-bit NF4Dense
+        dtype = first.weight.dtype if isinstance(first, Dense) else first.dtype
+        cfg = config_from(args, n_features=first.in_features, dtype=str(dtype))
         return base, make_task(task_spec(cfg)), cfg
     cfg = config_from(args)
     if comm is None:
@@ -94,6 +125,19 @@ def _base(args, comm):
     return base, ds, cfg
 
 
+def _first_layer(base, path):
+    """The first Dense or NF4Dense layer: its input width is the model's."""
+    for _, m in base.named_modules():
+        if isinstance(m, (Dense, NF4Dense)):
+            return m
+    raise ValueError(f"--base {path}: the model has no Dense or NF4Dense layer to take its input width from")
+
+
+def _nf4_layers(model) -> list[str]:
+    """Names of the 4-bit (NF4Dense) layers of a base model."""
+    return [n for n, m in model.named_modules() if isinstance(m, NF4Dense)]
+
+
 def _data_parallel(model, optimizer, comm):
     from .distributed import DataParallel
     dp = DataParallel(model, optimizer, BCEWithLogitsLoss(), comm)
@@ -104,12 +148,18 @@ def _data_parallel(model, optimizer, comm):
 def build_model(args, base, cfg: DemoConfig):
     """A copy of ``base`` set up for ``args.method`` (LoRA and QLoRA with the --r/--alpha/--dropout/
     --target-modules flags)."""
+    nf4 = _nf4_layers(base)
+    if nf4 and args.method not in (*LORA_METHODS, "head"):
+        raise ValueError(f"--method {args.method} trains float weights, but --base {args.base} holds 4-bit NF4 "
+                         f"layers {nf4}; use --method lora, qlora or head")
     if args.method not in LORA_METHODS:
         return prepare(args.method, base, cfg)
     overrides = {"lora_alpha": 2 * args.r if args.alpha is None else args.alpha, "lora_dropout": args.dropout}
     if args.target_modules:
         t = args.target_modules
         overrides["target_modules"] = t if t == "all-linear" else t.split(",")
+    elif nf4:                                        # a 4-bit base: LoRA on its 4-bit layers is QLoRA
+        overrides["target_modules"] = nf4
     return prepare(args.method, base, cfg, args.r, **overrides)
 
 
@@ -119,6 +169,7 @@ def run(args) -> int:
         from .distributed import abort_on_error, world
         comm = world()
     root = comm is None or comm.Get_rank() == 0
+    check_flags(args)
     with abort_on_error(comm) if comm is not None else nullcontext():
         summary, model, base = train(args, comm)
         if root:
@@ -134,7 +185,10 @@ def train(args, comm) -> tuple[dict, object, object]:
     base, ds_pre, cfg = _base(args, comm)
     ds = downstream(cfg, ds_pre)
     model = build_model(args, base, cfg)
-    lr = args.lr or (cfg.lr if args.method == "full" else cfg.peft_lr)
+    if args.lr is not None:
+        lr = args.lr
+    else:
+        lr = cfg.lr if args.method == "full" else cfg.peft_lr
     summary = {"method": args.method, "config": cfg.to_dict(), "lr": lr, "base_file": args.base,
                "base_test_acc": test_accuracy(base, ds), "ranks": 1}
     if comm is None:

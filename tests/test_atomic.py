@@ -7,11 +7,12 @@ import pytest
 import lowrank as lr
 from lowrank import adapter_files, atomic
 from lowrank.adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from lowrank.atomic import all_or_nothing, atomic_write_bytes, commit_files
+from lowrank.atomic import LOCK_NAME, all_or_nothing, atomic_write_bytes, commit, commit_files
 
 
 def listing(d):
-    return sorted(p.name for p in d.iterdir())
+    """The files in ``d``, its lock file aside (it stays: see atomic's docstring)."""
+    return sorted(p.name for p in d.iterdir() if p.name != LOCK_NAME)
 
 
 def test_commit_writes_and_refuses_to_overwrite(tmp_path):
@@ -48,11 +49,13 @@ def test_a_crash_mid_commit_keeps_the_previous_files(tmp_path, monkeypatch, wher
     assert listing(tmp_path) == ["config", "weights"]          # no temporaries or backups left behind
 
 
-def test_a_crash_in_a_new_directory_leaves_nothing(tmp_path, monkeypatch):
-    failing_nth(monkeypatch, atomic.os, "replace", 2)
+def test_a_crash_in_a_new_directory_leaves_nothing_but_the_lock(tmp_path, monkeypatch):
+    failing_nth(monkeypatch, atomic.os, "link", 2)             # new files are linked into place
     with pytest.raises(OSError):
-        commit_files(tmp_path / "fresh", {"a": b"1", "b": b"2"})
-    assert not (tmp_path / "fresh").exists()
+        commit(tmp_path / "fresh", {tmp_path / "fresh" / "a": b"1", tmp_path / "fresh" / "sub" / "b": b"2"})
+    assert listing(tmp_path / "fresh") == []                    # the new sub-folder is gone too
+    with pytest.raises(ValueError, match="not inside"):
+        commit(tmp_path / "fresh", {tmp_path / "elsewhere": b"1"})
 
 
 def test_a_crash_while_saving_an_adapter_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("numba")
+import numba  # noqa: F401  (a required dependency: a broken install fails here, it is never skipped)
 from benchmarks import kernels as bench  # noqa: E402
 
 

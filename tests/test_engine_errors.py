@@ -45,16 +45,17 @@ def test_wrong_layer_dtype():
         lr.MLP([4, 3], dtype="float16")
 
 
-@pytest.mark.parametrize("r", [0, -1, 4, 2.5, True])
+@pytest.mark.parametrize("r", [0, -1, 2.5, True])
 def test_rank_out_of_range(r):
-    with pytest.raises(ValueError, match=rf"adapter 'default': r must be an integer in \[1, min\(D_in, D_out\)\] "
-                                         rf"= \[1, 3\], got {r!r}"):
+    # r > min(D_in, D_out) = 3 is legal, as in PEFT (it warns): tests/test_lora_layer.py
+    with pytest.raises(ValueError, match=rf"adapter 'default': r must be an integer >= 1, got {r!r}"):
         lora(r=r)
 
 
-@pytest.mark.parametrize("alpha", [0, -1.0, float("nan")])
-def test_alpha_must_be_positive(alpha):
-    with pytest.raises(ValueError, match=rf"lora_alpha must be > 0, got {alpha!r}"):
+@pytest.mark.parametrize("alpha, rule", [(0, "be > 0"), (-1.0, "be > 0"), (float("nan"), "be a finite number"),
+                                         (float("inf"), "be a finite number")])
+def test_alpha_must_be_positive_and_finite(alpha, rule):
+    with pytest.raises(ValueError, match=rf"lora_alpha must {rule}, got {alpha!r}"):
         lora(lora_alpha=alpha)
 
 
@@ -67,7 +68,7 @@ def test_dropout_outside_zero_one(p):
 def test_a_rejected_lora_config_leaves_the_base_untouched():
     base = lr.Dense(4, 3)
     with pytest.raises(ValueError):
-        lr.LoRALinear(base, r=9)
+        lr.LoRALinear(base, r=0)
     assert base.weight.trainable and base.bias.trainable
 
 

@@ -15,10 +15,11 @@ import naive
 from lowrank.kernels import config
 from lowrank.kernels import reference as ref
 
-pytest.importorskip("numba")
+import numba  # noqa: F401  (a required dependency: a broken install fails here, it is never skipped)
 from lowrank.kernels import numba_cpu as nb, numba_multi  # noqa: E402
 
 dims = st.integers(1, 17)
+ranks = st.integers(1, 8)        # drawn apart from D_in, D_out: r > min(D_in, D_out) is legal (PEFT allows it)
 dtypes = st.sampled_from([np.float32, np.float64])
 layouts = st.sampled_from(["C", "F", "strided"])
 
@@ -67,12 +68,14 @@ def close(got, want, dtype):
     np.testing.assert_allclose(got, want, rtol=config.RTOL[name], atol=config.ATOL[name])
 
 
-@given(N=dims, D_in=dims, D_out=dims, r=st.integers(1, 5), dtype=dtypes, layout=layouts, masked=st.booleans(),
+@given(N=dims, D_in=dims, D_out=dims, r=ranks, dtype=dtypes, layout=layouts, masked=st.booleans(),
        base=st.booleans(), bias=st.booleans(), need_dx=st.booleans(), seed=st.integers(0, 2**16))
 @example(N=1, D_in=1, D_out=1, r=1, dtype=np.float32, layout="strided", masked=True, base=True, bias=True,
          need_dx=True, seed=0)
 @example(N=13, D_in=17, D_out=11, r=5, dtype=np.float64, layout="F", masked=True, base=False, bias=True,
          need_dx=True, seed=1)
+@example(N=5, D_in=6, D_out=2, r=8, dtype=np.float32, layout="strided", masked=True, base=True, bias=True,
+         need_dx=True, seed=2)                                  # r > D_in > D_out
 def test_lora_matches_reference(N, D_in, D_out, r, dtype, layout, masked, base, bias, need_dx, seed):
     d = naive.lora_inputs(np.random.default_rng(seed), N, D_in, D_out, r, dtype, masked)
     x, W, A, B, dy, mask = (relayout(d[k] if k in d else None, layout) for k in ("x", "W", "A", "B", "dy", "mask"))
@@ -100,9 +103,10 @@ def test_dense_matches_reference(N, D_in, D_out, dtype, layout, need, keep_x, se
         close(g, w, dtype)
 
 
-@given(N=dims, D_in=dims, D_out=dims, r=st.integers(1, 5), K=st.integers(1, 5), dtype=dtypes, layout=layouts,
+@given(N=dims, D_in=dims, D_out=dims, r=ranks, K=st.integers(1, 5), dtype=dtypes, layout=layouts,
        bias=st.booleans(), need_dx=st.booleans(), seed=st.integers(0, 2**16))
 @example(N=1, D_in=1, D_out=1, r=1, K=1, dtype=np.float32, layout="C", bias=False, need_dx=True, seed=0)
+@example(N=9, D_in=2, D_out=6, r=8, K=3, dtype=np.float64, layout="F", bias=True, need_dx=True, seed=1)  # r > D_out
 def test_multi_matches_reference(N, D_in, D_out, r, K, dtype, layout, bias, need_dx, seed):
     rng = np.random.default_rng(seed)
     d = naive.lora_inputs(rng, N, D_in, D_out, r, dtype, K=K)
@@ -120,8 +124,10 @@ def test_multi_matches_reference(N, D_in, D_out, r, K, dtype, layout, bias, need
         close(g, w, dtype)
 
 
-@given(N=dims, D_in=dims, D_out=dims, r=st.integers(1, 5), K=st.integers(1, 5), dtype=dtypes, layout=layouts,
+@given(N=dims, D_in=dims, D_out=dims, r=ranks, K=st.integers(1, 5), dtype=dtypes, layout=layouts,
        cuts=st.lists(st.integers(0, 17), min_size=0, max_size=4), need_dx=st.booleans(), seed=st.integers(0, 2**16))
+@example(N=9, D_in=6, D_out=2, r=8, K=2, dtype=np.float32, layout="strided", cuts=[3, 3, 7], need_dx=True,
+         seed=0)                                                  # r > D_in > D_out
 def test_sgmv_matches_reference(N, D_in, D_out, r, K, dtype, layout, cuts, need_dx, seed):
     rng = np.random.default_rng(seed)
     d = naive.lora_inputs(rng, N, D_in, D_out, r, dtype, K=K)

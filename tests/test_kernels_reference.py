@@ -1,7 +1,7 @@
 """The NumPy reference kernels against slow loop formulas (tests/naive.py) and finite differences."""
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import naive
@@ -9,6 +9,7 @@ from lowrank.gradcheck import gradcheck
 from lowrank.kernels import reference as ref
 
 dims = st.integers(1, 6)
+ranks = st.integers(1, 8)        # drawn apart from D_in, D_out: r > min(D_in, D_out) is legal (PEFT allows it)
 RTOL = ATOL = 1e-12
 
 
@@ -16,8 +17,9 @@ def close(a, b):
     np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
-@given(N=dims, D_in=dims, D_out=dims, r=st.integers(1, 4), masked=st.booleans(), base=st.booleans(),
+@given(N=dims, D_in=dims, D_out=dims, r=ranks, masked=st.booleans(), base=st.booleans(),
        seed=st.integers(0, 2**16))
+@example(N=3, D_in=6, D_out=2, r=8, masked=True, base=True, seed=0)     # r > D_in > D_out
 def test_lora_forward_backward_match_loops(N, D_in, D_out, r, masked, base, seed):
     d = naive.lora_inputs(np.random.default_rng(seed), N, D_in, D_out, r, masked=masked)
     W, mask = (d["W"] if base else None), d.get("mask")
@@ -40,7 +42,8 @@ def test_dense_matches_loops(N, D_in, D_out, seed):
     assert ref.dense_backward(d["dy"], None, d["W"], need_dW=False, need_db=False)[1:] == (None, None)
 
 
-@given(N=dims, D_in=dims, D_out=dims, r=st.integers(1, 3), K=st.integers(1, 4), seed=st.integers(0, 2**16))
+@given(N=dims, D_in=dims, D_out=dims, r=ranks, K=st.integers(1, 4), seed=st.integers(0, 2**16))
+@example(N=5, D_in=2, D_out=3, r=7, K=3, seed=0)                        # r > D_in, D_out
 def test_multi_and_sgmv_match_loops(N, D_in, D_out, r, K, seed):
     rng = np.random.default_rng(seed)
     d = naive.lora_inputs(rng, N, D_in, D_out, r, K=K)
@@ -65,8 +68,9 @@ def test_multi_and_sgmv_match_loops(N, D_in, D_out, r, K, seed):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("base", [False, True])
-def test_lora_gradients_match_finite_differences(masked, base):
-    d = naive.lora_inputs(np.random.default_rng(3), 3, 5, 4, 2, masked=masked)
+@pytest.mark.parametrize("r", [2, 7])                 # 7 > min(D_in, D_out) = 4
+def test_lora_gradients_match_finite_differences(masked, base, r):
+    d = naive.lora_inputs(np.random.default_rng(3), 3, 5, 4, r, masked=masked)
     W, mask = (d["W"] if base else None), d.get("mask")
     inputs = {"x": d["x"], "A": d["A"], "B": d["B"]}
 
@@ -78,9 +82,10 @@ def test_lora_gradients_match_finite_differences(masked, base):
     gradcheck(lambda: ref.lora_forward(d["x"], W, d["A"], d["B"], d["s"], d["bias"], mask)[0], backward, inputs)
 
 
-def test_multi_gradients_match_finite_differences():
+@pytest.mark.parametrize("r", [2, 6])                 # 6 > min(D_in, D_out) = 3
+def test_multi_gradients_match_finite_differences(r):
     rng = np.random.default_rng(4)
-    d = naive.lora_inputs(rng, 5, 4, 3, 2, K=3)
+    d = naive.lora_inputs(rng, 5, 4, 3, r, K=3)
     index = np.array([2, -1, 0, 2, 0])               # adapter 1 unused: zero gradient
     inputs = {"x": d["x"], "A_stack": d["A_stack"], "B_stack": d["B_stack"]}
     args = lambda: (d["W"], d["A_stack"], d["B_stack"], d["scalings"], index)  # noqa: E731

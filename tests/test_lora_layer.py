@@ -4,24 +4,30 @@ Gradients are checked against central finite differences in float64 (rtol 1e-6);
 merged state, which no longer reads A and B in its forward, is checked against the
 unmerged one instead."""
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import numba  # noqa: F401  (required: a broken install fails here instead of skipping the Numba cases)
+
 import lowrank as lr
-from lowrank.dispatch import available
 from lowrank.gradcheck import check_module, gradcheck
 
-CPU_BACKENDS = [name for name in ("numpy", "numba") if available(name)]   # the layer's math is the kernels'
+CPU_BACKENDS = ["numpy", "numba"]          # the layer's math is the kernels'; Numba is a required dependency
+
+# r > min(D_in, D_out) is legal (PEFT allows it) and warns; the property tests draw such ranks on purpose.
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*exceeds min\(D_in, D_out\):UserWarning")
 
 
 @st.composite
 def lora_shapes(draw):
-    """(N, D_in, D_out, r) with 1 <= r <= min(D_in, D_out)."""
+    """(N, D_in, D_out, r) with 1 <= r <= min(D_in, D_out) + 4: ranks above min(D_in, D_out) included."""
     N, D_in, D_out = draw(st.integers(1, 16)), draw(st.integers(1, 32)), draw(st.integers(1, 32))
-    return N, D_in, D_out, draw(st.integers(1, min(D_in, D_out)))
+    return N, D_in, D_out, draw(st.integers(1, min(D_in, D_out) + 4))
 
 
 def make_lora(D_in, D_out, r, dtype="float64", seed=0, **kw):
@@ -46,6 +52,7 @@ def randn(seed, *shape, dtype=np.float64):
 @given(shape=lora_shapes(), rslora=st.booleans(), train_bias=st.booleans(), seed=st.integers(0, 2**16))
 @example(shape=(1, 7, 5, 5), rslora=False, train_bias=False, seed=0)      # r = min(D_in, D_out), N = 1
 @example(shape=(3, 32, 32, 1), rslora=True, train_bias=True, seed=1)      # r = 1
+@example(shape=(4, 6, 2, 8), rslora=False, train_bias=True, seed=2)       # r = 8 > D_in, D_out (PEFT allows it)
 def test_lora_gradients_match_finite_differences(backend, shape, rslora, train_bias, seed):
     N, D_in, D_out, r = shape
     layer = make_lora(D_in, D_out, r, seed=seed, use_rslora=rslora, backend=backend)
@@ -61,6 +68,46 @@ def test_lora_gradients_match_finite_differences(backend, shape, rslora, train_b
 def test_scaling_is_alpha_over_r_or_sqrt_r(rslora):
     layer = lr.LoRALinear(lr.Dense(8, 8), r=4, lora_alpha=6, use_rslora=rslora)
     assert layer.scaling["default"] == (6 / 2 if rslora else 6 / 4)
+
+
+def test_rank_above_min_dims_is_legal_and_warns_naming_the_layer():
+    """PEFT accepts r > min(D_in, D_out) (r = 8 on a 6-input first layer, on a 2-output head)."""
+    with pytest.warns(UserWarning) as record:
+        lm = lr.get_lora_model(lr.MLP([6, 16, 16, 2], seed=0), lr.LoraConfig(r=8, target_modules=["0", "2", "4"]))
+    messages = sorted(str(w.message) for w in record if "exceeds" in str(w.message))
+    assert len(messages) == 2                                  # '2' (16 -> 16) has min 16 >= 8: no warning
+    assert "LoRALinear 'model.0' adapter 'default': r=8 exceeds min(D_in, D_out) = 6" in messages[0]
+    assert "LoRALinear 'model.4' adapter 'default': r=8 exceeds min(D_in, D_out) = 2" in messages[1]
+    assert lm.model[0].lora_A["default"].shape == (8, 6) and lm.model[4].lora_B["default"].shape == (2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # r = min(D_in, D_out) is silent
+        lr.LoRALinear(lr.Dense(6, 3), r=3)
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.5, True, "8", None])
+def test_rank_must_be_a_positive_integer(r):
+    base = lr.Dense(4, 3)
+    with pytest.raises(ValueError, match=rf"LoRALinear '<root>' adapter 'default': r must be an integer >= 1, "
+                                         rf"got {re.escape(repr(r))}"):
+        lr.LoRALinear(base, r=r)
+
+
+def test_pissa_refuses_a_rank_above_min_dims_and_leaves_the_base_as_it_was():
+    """PiSSA needs r singular triplets of W and W has only min(D_in, D_out): a clear error, no padding."""
+    model = lr.MLP([9, 6, 2], dtype="float64", seed=4)
+    W = model[0].weight.data.copy()
+    with pytest.raises(ValueError, match=r"LoRALinear 'model.0' adapter 'default': PiSSA init needs r <= "
+                                         r"min\(D_in, D_out\) = 6 .*got r=7"):
+        lr.get_lora_model(model, lr.LoraConfig(r=7, init_lora_weights="pissa", target_modules=["0"]))
+    assert isinstance(model[0], lr.Dense) and np.array_equal(model[0].weight.data, W)
+
+
+def test_a_pissa_adapter_rejected_at_a_later_layer_leaves_the_earlier_base_weights_as_they_were():
+    lm = lr.get_lora_model(lr.MLP([6, 10, 12, 3], dtype="float64", seed=0), lr.LoraConfig(r=2, target_modules=["0"]))
+    weights = {n: p.data.copy() for n, p in lm.named_parameters()}
+    with pytest.raises(ValueError, match="'model.4' adapter 'big': PiSSA init needs r <= min"):
+        lm.add_adapter("big", lr.LoraConfig(r=5, target_modules="all-linear", init_lora_weights="pissa"))
+    assert all(np.array_equal(p.data, weights[n]) for n, p in lm.named_parameters())
 
 
 @pytest.mark.parametrize("init", [True, "gaussian"])
@@ -207,23 +254,27 @@ def test_lora_over_a_non_dense_base_matches_finite_differences(shape, seed):
         layer(x, adapter_names=["default"] * N)
 
 
-def three_adapters(D_in=7, D_out=5, backend=None):
-    """'default' r=1, 'b' r=3, 'c' r=2: different ranks and scalings, B != 0."""
-    layer = make_lora(D_in, D_out, 1, backend=backend)
-    layer.update_layer("b", 3, 5.0, init_lora_weights=False)
-    layer.update_layer("c", 2, 1.5, use_rslora=True, init_lora_weights=False)
+def three_adapters(D_in=7, D_out=5, backend=None, ranks=(1, 3, 2)):
+    """'default', 'b', 'c' of ``ranks``: different ranks and scalings, B != 0."""
+    layer = make_lora(D_in, D_out, ranks[0], backend=backend)
+    layer.update_layer("b", ranks[1], 5.0, init_lora_weights=False)
+    layer.update_layer("c", ranks[2], 1.5, use_rslora=True, init_lora_weights=False)
     return layer
+
+
+RANKS = [(1, 3, 2), (1, 8, 6)]          # the second pads the stacks to r = 8 > min(D_in, D_out) = 5
 
 
 NAMES = st.lists(st.sampled_from(["default", "b", "c", "__base__"]), min_size=1, max_size=16)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ranks", RANKS)
 @given(names=NAMES, seed=st.integers(0, 2**16))
 @example(names=["__base__"], seed=0)
 @settings(max_examples=15)
-def test_mixed_batch_rows_and_gradients_equal_one_adapter_at_a_time(backend, names, seed):
-    layer = three_adapters(backend=backend)
+def test_mixed_batch_rows_and_gradients_equal_one_adapter_at_a_time(backend, ranks, names, seed):
+    layer = three_adapters(backend=backend, ranks=ranks)
     N = len(names)
     x, dy = randn(seed, N, 7), randn(seed + 1, N, 5)
     y, dx = layer(x, adapter_names=names), layer.backward(dy)
@@ -242,8 +293,9 @@ def test_mixed_batch_rows_and_gradients_equal_one_adapter_at_a_time(backend, nam
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_mixed_batch_gradients_match_finite_differences(backend):
-    layer = three_adapters(backend=backend)
+@pytest.mark.parametrize("ranks", RANKS)
+def test_mixed_batch_gradients_match_finite_differences(backend, ranks):
+    layer = three_adapters(backend=backend, ranks=ranks)
     names = ["b", "__base__", "default", "b", "c", "c", "default"]
     x = randn(0, len(names), 7)
     params = {f"{t}.{n}": getattr(layer, t)[n] for t in ("lora_A", "lora_B") for n in ("default", "b", "c")}

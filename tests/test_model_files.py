@@ -49,7 +49,7 @@ def test_gelu_and_quantized_layers_round_trip(tmp_path):
 
 
 def test_pytorch_loads_the_file_with_load_state_dict(tmp_path):
-    torch = pytest.importorskip("torch", reason="torch is optional; this checks the PyTorch layout when present")
+    import torch                               # a required test dependency (tests/test_peft_interop.py too)
     from safetensors.torch import load_file
     model = lr.MLP([5, 8, 8, 3], "gelu", dtype="float64", seed=3)
     save_model(model, tmp_path / "m.safetensors")
@@ -113,12 +113,15 @@ BAD_ARCH = [
     (dict(module=dict(DENSE, in_features="3")), "Dense node <root> needs settings"),
     (dict(module=dict(DENSE, in_features=True)), "Dense node <root> needs settings"),
     (dict(module=dict(DENSE, extra=1)), "Dense node <root> needs settings"),
-    (dict(module=dict(DENSE, dtype="float16")), "dtype must be float32 or float64"),
-    (dict(module=dict(DENSE, in_features=0)), "must be >= 1"),
+    (dict(module={"type": "Sequential", "children": [dict(DENSE, dtype="float16")]}),
+     "dtype must be float32 or float64"),
+    (dict(module={"type": "Sequential", "children": [dict(DENSE, in_features=0)]},
+          tensors={"0.weight": np.ones((2, 0), np.float32)}), "must be >= 1"),
+    (dict(module=dict(DENSE)), r"missing tensors \['weight'\] \(Dense node <root> needs it\)"),
     (dict(module={"type": "Sequential", "children": [{"type": "GELU", "approximate": "erf"}]}), r"GELU node <root>\.0"),
     (dict(module=None, arch="{broken"), "architecture in the metadata is not valid JSON"),
     (dict(module=None, arch='{"format": "other"}'), "the architecture must be"),
-    (dict(module=SEQ, tensors={"0.weight": np.ones((3, 2), np.float32)}), r"has shape \(3, 2\), expected \(2, 3\)"),
+    (dict(module=SEQ, tensors={"0.weight": np.ones((3, 2), np.float32)}), r"Dense node <root>\.0 claims '0.weight' of shape \(2, 3\) \(6 values\), but the file holds \(3, 2\)"),
     (dict(module=SEQ, tensors={"0.weight": np.ones((2, 3), np.float64)}), "dtype float64; the model takes float32"),
     (dict(module=SEQ, tensors={"0.weight": np.ones((2, 3), np.int8)}), "dtype int8"),
     (dict(module=SEQ, tensors={}), r"missing tensors \['0.weight'\]"),
@@ -156,3 +159,43 @@ def test_lossless_upcast_and_opt_in_nonfinite(tmp_path):
                      {"0.weight": w})
     loaded = load_model(path, allow_nonfinite=True)
     assert loaded[0].weight.dtype == np.float64 and np.array_equal(loaded[0].weight.data, w.astype(np.float64))
+
+
+@pytest.mark.parametrize("width", [3000, 100_000])
+def test_a_tiny_file_claiming_a_huge_layer_fails_before_allocating(tmp_path, width):
+    import tracemalloc
+    path = arch_file(tmp_path / "m.safetensors", dict(SEQ, children=[dict(DENSE, in_features=width, out_features=width,
+                                                                          dtype="float64")]))
+    assert path.stat().st_size < 1000
+    tracemalloc.start()
+    try:
+        with pytest.raises(FileFormatError, match=rf"claims '0.weight' of shape \({width}, {width}\)"):
+            load_model(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000                         # a 3000² float64 Dense alone is 72 MB
+
+
+def test_load_state_dict_is_all_or_nothing_and_refuses_nonfinite(monkeypatch):
+    model = lr.MLP([3, 2, 2], seed=0)
+    before = [(p, p.data) for p in model.parameters()]
+    state = {k: np.full(a.shape, 7, a.dtype) for k, a in model.state_dict().items()}
+    state["2.bias"] = np.array([1.0, np.nan], np.float32)
+    with pytest.raises(ValueError, match=r"Sequential '<root>'.load_state_dict: '2.bias' holds NaN or Inf"):
+        model.load_state_dict(state)
+    assert all(p.data is data for p, data in before)
+    assert np.isnan(model.load_state_dict(state, allow_nonfinite=True)[2].bias.data[1])
+    state["2.bias"] = np.zeros(2, np.float32)
+    real, calls = lr.module.to_device, []
+
+    def fails_on_third(a, device):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("simulated failure while copying in")
+        return real(a, device)
+    monkeypatch.setattr(lr.module, "to_device", fails_on_third)
+    before = [(p, p.data) for p in model.parameters()]
+    with pytest.raises(MemoryError):
+        model.load_state_dict(state)
+    assert all(p.data is data for p, data in before)

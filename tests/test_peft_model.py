@@ -196,12 +196,13 @@ def test_pissa_init_keeps_the_output_and_splits_the_weight(x):
 
 
 def test_a_rejected_adapter_changes_nothing(x):
-    model = lr.get_lora_model(mlp(), lr.LoraConfig(r=2, target_modules=["0"]))
+    model = lr.get_lora_model(mlp(), lr.LoraConfig(r=2, target_modules=["0", "4"]))
     randomize_adapter(model, "default")
+    model.model[4].update_layer("big", 1, 1.0)                 # layer "4" already holds a "big"
     names_before = [n for n, _ in model.named_parameters()]
     y = model.forward(x)
-    # r=5 fits layers "0" (6->10) and "2" (10->12) but not "4" (12->3): rejected at the last layer
-    with pytest.raises(ValueError, match=r"LoRALinear 'model.4' adapter 'big': r must be an integer in \[1, .*3\]"):
+    # layers "0" and "2" take adapter "big", "4" does not: rejected at the last layer
+    with pytest.raises(ValueError, match=r"LoRALinear 'model.4' adapter 'big': an adapter of that name already exists"):
         model.add_adapter("big", lr.LoraConfig(r=5, target_modules="all-linear"))
     assert [n for n, _ in model.named_parameters()] == names_before and "big" not in model.peft_config
     assert np.array_equal(model.forward(x), y)
