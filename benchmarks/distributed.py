@@ -7,7 +7,7 @@
 
 Each method (LoRA on the hidden layers + the head saved, and full fine-tuning) trains the
 demo's MLP (32 → 200 → 2000 → 200 → 1, float32) on a fixed global batch of ``batch`` rows
-split over the ranks (strong scaling), through ``lowrank.distributed.DataParallel``: one
+split over the ranks (strong scaling), through ``lowrank.training.distributed.DataParallel``: one
 Allreduce of (2 + P + Σ trainable sizes) × 4 bytes per step. Per step and rank we time
 compute (forward, backward, packing, optimizer step) and communication (inside the Allreduce,
 waiting for the slowest rank included); medians over steps, then the slowest rank's compute
@@ -49,7 +49,7 @@ def build(method: str, spec: dict):
 def measure(method: str, spec: dict, comm) -> dict:
     """Per-step medians on this rank, gathered to rank 0 (None elsewhere)."""
     import lowrank as lr
-    from lowrank.distributed import DataParallel, shard_bounds
+    from lowrank.training.distributed import DataParallel, shard_bounds
     model, opt = build(method, spec)
     dp = DataParallel(model, opt, lr.BCEWithLogitsLoss(), comm)
     rng = np.random.default_rng(1)
@@ -86,7 +86,7 @@ def measure(method: str, spec: dict, comm) -> dict:
 def worker(args) -> int:
     """One measurement on the ranks of this mpiexec; rank 0 writes ``args.json``."""
     import lowrank as lr
-    from lowrank.distributed import world
+    from lowrank.training.distributed import world
     lr.set_backend(args.backend)
     comm = world()
     spec = QUICK if args.quick else FULL

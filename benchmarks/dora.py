@@ -1,4 +1,4 @@
-"""DoRA's row norm ‖W + s·B·A‖: the cheap form (lowrank.dora.dora_norm) against PEFT's
+"""DoRA's row norm ‖W + s·B·A‖: the cheap form (lowrank.tuners.lora.dora.dora_norm) against PEFT's
 materialised one, interleaved on one pinned thread count.
 
     python -m benchmarks.dora [--quick] [--threads 1] [--json out/dora.json]
@@ -14,7 +14,7 @@ import tracemalloc
 
 import numpy as np
 
-from lowrank.dora import dora_norm, dora_norm_materialised
+from lowrank.tuners.lora.dora import dora_norm, dora_norm_materialised
 
 from .harness import interleaved, machine, pinned_threads, write_json
 

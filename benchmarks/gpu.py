@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from lowrank.backend import cupy_module
+from lowrank.nn.device import cupy_module
 
 from . import harness
 
@@ -73,7 +73,7 @@ def ceilings(quick):
     for dt in DTYPES:
         x = cupy.random.standard_normal((m, m), dtype=cupy.float32).astype(dt)
         y = cupy.empty((m, m), dt)
-        t = _time(lambda: g._gemm(x, x, y, trans_b=True), max_s=1.0, repeat=20)
+        t = _time(lambda: g.device.gemm(x, x, y, trans_b=True), max_s=1.0, repeat=20)
         out[f"gemm_{dt}_TFLOPs"] = 2 * m ** 3 / t / 1e12
     return out
 
@@ -103,7 +103,7 @@ def case(dt, N, D_out, D_in, r, l2_bytes):
     item = np.dtype(dt).itemsize
     w_bytes = item * (D_out * D_in + N * (D_in + D_out))
     sets = _operands(dt, N, D_in, D_out, r, max(1, -(-3 * l2_bytes // w_bytes)))
-    base = _rotating(lambda o: g._gemm(o["x"], o["W"], o["y"], trans_b=True), sets)
+    base = _rotating(lambda o: g.device.gemm(o["x"], o["W"], o["y"], trans_b=True), sets)
     fused = _rotating(lambda o: g.lora_forward(o["x"], o["W"], o["A"], o["B"], 2.0, o["b"]), sets)
     t_base, t_fused = _time(base), _time(fused)
     t_base = min(t_base, _time(base))                      # base before and after: the better one

@@ -28,7 +28,7 @@ import numpy as np
 
 from lowrank.kernels import numba_cpu as nb
 from lowrank.kernels import reference as ref
-from lowrank.kernels.numba_multi import gemm_acc
+from lowrank.kernels.numba_cpu.blas import gemm_acc
 
 from . import harness
 

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from lowrank.kernels import numba_nf4 as nb
-from lowrank.kernels import reference_nf4 as ref
-from lowrank.quant import quantize_nf4
+from lowrank.kernels.numba_cpu import nf4 as nb
+from lowrank.kernels.reference import nf4 as ref
+from lowrank.nn.quant import quantize_nf4
 
 from . import harness
 

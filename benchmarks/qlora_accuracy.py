@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from lowrank.experiment import DemoConfig, downstream, finetune, prepare, pretrain, test_accuracy
+from lowrank.app.experiment import DemoConfig, downstream, finetune, prepare, pretrain, test_accuracy
 
 from . import harness
 

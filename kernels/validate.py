@@ -2,6 +2,7 @@
 import numpy as np
 
 FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+NF4_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))    # the CPU NF4 kernels' dtypes (the GPU's: FLOATS)
 
 
 def _shape(name, a, expected):
@@ -110,3 +111,41 @@ def segments(indptr, seg_index, N, K):
     if ptr[0] != 0 or ptr[-1] != N or np.any(np.diff(ptr) < 0):
         raise ValueError(f"indptr must rise from 0 to N={N} without decreasing, got {ptr.tolist()}")
     index(seg_index, S, K)
+
+
+# -- NF4: a packed 4-bit W (layout in reference/nf4.py) ------------------------------------
+def nf4_blocksize(blocksize):
+    """ValueError unless ``blocksize`` is a positive even int (so blocks start on a byte)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) \
+            or blocksize <= 0 or blocksize % 2:
+        raise ValueError(f"NF4: blocksize must be a positive even integer, got {blocksize!r}")
+    return int(blocksize)
+
+
+def nf4(packed, absmax, shape, blocksize):
+    """Validate a packed NF4 weight; returns (D_out, D_in)."""
+    blocksize = nf4_blocksize(blocksize)
+    if len(tuple(shape)) != 2 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+                                     for d in shape):
+        raise ValueError(f"NF4: shape must be (D_out, D_in) with positive ints, got {shape!r}")
+    D_out, D_in = (int(d) for d in shape)
+    n = D_out * D_in
+    if np.dtype(packed.dtype) != np.uint8 or tuple(packed.shape) != ((n + 1) // 2,):
+        raise ValueError(f"NF4: packed must be uint8 of shape ({(n + 1) // 2},) for shape {(D_out, D_in)}, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    n_blocks = -(-n // blocksize)
+    if np.dtype(absmax.dtype) != np.float32 or tuple(absmax.shape) != (n_blocks,):
+        raise ValueError(f"NF4: absmax must be float32 of shape ({n_blocks},) for {n} weights in blocks of "
+                         f"{blocksize}, got {absmax.dtype} {tuple(absmax.shape)}")
+    return D_out, D_in
+
+
+def nf4_operand(name, a, width, bias=None, width_bias=None, dtypes=NF4_FLOATS):
+    """TypeError/ValueError unless ``a`` is an (N, width) array of one of ``dtypes``; checks ``bias`` too."""
+    if np.dtype(a.dtype) not in dtypes:
+        raise TypeError(f"NF4: {name} must be {' or '.join(str(d) for d in dtypes)}, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[1] != width:
+        raise ValueError(f"NF4: {name} has shape {tuple(a.shape)}, expected (N, {width})")
+    if bias is not None and (np.dtype(bias.dtype) != np.dtype(a.dtype) or tuple(bias.shape) != (width_bias,)):
+        raise ValueError(f"NF4: bias must be {a.dtype} of shape ({width_bias},), "
+                         f"got {bias.dtype} {tuple(bias.shape)}")

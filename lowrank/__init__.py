@@ -4,27 +4,21 @@
     model = lr.MLP([2, 64, 1])
     layer = lr.LoRALinear(model[0], r=4, lora_alpha=8)
 """
-from pathlib import Path as _Path
-
-# Installed, the kernels live at lowrank/kernels (setup.cfg maps the repository's kernels/ there).
-# In a source checkout they sit beside this package: let lowrank.kernels resolve to them too,
-# so `python -m benchmarks.kernels` and friends work from the repository root.
-if not (_Path(__file__).parent / "kernels").is_dir() and (_Path(__file__).parent.parent / "kernels").is_dir():
-    __path__.append(str(_Path(__file__).parent.parent))
-
-from .backend import get_array_module, to_device
-from .dispatch import get_backend, kernels_for, set_backend, use_backend
-from .gradcheck import check_module, gradcheck, numerical_gradient
-from .layers import GELU, MLP, Dense, ReLU, Sigmoid, Tanh
-from .lora import LoRALinear
-from .lora_config import LoraConfig
-from .peft_model import LoraModel, ModulesToSave, get_lora_model
-from .data import Dataset, TaskSpec, downstream_task, make_task
-from .train import History, evaluate, fit, predict
-from .model_files import FileFormatError, load_model, save_model
-from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-from .module import Module, Parameter, ParameterDict, Sequential
-from .optim import SGD, Adam, AdamW
+from .nn.device import get_array_module, to_device
+from .nn.dispatch import get_backend, kernels_for, set_backend, use_backend
+from .nn.gradcheck import check_module, gradcheck, numerical_gradient
+from .nn.layers import GELU, MLP, Dense, ReLU, Sigmoid, Tanh
+from .tuners.lora.layer import LoRALinear
+from .tuners.lora.config import LoraConfig
+from .tuners.lora.model import LoraModel, ModulesToSave, get_lora_model
+from .training.data import Dataset, TaskSpec, downstream_task, make_task
+from .training.loop import History, evaluate, fit, predict
+from .io.model_files import FileFormatError, load_model, save_model
+from .nn.losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from .nn.module import Module, Parameter, ParameterDict, Sequential
+from .nn.optim import SGD, Adam, AdamW
+from .nn import CausalLMLoss, Embedding, RMSNorm, SiLU
+from .models.llama import LlamaConfig, LlamaForCausalLM
 
 __version__ = "0.1.0"
 
@@ -37,4 +31,5 @@ __all__ = [
     "FileFormatError", "load_model", "save_model",
     "BCEWithLogitsLoss", "CrossEntropyLoss", "MSELoss",
     "Module", "Parameter", "ParameterDict", "Sequential", "SGD", "Adam", "AdamW",
+    "CausalLMLoss", "Embedding", "RMSNorm", "SiLU", "LlamaConfig", "LlamaForCausalLM",
 ]

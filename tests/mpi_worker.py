@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 import lowrank as lr
-from lowrank.module import Module, Parameter
+from lowrank.nn.module import Module, Parameter
 
 D_IN = 5
 # name -> (method, rows N, global batch, epochs, lora_dropout)
@@ -58,7 +58,7 @@ def build(case: str):
 
 
 def _train(comm, out_dir):
-    from lowrank.distributed import DataParallel
+    from lowrank.training.distributed import DataParallel
     results = {}
     for case, (_, _, batch, epochs, _) in CASES.items():
         model, opt, X, y = build(case)
@@ -85,7 +85,7 @@ def _train(comm, out_dir):
 
 def _early_stop_and_bad_arguments(comm):
     """fit with validation data and target_acc = 0 stops after one epoch; bad arguments raise."""
-    from lowrank.distributed import DataParallel
+    from lowrank.training.distributed import DataParallel
     model, opt, X, y = build("lora_even")
     dp = DataParallel(model, opt, lr.BCEWithLogitsLoss(), comm)
     history = dp.fit(X, y, X_val=X[:10], y_val=y[:10], epochs=3, batch_size=6, target_acc=0.0)
@@ -100,7 +100,7 @@ def _early_stop_and_bad_arguments(comm):
 
 
 def _step_error(comm):
-    from lowrank.distributed import DataParallel, DistributedError, abort_on_error
+    from lowrank.training.distributed import DataParallel, DistributedError, abort_on_error
     model, opt, X, y = build("lora_even")
     dp = DataParallel(model, opt, lr.BCEWithLogitsLoss())          # comm=None: COMM_WORLD
     try:
@@ -115,7 +115,7 @@ def _step_error(comm):
 
 
 def _setup_error(comm):
-    from lowrank.distributed import DataParallel, abort_on_error
+    from lowrank.training.distributed import DataParallel, abort_on_error
     with abort_on_error(comm):
         model, opt, X, y = build("lora_even")
         if comm.Get_rank() == 1:
@@ -124,7 +124,7 @@ def _setup_error(comm):
 
 
 def main(argv):
-    from lowrank.distributed import world
+    from lowrank.training.distributed import world
     lr.set_backend("numpy")            # no Numba compile in every rank; the reference uses numpy too
     comm = world()
     {"train": lambda: _train(comm, argv[1]), "step_error": lambda: _step_error(comm),

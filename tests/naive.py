@@ -1,6 +1,6 @@
 """Slow, obviously-correct float64 formulas, one scalar sum per element: the kernels' oracle.
 
-Letters as in kernels/reference.py: x (N, D_in), W (D_out, D_in), A (r, D_in), B (D_out, r),
+Letters as in kernels/reference/: x (N, D_in), W (D_out, D_in), A (r, D_in), B (D_out, r),
 s = scaling, mask (N, D_in) or None, index (N,) with −1 = base only. Every output element
 is written out as the sum it is; nothing here calls a matrix product.
 """

@@ -2,8 +2,8 @@
 import numpy as np
 
 import lowrank as lr
-from lowrank.accounting import lora_parameter_count, measure_step, stored_bytes
-from lowrank.experiment import DemoConfig, downstream, prepare, pretrain, test_accuracy
+from lowrank.training.accounting import lora_parameter_count, measure_step, stored_bytes
+from lowrank.app.experiment import DemoConfig, downstream, prepare, pretrain, test_accuracy
 
 
 def test_one_small_lora_step_counted_by_hand():
@@ -35,6 +35,6 @@ def test_lora_trains_on_the_demo_task_with_the_closed_form_count():
     head = 200 + 1
     assert model.num_parameters(trainable_only=True) == lora_parameter_count(shapes, 4) + head
     assert lora_parameter_count(shapes, 4) == 4 * (232 + 2200 + 2200)
-    from lowrank.experiment import finetune
+    from lowrank.app.experiment import finetune
     finetune(model, ds, cfg)
     assert test_accuracy(model, ds) >= 0.95

@@ -9,10 +9,10 @@ import safetensors.numpy
 from hypothesis import given, strategies as st
 
 import lowrank as lr
-from lowrank import adapter_files
-from lowrank.adapter_files import (CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, adapter_parameters,
+from lowrank.io import adapter_files
+from lowrank.io.adapter_files import (CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, adapter_parameters,
                                    save_pretrained)
-from lowrank.model_files import FileFormatError
+from lowrank.io.model_files import FileFormatError
 
 X = np.random.default_rng(7).normal(size=(4, 5))
 

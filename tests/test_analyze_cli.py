@@ -5,14 +5,14 @@ import copy
 import numpy as np
 import pytest
 
-from lowrank import cli
-from lowrank.analysis.report import analyze
-from lowrank.experiment import DemoConfig, downstream, finetune, prepare, pretrain
+from lowrank.app import cli
+from lowrank.app.analyze import analyze
+from lowrank.app.experiment import DemoConfig, downstream, finetune, prepare, pretrain
 
 
 def test_analyze_command_writes_report_and_figures(tmp_path, capsys):
     out = tmp_path / "analysis"
-    assert cli.COMMANDS["analyze"][0] == "lowrank.analysis.report"
+    assert cli.COMMANDS["analyze"][0] == "lowrank.app.analyze"
     assert cli.main(["analyze", "--quick", "--out", str(out), "--d-values", "2,40"]) == 0
     printed = capsys.readouterr().out
     assert "d90 = " in printed and "stable rank" in printed and "report.md" in printed

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import adapter_files, atomic
-from lowrank.adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from lowrank.atomic import LOCK_NAME, all_or_nothing, atomic_write_bytes, commit, commit_files
+from lowrank.io import adapter_files
+from lowrank.io import atomic
+from lowrank.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from lowrank.io.atomic import LOCK_NAME, atomic_write_bytes, commit, commit_files
+from lowrank.nn.snapshot import all_or_nothing
 
 
 def listing(d):

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import cli, experiment, inspect_cli, train_cli
-from lowrank.cli import main
-from lowrank.model_files import save_model, tensor_file_bytes
-from lowrank.qlora import NF4Dense, quantize_model
+from lowrank.app import cli
+from lowrank.app import experiment
+from lowrank.app import inspect as inspect_cli
+from lowrank.app import train as train_cli
+from lowrank.app.cli import main
+from lowrank.io.model_files import save_model, tensor_file_bytes
+from lowrank.tuners.lora.qlora import NF4Dense, quantize_model
 
 D = 6
 FLAGS = ["train", "--n-features", str(D), "--hidden", "16,12", "--n-samples", "300", "--epochs", "1",

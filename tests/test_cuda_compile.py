@@ -14,7 +14,7 @@ import pytest
 import lowrank.kernels as kernels
 from lowrank.kernels import config
 
-CUDA_DIR = Path(kernels.__file__).parent / "cuda"
+CUDA_DIR = Path(kernels.__file__).parent / "cupy_gpu" / "cuda"
 KERNELS = {"lora.cu": ("lora_shrink", "lora_expand", "lora_gemv"), "nf4.cu": ("nf4_dequant", "nf4_gemv")}
 SOURCES = [CUDA_DIR / name for name in KERNELS]           # common.cu is included by both, not built alone
 ARCHS = ("80", "90")
@@ -24,7 +24,7 @@ NVCC, PTXAS = shutil.which("nvcc"), shutil.which("ptxas")
 
 
 def _defines():
-    """The -D options cupy_gpu passes, from kernels/config.py."""
+    """The -D options cupy_gpu passes (cupy_gpu/launch.py), from kernels/config.py."""
     return [f"-D{m}={getattr(config, 'CUPY_' + m)}" for m in MACROS]
 
 

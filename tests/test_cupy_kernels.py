@@ -6,9 +6,12 @@ sizes are shrunk through kernels/config.py so small shapes cross block borders, 
 is held to a float32 reference at 1e-2. The first tests run without a GPU: import hygiene,
 argument checks, and the launch geometry's index math mirrored in Python.
 """
+import importlib
+import importlib.util
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,15 +19,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowrank as lr
-from lowrank.backend import cupy_module
-from lowrank.kernels import config, cuda_launch, reference
-from lowrank.kernels.reference_nf4 import NF4_CODE
+from lowrank.nn.device import cupy_module
+from lowrank import kernels
+from lowrank.kernels import config, reference
+from lowrank.kernels.common import NF4_CODE
 
 cp = cupy_module()
 gpu = pytest.mark.skipif(cp is None, reason="no CUDA device")
 SHRUNK = dict(CUPY_SHRINK_ROWS=3, CUPY_SHRINK_RANKS=5, CUPY_SHRINK_THREADS=32, CUPY_EXPAND_ROWS=3,
               CUPY_EXPAND_THREADS=32, CUPY_GEMV_ROWS=2, CUPY_GEMV_WARPS=2, CUPY_NF4_THREADS=32)
 SIZES = pytest.mark.parametrize("sizes", [{}, SHRUNK], ids=["default-blocks", "shrunk-blocks"])
+
+
+def _launch_module():
+    """cupy_gpu/launch.py (compile options, launch geometry) imports no CuPy; its package does, so
+    without CuPy load the file on its own, under its own name (its ``from .. import config`` still resolves)."""
+    try:
+        return importlib.import_module("lowrank.kernels.cupy_gpu.launch")
+    except ImportError:
+        path = Path(kernels.__file__).parent / "cupy_gpu" / "launch.py"
+        spec = importlib.util.spec_from_file_location("lowrank.kernels.cupy_gpu.launch", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+launch = _launch_module()
 
 
 def _gpu_module():
@@ -53,7 +73,7 @@ def _python(code, **env):
 
 def test_import_touches_no_device():
     """With no device visible, any device call would raise: importing must not make one."""
-    rc, out = _python("import lowrank, lowrank.dispatch\n"
+    rc, out = _python("import lowrank, lowrank.nn.dispatch\n"
                       "try:\n    import lowrank.kernels.cupy_gpu\n"
                       "except ImportError as e:\n    assert 'needs CuPy' in str(e), e\n"
                       "print('ok')", CUDA_VISIBLE_DEVICES="")
@@ -62,7 +82,7 @@ def test_import_touches_no_device():
 
 def test_import_without_cupy_is_a_clear_import_error():
     rc, out = _python("import sys; sys.modules['cupy'] = None\n"
-                      "import lowrank.dispatch as d; assert not d.available('cupy')\n"
+                      "import lowrank.nn.dispatch as d; assert not d.available('cupy')\n"
                       "import lowrank.kernels.cupy_gpu")
     assert rc != 0 and "ImportError" in out and "pip install 'lowrank[gpu]'" in out, out
 
@@ -78,14 +98,14 @@ def test_numpy_inputs_are_refused_before_any_launch(rng):
 
 
 def test_defines_follow_config():
-    g = cuda_launch
+    g = launch
     with _config(**SHRUNK):
         assert "-DSHRINK_THREADS=32" in g.defines() and "-DGEMV_WARPS=2" in g.defines()
     assert "-DSHRINK_THREADS=256" in g.defines()
 
 
 def test_vectorizable_needs_aligned_rows():
-    g = cuda_launch
+    g = launch
     assert g.vectorizable((256, 512), 64, 2) and g.vectorizable((0, 16), 4, 4)
     assert not g.vectorizable((256, 8), 64, 2) and not g.vectorizable((0, 0), 6, 4)
     assert g.vectorizable((8, 16), 4, 2, width=8) and not g.vectorizable((4,), 4, 2, width=8)   # 4 halves
@@ -106,7 +126,7 @@ def test_vector_loops_cover_every_column_once(D, shrunk):
 
 
 def test_grid_y_limit_is_a_clear_error():
-    g = cuda_launch
+    g = launch
     with pytest.raises(ValueError, match="CUPY_EXPAND_ROWS"):
         g.expand_geometry(65535 * config.CUPY_EXPAND_ROWS + 1, 8)
     with pytest.raises(ValueError, match="blocks along y"):
@@ -117,7 +137,7 @@ def test_grid_y_limit_is_a_clear_error():
 @given(N=st.integers(1, 40), r=st.integers(1, 40), D=st.integers(1, 90), shrunk=st.booleans())
 def test_launch_geometry_writes_every_output_once(N, r, D, shrunk):
     """The kernels' index math, mirrored: each (row, column) of h, y and W is written exactly once."""
-    g = cuda_launch
+    g = launch
     with _config(**(SHRUNK if shrunk else {})):
         (gx, gy, _), (tx, _, _) = g.shrink_geometry(N, r)           # one block: SHRINK_ROWS x SHRINK_RANKS
         h = [(bx * config.CUPY_SHRINK_ROWS + t // config.CUPY_SHRINK_RANKS,

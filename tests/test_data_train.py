@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.data import DATASETS, lift
+from lowrank.training.data import DATASETS, lift
 
 
 @pytest.mark.parametrize("name", DATASETS)

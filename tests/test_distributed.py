@@ -2,7 +2,7 @@
 tests compare what it wrote with single-process training computed here.
 
     exactness   Σ_k (n_k/n)·g_k = g: same seed and global batches → the same parameters as
-                lowrank.train.fit to float64 rounding, even and uneven shards, LoRA and full
+                lowrank.training.loop.fit to float64 rounding, even and uneven shards, LoRA and full
     traffic     one Allreduce per step of (2 + P + Σ_p size_p) × 8 bytes (the 2 + P header:
                 error count, loss sum, one has-gradient count per trainable parameter)
     failure     a rank that raises stops every rank with its message (a timeout turns a hang into a failure)
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import lowrank as lr
-from lowrank.distributed import DataParallel, shard_bounds, allreduce_nbytes
+from lowrank.training.distributed import DataParallel, shard_bounds, allreduce_nbytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -71,7 +71,7 @@ def trained(tmp_path_factory):
 
 
 def single_process(case):
-    """The reference: lowrank.train.fit in this process, same seed, same global batches."""
+    """The reference: lowrank.training.loop.fit in this process, same seed, same global batches."""
     _, _, batch, epochs, _ = worker.CASES[case]
     model, opt, X, y = worker.build(case)
     with lr.use_backend("numpy"):
@@ -104,14 +104,14 @@ def test_a_frozen_model_is_refused_before_mpi_starts():
 
 
 def test_world_without_mpi4py_names_the_extra(monkeypatch):
-    from lowrank import distributed
+    from lowrank.training import distributed
     monkeypatch.setitem(sys.modules, "mpi4py", None)              # `from mpi4py import MPI` now fails
     with pytest.raises(ImportError, match=r"lowrank\[mpi\]"):
         distributed.world()
 
 
 def test_import_lowrank_does_not_start_mpi():
-    code = "import sys, lowrank, lowrank.distributed; assert 'mpi4py' not in sys.modules"
+    code = "import sys, lowrank, lowrank.training.distributed; assert 'mpi4py' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=TIMEOUT_S).returncode == 0
 
 
@@ -204,9 +204,9 @@ def test_a_rank_that_raises_outside_a_step_aborts_every_rank():
 def test_lowrank_train_distributed_matches_the_single_process_command(tmp_path):
     flags = ["train", "--method", "lora", "--r", "2", "--n-features", "6", "--hidden", "16,12", "--n-samples", "300",
              "--epochs", "3", "--pretrain-epochs", "4", "--batch-size", "25", "--dtype", "float64"]   # 12 + 13 rows
-    from lowrank.cli import main
+    from lowrank.app.cli import main
     assert main([*flags, "--out", str(tmp_path / "one"), "--quiet"]) == 0
-    done = mpirun("-m", "lowrank.cli", *flags, "--distributed", "--out", str(tmp_path / "two"))
+    done = mpirun("-m", "lowrank.app.cli", *flags, "--distributed", "--out", str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("lowrank train: lora (r=2, alpha=4) on moons, 2 rank(s)") == 1     # rank 0 alone
     assert done.stdout.count(" bytes/step, ") == 1

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowrank.dora import DoraLinear, DoraNorm, dora_norm, dora_norm_materialised, set_exact_norm_grad
-from lowrank.gradcheck import check_module, gradcheck
-from lowrank.layers import MLP, Dense, ReLU
-from lowrank.lora import BASE, LoRALinear
-from lowrank.lora_config import LoraConfig
-from lowrank.peft_model import get_lora_model
-from lowrank.qlora import NF4Dense
+from lowrank.tuners.lora.dora import DoraLinear, DoraNorm, dora_norm, dora_norm_materialised, set_exact_norm_grad
+from lowrank.nn.gradcheck import check_module, gradcheck
+from lowrank.nn.layers import MLP, Dense, ReLU
+from lowrank.tuners.lora.layer import BASE, LoRALinear
+from lowrank.tuners.lora.config import LoraConfig
+from lowrank.tuners.lora.model import get_lora_model
+from lowrank.tuners.lora.qlora import NF4Dense
 
 # (N, D_in, D_out, r, seed); r is drawn independently of D_in, D_out, so r > min(D_in, D_out) (legal, as
 # in PEFT, and warned about) is covered too.
@@ -248,7 +248,7 @@ def test_dora_adapter_files_round_trip(tmp_path):
     second adapter next to a plain one, which converts the layers), and gives the same outputs."""
     from safetensors.numpy import load_file
 
-    from lowrank.peft_model import LoraModel
+    from lowrank.tuners.lora.model import LoraModel
 
     def base():
         return MLP([5, 7, 3], dtype="float64", seed=3)

@@ -4,10 +4,10 @@ lowrank refuses with an error naming the layer, the adapter and the rows, and ch
 import numpy as np
 import pytest
 
-from lowrank.dora import DoraLinear
-from lowrank.layers import MLP, Dense
-from lowrank.lora_config import LoraConfig
-from lowrank.peft_model import get_lora_model
+from lowrank.tuners.lora.dora import DoraLinear
+from lowrank.nn.layers import MLP, Dense
+from lowrank.tuners.lora.config import LoraConfig
+from lowrank.tuners.lora.model import get_lora_model
 
 
 def dense_with_zero_rows(rows, D_in=5, D_out=4):

@@ -18,8 +18,8 @@ import safetensors.numpy
 from hypothesis import assume, given, strategies as st
 
 import lowrank as lr
-from lowrank.adapter_files import CONFIG_HASH_KEY, CONFIG_NAME, WEIGHTS_NAME, adapter_parameters
-from lowrank.model_files import FileFormatError, load_model, save_model, tensor_file_bytes
+from lowrank.io.adapter_files import CONFIG_HASH_KEY, CONFIG_NAME, WEIGHTS_NAME, adapter_parameters
+from lowrank.io.model_files import FileFormatError, load_model, save_model, tensor_file_bytes
 
 X = np.random.default_rng(3).normal(size=(4, 5))
 CONFIG = lr.LoraConfig(r=2, lora_alpha=3, target_modules=["0", "2"])

@@ -10,8 +10,8 @@ import safetensors.torch
 import torch
 
 import lowrank as lr
-from lowrank.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_parameters
-from lowrank.model_files import ARCH_KEY, FileFormatError, load_model, read_tensor_file, save_model, tensor_file_bytes
+from lowrank.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_parameters
+from lowrank.io.model_files import ARCH_KEY, FileFormatError, load_model, read_tensor_file, save_model, tensor_file_bytes
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 X = np.random.default_rng(2).normal(size=(3, 5)).astype(np.float32)

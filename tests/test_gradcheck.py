@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.gradcheck import check_module, gradcheck, numerical_gradient
+from lowrank.nn.gradcheck import check_module, gradcheck, numerical_gradient
 
 
 def test_numerical_gradient_of_a_known_function_and_restores_the_input():

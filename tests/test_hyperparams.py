@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.adapter_files import AdapterFileError, read_config
-from lowrank.loraplus import create_loraplus_optimizer
+from lowrank.io.adapter_files import AdapterFileError
+from lowrank.tuners.lora.pretrained import read_config
+from lowrank.tuners.lora.loraplus import create_loraplus_optimizer
 
 INF, NAN = float("inf"), float("nan")
 

@@ -7,9 +7,10 @@ import pytest
 import safetensors.numpy
 
 import lowrank as lr
-from lowrank import cli, inspect_cli
-from lowrank.adapter_files import CONFIG_NAME, WEIGHTS_NAME
-from lowrank.model_files import ARCH_KEY, FileFormatError, save_model, tensor_file_bytes
+from lowrank.app import cli
+from lowrank.app import inspect as inspect_cli
+from lowrank.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from lowrank.io.model_files import ARCH_KEY, FileFormatError, save_model, tensor_file_bytes
 
 
 def inspect(path, capsys) -> str:
@@ -20,7 +21,7 @@ def inspect(path, capsys) -> str:
 
 
 def test_registered_as_a_subcommand():
-    assert cli.COMMANDS["inspect"][0] == "lowrank.inspect_cli"
+    assert cli.COMMANDS["inspect"][0] == "lowrank.app.inspect"
 
 
 def test_adapter_directory(tmp_path, capsys):

@@ -16,7 +16,8 @@ from lowrank.kernels import config
 from lowrank.kernels import reference as ref
 
 import numba  # noqa: F401  (a required dependency: a broken install fails here, it is never skipped)
-from lowrank.kernels import numba_cpu as nb, numba_multi  # noqa: E402
+from lowrank.kernels import numba_cpu as nb  # noqa: E402
+from lowrank.kernels.numba_cpu import blas, loops  # noqa: E402
 
 dims = st.integers(1, 17)
 ranks = st.integers(1, 8)        # drawn apart from D_in, D_out: r > min(D_in, D_out) is legal (PEFT allows it)
@@ -151,9 +152,9 @@ def test_gemm_acc_accumulates_in_place_or_writes_back(order, rng):
     P, Q = rng.standard_normal((4, 3)), rng.standard_normal((3, 5))
     C = np.asarray(rng.standard_normal((4, 5)), order=order)
     want = C + 0.5 * P @ Q
-    assert numba_multi.gemm_acc(C, P, Q, 0.5) is C
+    assert blas.gemm_acc(C, P, Q, 0.5) is C
     np.testing.assert_allclose(C, want, rtol=1e-12)
-    np.testing.assert_array_equal(numba_multi.gemm_acc(C, P[:, :0], Q[:0], 0.5), want)   # k = 0: unchanged
+    np.testing.assert_array_equal(blas.gemm_acc(C, P[:, :0], Q[:0], 0.5), want)   # k = 0: unchanged
 
 
 def test_float16_goes_to_the_reference_explicitly(rng):
@@ -167,16 +168,24 @@ def test_float16_goes_to_the_reference_explicitly(rng):
              ("lora_forward_multi", (x, *stacks, index)), ("lora_backward_multi", (dy, x, x[:, :2], *stacks, index)),
              ("lora_forward_sgmv", (x, *stacks, indptr, seg)),
              ("lora_backward_sgmv", (dy, x, x[:, :2], *stacks, indptr, seg))]
-    for name, args in calls:
-        for g, w in zip(getattr(nb, name)(*args), getattr(ref, name)(*args)):
-            assert g.dtype == np.float16
-            np.testing.assert_array_equal(g, w)
+    patches = _kernels_must_not_run()                     # float16 never reaches a Numba loop or BLAS call
+    for p in patches:
+        p.start()
+    try:
+        for name, args in calls:
+            assert getattr(nb, name).__wrapped__              # the one declared fallback (blas.half_to_reference)
+            for g, w in zip(getattr(nb, name)(*args), getattr(ref, name)(*args)):
+                assert g.dtype == np.float16
+                np.testing.assert_array_equal(g, w)
+    finally:
+        for p in patches:
+            p.stop()
 
 
 def _kernels_must_not_run():
     boom = mock.Mock(side_effect=AssertionError("a kernel ran before the input check"))
-    names = ["_shrink", "_expand", "_outer", "gemm_acc", "base_product"]
-    return [mock.patch.object(m, n, boom) for m in (nb, numba_multi) for n in names]
+    return [mock.patch.object(loops, n, boom) for n in ("shrink", "expand", "outer")] + \
+        [mock.patch.object(blas, n, boom) for n in ("gemm_acc", "base_product")]
 
 
 @pytest.mark.parametrize("case, error, match", [
@@ -215,10 +224,9 @@ def test_bad_input_raises_before_any_kernel(case, error, match, rng):
 
 
 def test_scipy_own_blas_is_pinned_to_one_thread():
-    """gemm_acc's BLAS must not run a second spinning thread pool beside NumPy's (numba_multi)."""
+    """gemm_acc's BLAS must not run a second spinning thread pool beside NumPy's (numba_cpu/blas.py)."""
     from threadpoolctl import threadpool_info
 
-    from lowrank.kernels import numba_multi
     threads = {info["filepath"]: info["num_threads"] for info in threadpool_info()}
-    for path in numba_multi.PINNED_BLAS:
+    for path in blas.PINNED_BLAS:
         assert threads[path] == 1

@@ -5,7 +5,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import naive
-from lowrank.gradcheck import gradcheck
+from lowrank.nn.gradcheck import gradcheck
 from lowrank.kernels import reference as ref
 
 dims = st.integers(1, 6)

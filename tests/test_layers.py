@@ -1,5 +1,5 @@
 """Dense, the activations and the MLP: forward against float64 formulas, backward against
-central finite differences (lowrank.gradcheck, rtol 1e-6, random upstream gradients)."""
+central finite differences (lowrank.nn.gradcheck, rtol 1e-6, random upstream gradients)."""
 import math
 
 import numpy as np
@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lowrank as lr
-from lowrank.gradcheck import check_module
+from lowrank.nn.gradcheck import check_module
 from lowrank.kernels import reference
 
 N_ROWS = st.integers(1, 16)

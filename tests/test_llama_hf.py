@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers.models.llama import modeling_llama
 
-from lowrank.model_files import FileFormatError
+from lowrank.io.model_files import FileFormatError
 from lowrank.models.llama import LlamaForCausalLM
 from lowrank.nn import CausalLMLoss
 

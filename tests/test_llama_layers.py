@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank.atomic import commit_files
-from lowrank.gradcheck import check_module, gradcheck
-from lowrank.model_files import FileFormatError, tensor_file_bytes
+from lowrank.io.atomic import commit_files
+from lowrank.nn.gradcheck import check_module, gradcheck
+from lowrank.io.model_files import FileFormatError, tensor_file_bytes
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
-from lowrank.module import CallOrderError, Module
+from lowrank.nn.module import CallOrderError, Module
 from lowrank.nn import CausalLMLoss, Embedding, LlamaAttention, LlamaMLP, RMSNorm, RotaryEmbedding, SiLU
 
 SEED = st.integers(0, 2**16)
@@ -207,8 +207,8 @@ def test_two_layer_decoder_gradients_match_finite_differences(tied):
 
 
 def test_lora_wraps_the_projections_by_name():
-    from lowrank.lora_config import LoraConfig
-    from lowrank.peft_model import get_lora_model
+    from lowrank.tuners.lora.config import LoraConfig
+    from lowrank.tuners.lora.model import get_lora_model
     model = LlamaForCausalLM(tiny_config(), dtype="float64", seed=0)
     lora = get_lora_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ids = np.random.default_rng(0).integers(0, 7, (2, 5))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import numba  # noqa: F401  (required: a broken install fails here instead of skipping the Numba cases)
 
 import lowrank as lr
-from lowrank.gradcheck import check_module, gradcheck
+from lowrank.nn.gradcheck import check_module, gradcheck
 
 CPU_BACKENDS = ["numpy", "numba"]          # the layer's math is the kernels'; Numba is a required dependency
 

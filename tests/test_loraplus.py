@@ -3,12 +3,12 @@ and that one SGD step moves lora_B λ times as far as the same gradient moves lo
 import numpy as np
 import pytest
 
-from lowrank.layers import MLP
-from lowrank.lora_config import LoraConfig
-from lowrank.loraplus import create_loraplus_optimizer
-from lowrank.module import Module, Parameter
-from lowrank.optim import SGD, AdamW
-from lowrank.peft_model import get_lora_model
+from lowrank.nn.layers import MLP
+from lowrank.tuners.lora.config import LoraConfig
+from lowrank.tuners.lora.loraplus import create_loraplus_optimizer
+from lowrank.nn.module import Module, Parameter
+from lowrank.nn.optim import SGD, AdamW
+from lowrank.tuners.lora.model import get_lora_model
 
 LR = 1e-3
 

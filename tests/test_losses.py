@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowrank as lr
-from lowrank.gradcheck import gradcheck
+from lowrank.nn.gradcheck import gradcheck
 
 
 def naive_bce(z, t):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import dispatch
+from lowrank.nn import dispatch
 
 CALLS = ("dense_forward", "dense_backward", "lora_forward", "lora_backward")
 

@@ -8,9 +8,9 @@ import safetensors.numpy
 from hypothesis import given, strategies as st
 
 import lowrank as lr
-from lowrank import model_files
-from lowrank.model_files import ARCH_KEY, FileFormatError, load_model, save_model, tensor_file_bytes
-from lowrank.qlora import quantize_model
+from lowrank.io import model_files
+from lowrank.io.model_files import ARCH_KEY, FileFormatError, load_model, save_model, tensor_file_bytes
+from lowrank.tuners.lora.qlora import quantize_model
 
 ACTS = {"relu": lambda z: np.maximum(z, 0), "tanh": np.tanh, "sigmoid": lambda z: 1 / (1 + np.exp(-z))}
 
@@ -76,7 +76,7 @@ def test_save_refuses_what_it_cannot_describe_and_existing_files(tmp_path):
 
 
 class Scale(lr.Module):
-    """y = x ⊙ g: a layer type from outside lowrank.layers, to exercise register_layer."""
+    """y = x ⊙ g: a layer type from outside lowrank.nn.layers, to exercise register_layer."""
 
     def __init__(self, width):
         super().__init__()
@@ -187,14 +187,14 @@ def test_load_state_dict_is_all_or_nothing_and_refuses_nonfinite(monkeypatch):
     assert all(p.data is data for p, data in before)
     assert np.isnan(model.load_state_dict(state, allow_nonfinite=True)[2].bias.data[1])
     state["2.bias"] = np.zeros(2, np.float32)
-    real, calls = lr.module.to_device, []
+    real, calls = lr.nn.module.to_device, []
 
     def fails_on_third(a, device):
         calls.append(1)
         if len(calls) == 3:
             raise MemoryError("simulated failure while copying in")
         return real(a, device)
-    monkeypatch.setattr(lr.module, "to_device", fails_on_third)
+    monkeypatch.setattr(lr.nn.module, "to_device", fails_on_third)
     before = [(p, p.data) for p in model.parameters()]
     with pytest.raises(MemoryError):
         model.load_state_dict(state)

@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowrank.kernels import config, nf4_avx2, numba_nf4, reference_nf4
-from lowrank.kernels.reference_nf4 import NF4_CODE
+from lowrank.kernels import config
+from lowrank.kernels.common import NF4_CODE
+from lowrank.kernels.numba_cpu import nf4 as numba_nf4, nf4_avx2
+from lowrank.kernels.reference import nf4 as reference_nf4
 
 BACKENDS = [reference_nf4, numba_nf4]
 NAMES = ("nf4_dequantize", "nf4_matmul", "nf4_matmul_dx")

@@ -7,7 +7,9 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from lowrank.kernels import config, nf4_avx2, numba_nf4, reference_nf4
+from lowrank.kernels import config
+from lowrank.kernels.numba_cpu import nf4 as numba_nf4, nf4_avx2
+from lowrank.kernels.reference import nf4 as reference_nf4
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # NaN is the point
 NAN, INF = float("nan"), float("inf")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.lora import LoRALinear
-from lowrank.peft_model import ModulesToSave
+from lowrank.tuners.lora.layer import LoRALinear
+from lowrank.tuners.lora.model import ModulesToSave
 
 
 def mlp(dtype="float64", seed=0):

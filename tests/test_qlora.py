@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lowrank as lr
-from lowrank.gradcheck import gradcheck
-from lowrank.qlora import NF4Dense, merge_model_nf4, merge_nf4, output_error, quantize_model
-from lowrank.quant import NF4_HALF_GAP, quantize_nf4
+from lowrank.nn.gradcheck import gradcheck
+from lowrank.tuners.lora.qlora import NF4Dense, merge_model_nf4, merge_nf4, output_error, quantize_model
+from lowrank.nn.quant import NF4_HALF_GAP, quantize_nf4
 
 SEED = st.integers(0, 2**16)
 
@@ -194,8 +194,8 @@ def test_nf4dense_bad_input_is_a_clear_error():
 
 
 def test_get_lora_model_on_a_quantized_model_is_qlora():
-    from lowrank.lora_config import LoraConfig
-    from lowrank.peft_model import get_lora_model
+    from lowrank.tuners.lora.config import LoraConfig
+    from lowrank.tuners.lora.model import get_lora_model
     model = quantize_model(lr.MLP([8, 16, 16, 2], seed=0), skip=("4",))
     peft = get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
     assert isinstance(peft.get_submodule("model.0.base_layer"), NF4Dense)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowrank.quant import (DYNAMIC_CODE, DYNAMIC_HALF_GAP, NF4_CODE, NF4_HALF_GAP, NF4Tensor, double_dequantize,
+from lowrank.nn.quant import (DYNAMIC_CODE, DYNAMIC_HALF_GAP, NF4_CODE, NF4_HALF_GAP, NF4Tensor, double_dequantize,
                            double_quantize, merge_delta, pack_nibbles, quantize_blockwise_nf4, quantize_nf4,
                            unpack_nibbles)
 

@@ -14,10 +14,10 @@ import pytest
 import safetensors.numpy
 
 import lowrank as lr
-from lowrank import atomic
-from lowrank.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_parameters
-from lowrank.atomic import LOCK_NAME, commit_files
-from lowrank.model_files import FileFormatError, tensor_file_bytes
+from lowrank.io import atomic
+from lowrank.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_parameters
+from lowrank.io.atomic import LOCK_NAME, commit_files
+from lowrank.io.model_files import FileFormatError, tensor_file_bytes
 
 FORK = multiprocessing.get_context("fork")
 LEFTOVER = re.compile(r"\..+\.(tmp|bak)-[0-9a-f]{8}")

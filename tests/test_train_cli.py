@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lowrank.cli import main
-from lowrank import experiment
-from lowrank.experiment import DemoConfig, downstream, task_spec
-from lowrank.data import make_task
-from lowrank.model_files import load_model
-from lowrank.peft_model import LoraModel
+from lowrank.app.cli import main
+from lowrank.app import experiment
+from lowrank.app.experiment import DemoConfig, downstream, task_spec
+from lowrank.training.data import make_task
+from lowrank.io.model_files import load_model
+from lowrank.tuners.lora.model import LoraModel
 
 D, H1, H2 = 6, 16, 12                                    # sizes [D, H1, H2, 1]
 FLAGS = ["train", "--n-features", str(D), "--hidden", f"{H1},{H2}", "--n-samples", "300", "--epochs", "2",

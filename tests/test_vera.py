@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowrank.experiment import DemoConfig, dense_names, downstream, finetune, pretrain, test_accuracy
-from lowrank.gradcheck import check_module
-from lowrank.layers import MLP, Dense
-from lowrank.module import Parameter
-from lowrank.vera import VeraConfig, VeraLinear, get_vera_model, vera_parameter_count
+from lowrank.app.experiment import DemoConfig, dense_names, downstream, finetune, pretrain, test_accuracy
+from lowrank.nn.gradcheck import check_module
+from lowrank.nn.layers import MLP, Dense
+from lowrank.nn.module import Parameter
+from lowrank.tuners.vera import VeraConfig, VeraLinear, get_vera_model, vera_parameter_count
 
 sizes = st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 5), st.integers(1, 5), st.integers(1, 6))
 
@@ -101,8 +101,8 @@ def test_trains_on_the_demo_task_with_its_closed_form_parameter_count():
 
 def test_variant_rows_for_the_demo_table():
     """DoRA, LoRA+ and VeRA rows on DemoConfig.quick(), with closed-form trainable counts."""
-    from lowrank.accounting import lora_parameter_count
-    from lowrank.variants_demo import VERA_R, variant_rows
+    from lowrank.training.accounting import lora_parameter_count
+    from lowrank.app.variants import VERA_R, variant_rows
 
     cfg = DemoConfig.quick()
     pretrained, ds, _ = pretrain(cfg)

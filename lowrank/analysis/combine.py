@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..nn.device import get_array_module
 from .svd import truncated_svd
 
 COMBINATIONS = ("cat", "svd")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..nn.device import get_array_module
 
 FINE = 32            # fwht does its finest log₂ 32 = 5 levels as one product with H₃₂ (BLAS)
 

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from ..backend import get_array_module
-from ..module import Module, Parameter
+from ..nn.device import get_array_module
+from ..nn.module import Module, Parameter
 from .fastfood import Fastfood
 
 DENSE_LIMIT = 1 << 24          # "auto" uses a dense P up to this many entries (D·d), Fastfood beyond

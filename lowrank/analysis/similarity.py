@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..nn.device import get_array_module
 
 
 def top_directions(M, k: int | None = None, side: str = "right"):

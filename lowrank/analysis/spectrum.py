@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module
-from ..lora import LoRALinear
-from ..module import Module
+from ..nn.device import get_array_module
+from ..tuners.lora.layer import LoRALinear
+from ..nn.module import Module
 from .svd import singular_values
 
 __all__ = ["singular_values", "stable_rank", "effective_rank", "captured_fraction", "full_deltas",

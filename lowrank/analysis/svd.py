@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..nn.device import get_array_module
 
 
 @dataclass

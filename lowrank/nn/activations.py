@@ -4,8 +4,8 @@
 """
 from __future__ import annotations
 
-from ..layers import sigmoid
-from ..module import Module
+from .layers import sigmoid
+from .module import Module
 
 
 class SiLU(Module):

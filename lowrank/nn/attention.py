@@ -28,9 +28,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import get_array_module
-from ..layers import Dense
-from ..module import Module
+from .device import get_array_module
+from .layers import Dense
+from .module import Module
 from .rotary import RotaryEmbedding, apply_rope, apply_rope_backward
 
 

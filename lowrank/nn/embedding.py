@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import get_array_module
-from ..layers import check_dtype
-from ..module import Module, Parameter
+from .device import get_array_module
+from .layers import check_dtype
+from .module import Module, Parameter
 
 
 class EmbeddingCache(NamedTuple):

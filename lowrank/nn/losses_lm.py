@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import get_array_module
-from ..losses import Loss
+from .device import get_array_module
+from .losses import Loss
 
 
 class CausalLMCache(NamedTuple):

@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..layers import Dense
-from ..module import Module
+from .layers import Dense
+from .module import Module
 from .activations import SiLU
 
 

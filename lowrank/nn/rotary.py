@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import get_array_module
-from ..module import Module
+from .device import get_array_module
+from .module import Module
 
 
 def rope_tables(T: int, head_dim: int, theta: float, dtype, xp=np):

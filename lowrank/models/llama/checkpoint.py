@@ -6,7 +6,7 @@ shards. Tensor names are the model's ``named_parameters()`` names; a tied ``lm_h
 absent, as in transformers' files. float16/bfloat16/float32 tensors are upcast to the requested
 dtype (float64 tensors need ``dtype="float64"``: narrowing is refused, not done silently).
 
-Loading checks everything before changing anything (``lowrank.model_files``: integrity,
+Loading checks everything before changing anything (``lowrank.io.model_files``: integrity,
 names, shapes, dtypes, finiteness; FileFormatError naming the file and the tensor) and copies
 the arrays in under ``all_or_nothing``, so a failed load leaves no model half-loaded.
 Saving writes both files with ``commit_files``: all or nothing.
@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...atomic import all_or_nothing, commit_files
-from ...model_files import FileFormatError, check_tensors, read_tensor_file, tensor_file_bytes
+from ...io.atomic import commit_files
+from ...nn.snapshot import all_or_nothing
+from ...io.model_files import FileFormatError, check_tensors, read_tensor_file, tensor_file_bytes
 from .configuration import LlamaConfig
 
 CONFIG_NAME = "config.json"
@@ -76,15 +77,14 @@ def load_weights(model, folder):
     return model
 
 
-def from_pretrained(folder, *, dtype="float32"):
-    """A LlamaForCausalLM in ``dtype`` built from ``folder/config.json`` and loaded from its tensors."""
-    from .modeling import LlamaForCausalLM
+def from_pretrained(cls, folder, *, dtype="float32"):
+    """A ``cls`` (LlamaForCausalLM) in ``dtype`` built from ``folder/config.json`` and loaded from its tensors."""
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
         raise FileFormatError(f"{folder / CONFIG_NAME}: file not found (a save_pretrained folder holds "
                               f"{CONFIG_NAME} beside the tensors)")
     config = LlamaConfig.from_json_file(folder / CONFIG_NAME)
-    return load_weights(LlamaForCausalLM(config, dtype=dtype, seed=0), folder)
+    return load_weights(cls(config, dtype=dtype, seed=0), folder)
 
 
 def save_pretrained(model, folder, *, overwrite: bool = False):

@@ -24,9 +24,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ...layers import Dense, check_dtype
-from ...module import Module, Sequential
+from ...nn.layers import Dense, check_dtype
+from ...nn.module import Module, Sequential
 from ...nn import Embedding, LlamaAttention, LlamaMLP, RMSNorm
+from .checkpoint import from_pretrained, save_pretrained
 from .configuration import LlamaConfig
 
 
@@ -160,10 +161,8 @@ class LlamaForCausalLM(Module):
     @classmethod
     def from_pretrained(cls, path, *, dtype="float32") -> "LlamaForCausalLM":
         """Load a folder written by transformers' ``save_pretrained`` (see ``checkpoint``)."""
-        from .checkpoint import from_pretrained
-        return from_pretrained(path, dtype=dtype)
+        return from_pretrained(cls, path, dtype=dtype)
 
     def save_pretrained(self, path, *, overwrite: bool = False):
         """Write ``config.json`` + ``model.safetensors`` that transformers loads (see ``checkpoint``)."""
-        from .checkpoint import save_pretrained
         save_pretrained(self, path, overwrite=overwrite)

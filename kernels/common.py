@@ -1,0 +1,61 @@
+"""What several backends share that is not an input check (those are in ``validate``), in one place.
+
+    NF4_CODE         the 16 NormalFloat-4 values, index = the 4-bit code
+    xp               numpy, or cupy for a CuPy array
+    adapters_in      the distinct adapter ids of a per-row index, −1 left out
+    segment_index    SGMV segments expanded to a per-row index
+    fallback         the decorator by which a backend sends one dtype to another backend, declared once
+"""
+import functools
+
+import numpy as np
+
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
+"""The 16 NormalFloat-4 values (QLoRA, bitsandbytes), index = the 4-bit code."""
+
+
+def host(a):
+    """``a`` as a NumPy array (copied from the device for a CuPy array)."""
+    return np.asarray(a.get() if hasattr(a, "get") else a)
+
+
+def xp(a):
+    """numpy, or cupy for a CuPy array (so the reference also runs on the GPU)."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return np
+
+
+def adapters_in(index):
+    """The distinct adapter ids used by ``index``, without −1 (host ints)."""
+    return [int(k) for k in np.unique(host(index)) if k >= 0]
+
+
+def segment_index(indptr, seg_index):
+    """Per-row index of SGMV segments: rows indptr[t]:indptr[t+1] use seg_index[t]; (N,) like seg_index."""
+    return xp(seg_index).repeat(seg_index, np.diff(host(indptr)).tolist())
+
+
+def fallback(dtype, backend, check=None):
+    """Decorator: a call whose first argument (x, dy) has ``dtype`` runs ``backend``'s function of
+    the same name instead, after ``check(fn, args, kwargs)`` when given. Each backend names its
+    fallback once with this; the function it decorates never sees that dtype."""
+    dtype = np.dtype(dtype)
+
+    def decorate(fn):
+        other, lead = getattr(backend, fn.__name__), fn.__code__.co_varnames[0]
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if np.dtype((args[0] if args else kwargs[lead]).dtype) != dtype:
+                return fn(*args, **kwargs)
+            if check is not None:
+                check(fn, args, kwargs)
+            return other(*args, **kwargs)
+        return run
+    return decorate

@@ -1,0 +1,61 @@
+"""The ``lowrank`` command. Each subcommand lives in its own module, which defines
+``add_arguments(parser)`` and ``run(args) -> int`` (heavy imports such as matplotlib happen
+inside ``run``, so building the parser stays cheap).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from importlib import import_module
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("lowrank.app.demo", "pretrain an MLP, fine-tune it every way, write lowrank-out/report.md"),
+    "train": ("lowrank.app.train", "fine-tune one method (full, head, adapter, lora, qlora) on a toy task; --distributed under mpiexec"),
+    "inspect": ("lowrank.app.inspect", "show what an adapter directory or a model file holds"),
+    "analyze": ("lowrank.app.analyze", "SVD, ranks of ΔW, subspace similarity, intrinsic dimension d90"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank", description="LoRA from scratch: demo, training, files, analysis")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    if hasattr(signal, "SIGPIPE") and argv is None:     # `lowrank inspect ... | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(import_module(args._module).run(args) or 0)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:   # bad usage or bad input
+        return _fail(args.command, e, 2)
+    except OSError as e:                                           # a file the command can't read or write
+        return _fail(args.command, e, 1)
+    except RecursionError as e:                                    # e.g. JSON nested 100,000 deep
+        return _fail(args.command, f"input nested too deeply to read ({e})", 2)
+    except MemoryError as e:
+        return _fail(args.command, f"out of memory{f': {e}' if str(e) else ''}", 1)
+
+
+def printable(text) -> str:
+    """``text`` with control characters escaped (ESC -> \\x1b, newline -> \\n), other characters kept:
+    names read from a file can't move the cursor, recolour the terminal or fake an output line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def _fail(command: str, error, code: int) -> int:
+    """One line on stderr (never a traceback); ``code`` is the exit status."""
+    text = printable(" ".join(str(error).split()) or type(error).__name__)    # multi-line messages too
+    print(f"lowrank {command}: error: {text}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

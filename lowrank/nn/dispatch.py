@@ -1,0 +1,79 @@
+"""The one dispatch point between layers and kernels.
+
+Layers call ``kernels_for(x, layer.backend)`` and get a module with the kernel API
+(``lowrank.kernels.API``). The backend is chosen per layer (``layer.backend``), else
+globally (``set_backend``), else automatically: the fastest available for the
+input's device (Numba on the CPU when importable, CuPy on the GPU).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from .. import kernels
+from .device import is_cupy_array
+
+BACKENDS = ("auto", "numpy", "numba", "cupy")
+_default = "auto"
+_loaded: dict = {}
+
+
+def _check(name):
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def set_backend(name: str):
+    """Set the global kernel backend ('auto', 'numpy', 'numba' or 'cupy')."""
+    global _default
+    _check(name)
+    _default = name
+
+
+def get_backend() -> str:
+    return _default
+
+
+@contextmanager
+def use_backend(name: str):
+    """Temporarily set the global backend: ``with use_backend("numpy"): ...``."""
+    old = _default
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def available(name: str) -> bool:
+    """True when backend ``name`` can be loaded on this machine."""
+    try:
+        _load(name)
+        return True
+    except ImportError:
+        return False
+
+
+def _load(name):
+    if name not in _loaded:
+        try:
+            _loaded[name] = kernels.load(name)
+        except ImportError:
+            _loaded[name] = None
+    if _loaded[name] is None:
+        raise ImportError(f"kernel backend {name!r} is not available here "
+                          f"(numba needs `pip install numba`; cupy needs lowrank[gpu] and a GPU)")
+    return _loaded[name]
+
+
+def kernels_for(x, backend: str | None = None):
+    """The kernel module for array ``x`` under ``backend`` (None = the global setting)."""
+    name = backend or _default
+    _check(name)
+    on_gpu = is_cupy_array(x)
+    if name == "auto":
+        name = "cupy" if on_gpu else ("numba" if available("numba") else "numpy")
+    elif on_gpu and name == "numba":
+        raise ValueError("backend 'numba' runs on the CPU; this input is a CuPy array (use 'cupy' or 'auto')")
+    elif not on_gpu and name == "cupy":
+        raise ValueError("backend 'cupy' needs CuPy arrays; move the model with .to('gpu') first")
+    return _load(name)

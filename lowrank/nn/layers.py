@@ -1,0 +1,182 @@
+"""Dense layer, activations and the MLP, each with its backward right under its forward.
+
+Letters: N rows, D_in, D_out. ``weight`` (D_out, D_in) and ``bias`` (D_out,) as in
+PyTorch's Linear, so y = x Wᵀ + b and state dicts carry over name for name.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .device import erf, get_array_module
+from .dispatch import kernels_for
+from .module import Module, Parameter, Sequential
+
+
+def kaiming_uniform(rng, shape, fan_in, dtype):
+    """PyTorch's Linear init: Kaiming-uniform with a = √5, i.e. U(−1/√fan_in, 1/√fan_in)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def check_dtype(owner: str, dtype) -> np.dtype:
+    """float32 or float64, else a TypeError naming ``owner``."""
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"{owner}: dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+class DenseCache(NamedTuple):
+    x: object          # (N, D_in) input, kept only when dW is needed (trainable weight)
+    rows: int          # N, to check dy
+
+
+class Dense(Module):
+    """y = x Wᵀ + b. When ``weight`` is frozen its backward computes no dW and allocates none."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype="float32", seed=None, backend: str | None = None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Dense: in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        dt = check_dtype("Dense", dtype)
+        rng = np.random.default_rng(seed)
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.weight = Parameter(kaiming_uniform(rng, (out_features, in_features), in_features, dt))
+        self.bias = Parameter(kaiming_uniform(rng, (out_features,), in_features, dt)) if bias else None
+
+    def forward(self, x):
+        self._check_input(x, self.in_features, self.weight.dtype)
+        b = self.bias.data if self.bias is not None else None
+        self._cache = DenseCache(x if self.weight.trainable else None, x.shape[0])
+        return kernels_for(x, self.backend).dense_forward(x, self.weight.data, b)   # (N, D_out)
+
+    def backward(self, dy):
+        cache = self._need_cache()
+        self._check_dy(dy, (cache.rows, self.out_features))
+        k = kernels_for(dy, self.backend)
+        need_db = self.bias is not None and self.bias.trainable
+        dx, dW, db = k.dense_backward(dy, cache.x, self.weight.data, need_dx=True,
+                                      need_dW=self.weight.trainable, need_db=need_db)
+        self.weight.accumulate(dW)
+        if need_db:
+            self.bias.accumulate(db)
+        self._cache = None
+        return dx
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class ReLU(Module):
+    """y = max(x, 0); dx = dy ⊙ [x > 0]."""
+
+    def forward(self, x):
+        self._cache = x > 0
+        return x * self._cache
+
+    def backward(self, dy):
+        mask = self._need_cache()
+        self._cache = None
+        self._check_dy(dy, mask.shape)
+        return dy * mask
+
+
+class Tanh(Module):
+    """y = tanh x; dx = dy ⊙ (1 − y²)."""
+
+    def forward(self, x):
+        y = get_array_module(x).tanh(x)
+        self._cache = y
+        return y
+
+    def backward(self, dy):
+        y = self._need_cache()
+        self._cache = None
+        self._check_dy(dy, y.shape)
+        return dy * (1 - y * y)
+
+
+def sigmoid(x):
+    """Numerically stable logistic function on NumPy or CuPy arrays."""
+    xp = get_array_module(x)
+    e = xp.exp(-xp.abs(x))                     # never overflows
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+class Sigmoid(Module):
+    """y = σ(x); dx = dy ⊙ y(1 − y)."""
+
+    def forward(self, x):
+        y = sigmoid(x)
+        self._cache = y
+        return y
+
+    def backward(self, dy):
+        y = self._need_cache()
+        self._cache = None
+        self._check_dy(dy, y.shape)
+        return dy * y * (1 - y)
+
+
+class GELU(Module):
+    """GELU, exact x·Φ(x) (``approximate="none"``) or the tanh form (``"tanh"``), as PyTorch.
+
+    exact   y = x Φ(x),  dy/dx = Φ(x) + x φ(x)
+    tanh    u = √(2/π)(x + 0.044715 x³),  y = ½ x (1 + tanh u),
+            dy/dx = ½(1 + tanh u) + ½ x (1 − tanh² u) √(2/π)(1 + 3·0.044715 x²)
+    """
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        self._cache = x
+        if self.approximate == "tanh":
+            t = xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
+            return 0.5 * x * (1 + t)
+        return 0.5 * x * (1 + erf(x / math.sqrt(2)))
+
+    def backward(self, dy):
+        x = self._need_cache()
+        self._cache = None
+        self._check_dy(dy, x.shape)
+        xp = get_array_module(x)
+        if self.approximate == "tanh":
+            c = math.sqrt(2 / math.pi)
+            t = xp.tanh(c * (x + 0.044715 * x**3))
+            return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x))
+        cdf = 0.5 * (1 + erf(x / math.sqrt(2)))
+        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return dy * (cdf + x * pdf)
+
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"
+
+
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid, "gelu": GELU,
+               "gelu_tanh": lambda: GELU("tanh")}
+
+
+def MLP(sizes, activation: str = "relu", *, bias: bool = True, dtype="float32", seed=None) -> Sequential:
+    """``Sequential(Dense, act, Dense, act, ..., Dense)``: the same names and shapes as
+    ``torch.nn.Sequential(Linear, ReLU, ..., Linear)`` for ``sizes = [d0, d1, ..., dk]``."""
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"MLP: sizes needs at least [in, out], got {sizes}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"MLP: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(Dense(d_in, d_out, bias, dtype=dtype, seed=int(rng.integers(2**31))))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return Sequential(*layers)

@@ -1,0 +1,1 @@
+"""What adapts a frozen model: LoRA and its family (``lora/``), VeRA, the Houlsby bottleneck adapter."""
