@@ -1,6 +1,7 @@
 """Shared test setup: the hypothesis profiles and small helpers."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # The benchmarks (not installed) are importable from the repository root; appended, so the
 # installed lowrank package still comes first and is the one under test.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+# Where a test starts a Python subprocess that imports lowrank: not the repository root, which
+# Python would put first on sys.path, so that the installed package (lowrank.kernels included)
+# is the one imported, as for a user, and not the source folder beside kernels/.
+OUTSIDE_REPO = tempfile.gettempdir()
 
 
 @pytest.fixture

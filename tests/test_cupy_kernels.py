@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import lowrank as lr
 from lowrank.nn.device import cupy_module
+from conftest import OUTSIDE_REPO
 from lowrank import kernels
 from lowrank.kernels import config, reference
 from lowrank.kernels.common import NF4_CODE
@@ -67,7 +68,8 @@ def _config(**values):
 # -- without a GPU ---------------------------------------------------------------------------------
 def _python(code, **env):
     import os
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                         cwd=OUTSIDE_REPO)
     return run.returncode, run.stdout + run.stderr
 
 

@@ -63,7 +63,7 @@ def test_demo_adapter_files_reload_exactly(demo_out):
 def test_a_log_gets_one_timed_line_per_stage(tmp_path):
     """Not a terminal (a pipe, as in CI or a log file): no tqdm bars, but a line per stage."""
     run = subprocess.run([sys.executable, "-m", "lowrank.app.cli", "demo", "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     lines = run.stderr.splitlines()
     stage = re.compile(r"^\[demo +(\d+\.\d) s\] (.+?) +(\d+\.\d) s")

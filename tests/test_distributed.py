@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import lowrank as lr
+from conftest import OUTSIDE_REPO
 from lowrank.training.distributed import DataParallel, shard_bounds, allreduce_nbytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,11 +53,11 @@ needs_mpi = pytest.mark.skipif(
 
 
 def mpirun(*args, ranks=RANKS):
-    """Run ``args`` under mpiexec -n ranks from the repository root; a hang fails after TIMEOUT_S."""
+    """Run ``args`` under mpiexec -n ranks, outside the repository; a hang fails after TIMEOUT_S."""
     env = {**os.environ, "HYDRA_LAUNCHER": "fork", "OMPI_ALLOW_RUN_AS_ROOT": "1",
            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "NUMBA_NUM_THREADS": "1"}
-    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *args], cwd=ROOT, env=env,
+    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *args], cwd=OUTSIDE_REPO, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -112,7 +113,7 @@ def test_world_without_mpi4py_names_the_extra(monkeypatch):
 
 def test_import_lowrank_does_not_start_mpi():
     code = "import sys, lowrank, lowrank.training.distributed; assert 'mpi4py' not in sys.modules"
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=TIMEOUT_S).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=OUTSIDE_REPO, timeout=TIMEOUT_S).returncode == 0
 
 
 # -- under mpiexec -n 2 -------------------------------------------------------------------------
