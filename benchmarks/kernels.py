@@ -3,6 +3,8 @@
     python -m benchmarks.kernels --threads 1   # pruned full matrix (see FULL): 5-12 min on the shared
                                                # 2 cores; writes results/kernels.{json,png}
     python -m benchmarks.kernels --quick       # tiny shapes, seconds (CI)
+    python -m benchmarks.kernels --quick --backend examples/torch_backend.py   # + any backend (repeatable):
+                                               # a registered name, an import path or a .py file
 
 Groups (float32, no bias, like an LLM projection; every variant interleaved with the base):
   forward   base | numpy (reference, unfused: a temporary + add) | numba (fused: GEMM beta = 1)
@@ -15,17 +17,24 @@ Groups (float32, no bias, like an LLM projection; every variant interleaved with
   multi     one adapter vs mixed batches of K adapters: BGMV (per-row index), SGMV (sorted rows),
             loop_numpy (base once + per-adapter gather/scatter, PEFT's mixed batch), loop_batches
             (a separate fused forward per adapter's rows)
+  --backend NAME adds NAME (forward, backward), lora_NAME (train), bgmv_NAME and sgmv_NAME (multi)
+            beside the built-in variants, in the same rounds; its native functions run, the rest are
+            the reference's (``lowrank.kernels.describe``, printed first); a backend with its own thread
+            pool pins it to --threads through an optional ``set_num_threads(n)`` function
 Ratios are per-round t(variant) / t(base), medians over rounds (a target "a/b" between two
 variants is ratio(a) / ratio(b)); GF/s and GB/s count the
 minimum FLOPs and bytes (each operand touched once) against this run's measured floors.
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import sys
 import time
 
 import numpy as np
 
+from lowrank import kernels
 from lowrank.kernels import numba_cpu as nb
 from lowrank.kernels import reference as ref
 from lowrank.kernels.numba_cpu.blas import gemm_acc
@@ -58,10 +67,10 @@ def _data(D_out, D_in, r, N, seed=0):
     return dict(x=f(N, D_in), W=f(D_out, D_in), A=f(r, D_in), B=f(D_out, r), dy=f(N, D_out))
 
 
-def forward_variants(d, s=2.0):
+def forward_variants(d, s=2.0, backends=None):
     x, W, A, B = d["x"], d["W"], d["A"], d["B"]
     Wm, y = W + s * (B @ A), x @ W.T
-    return {
+    return {**{name: functools.partial(k.lora_forward, x, W, A, B, s) for name, k in (backends or {}).items()},
         "base": lambda: x @ W.T,
         "numpy": lambda: ref.lora_forward(x, W, A, B, s),
         "numba": lambda: nb.lora_forward(x, W, A, B, s),
@@ -73,10 +82,10 @@ def forward_variants(d, s=2.0):
     }
 
 
-def backward_variants(d, s=2.0):
+def backward_variants(d, s=2.0, backends=None):
     x, W, A, B, dy = d["x"], d["W"], d["A"], d["B"], d["dy"]
     h = x @ A.T
-    return {
+    return {**{name: functools.partial(k.lora_backward, dy, x, h, W, A, B, s) for name, k in (backends or {}).items()},
         "base": lambda: x @ W.T,
         "numpy": lambda: ref.lora_backward(dy, x, h, W, A, B, s),
         "numba": lambda: nb.lora_backward(dy, x, h, W, A, B, s),
@@ -84,7 +93,7 @@ def backward_variants(d, s=2.0):
     }
 
 
-def train_variants(d, s=2.0, lr=1e-6):
+def train_variants(d, s=2.0, lr=1e-6, backends=None):
     x, W, A, B, dy = d["x"], d["W"], d["A"], d["B"], d["dy"]
     W_full = W.copy()
 
@@ -101,10 +110,10 @@ def train_variants(d, s=2.0, lr=1e-6):
         W_full.__isub__(dW)                        # in place: one read-modify-write pass over W
 
     return {"base": lambda: x @ W.T, "lora_numpy": lambda: lora_step(ref), "lora_numba": lambda: lora_step(nb),
-            "full": full_step}
+            "full": full_step, **{f"lora_{name}": functools.partial(lora_step, k) for name, k in (backends or {}).items()}}
 
 
-def multi_variants(d, K, s=2.0, seed=1):
+def multi_variants(d, K, s=2.0, seed=1, backends=None):
     rng = np.random.default_rng(seed)
     x, W, A, B = d["x"], d["W"], d["A"], d["B"]
     N, r = x.shape[0], A.shape[0]
@@ -131,6 +140,9 @@ def multi_variants(d, K, s=2.0, seed=1):
         "sgmv": lambda: nb.lora_forward_sgmv(xs, W, A_stack, B_stack, scalings, indptr, seg),
         "loop_numpy": lambda: ref.lora_forward_multi(x, W, A_stack, B_stack, scalings, index),
         "loop_batches": loop_batches,
+        **{f"{kind}_{name}": functools.partial(fn, *args) for name, k in (backends or {}).items()
+           for kind, fn, args in (("bgmv", k.lora_forward_multi, (x, W, A_stack, B_stack, scalings, index)),
+                                  ("sgmv", k.lora_forward_sgmv, (xs, W, A_stack, B_stack, scalings, indptr, seg)))},
     }
 
 
@@ -155,8 +167,9 @@ def cost(group, variant, D_out, D_in, r, N):
     return base + lora, io + lora_io
 
 
-def run(cfg, log=print):
-    rows = []
+def run(cfg, log=print, backends=None):
+    """Time cfg's matrix; ``backends`` {name: kernel backend} join every group beside the built-in ones."""
+    rows, extra = [], dict(backends=backends)
 
     def timed(group, variants, N):
         """Interleave ``variants`` minus those cfg["skip"][N] names as "group" or "group:variant"."""
@@ -177,18 +190,18 @@ def run(cfg, log=print):
                 f"{rows[-1]['gbs']:6.1f} GB/s")
 
     for shape, r, N in cfg["forward"]:
-        record("forward", shape, r, N, 1, timed("forward", forward_variants(_data(*shape, r, N)), N))
+        record("forward", shape, r, N, 1, timed("forward", forward_variants(_data(*shape, r, N), **extra), N))
     for shape, r, N in cfg["step"]:
         d = _data(*shape, r, N)
         if "backward" not in cfg["skip"].get(N, ()):
-            record("backward", shape, r, N, 1, timed("backward", backward_variants(d), N))
-        record("train", shape, r, N, 1, timed("train", train_variants(d), N))
+            record("backward", shape, r, N, 1, timed("backward", backward_variants(d, **extra), N))
+        record("train", shape, r, N, 1, timed("train", train_variants(d, **extra), N))
     for shape, r, N, K in cfg["multi"]:
-        record("multi", shape, r, N, K, timed("multi", multi_variants(_data(*shape, r, N), K), N))
+        record("multi", shape, r, N, K, timed("multi", multi_variants(_data(*shape, r, N), K, **extra), N))
     return rows
 
 
-def targets(rows, cfg):
+def targets(rows, cfg, backends=()):
     """The issue's target figures (at ``cfg``'s target shape), looked up in ``rows``; None if absent."""
     def get(group, variant, **k):
         for row in rows:
@@ -203,16 +216,18 @@ def targets(rows, cfg):
     (D_out, D_in), r = cfg["target_shape"], cfg["target_r"]
     at, out = f"{D_out}x{D_in} r={r}", {}
     for N in cfg["target_Ns"]:
-        for variant in ("numba", "numpy"):
+        for variant in ("numba", "numpy", *backends):
             row = get("forward", variant, D_out=D_out, D_in=D_in, r=r, N=N)
             out[f"forward {variant}/base {at} N={N}"] = row and row["ratio"]
-            row = get("forward", f"term_{variant}", D_out=D_out, D_in=D_in, r=r, N=N)
-            out[f"forward 1 + term_{variant}/base {at} N={N}"] = row and 1 + row["ratio"]
+            if variant in ("numba", "numpy"):
+                row = get("forward", f"term_{variant}", D_out=D_out, D_in=D_in, r=r, N=N)
+                out[f"forward 1 + term_{variant}/base {at} N={N}"] = row and 1 + row["ratio"]
     k = dict(D_out=D_out, D_in=D_in, r=r, N=cfg["step_N"])
-    for variant in ("lora_numba", "lora_numpy"):
+    for variant in ("lora_numba", "lora_numpy", *(f"lora_{b}" for b in backends)):
         out[f"train {variant}/full {at} N={k['N']}"] = ratio(get("train", variant, **k), get("train", "full", **k))
     k = dict(D_out=D_out, D_in=D_in, r=r, N=cfg["multi_N"], K=16)
-    for a, b in (("bgmv", "single"), ("sgmv", "single"), ("loop_numpy", "bgmv"), ("loop_batches", "bgmv")):
+    pairs = [("bgmv", "single"), ("sgmv", "single"), ("loop_numpy", "bgmv"), ("loop_batches", "bgmv")]
+    for a, b in pairs + [(f"{kind}_{name}", kind) for name in backends for kind in ("bgmv", "sgmv")]:
         out[f"multi K=16 {a}/{b} {at} N={k['N']}"] = ratio(get("multi", a, **k), get("multi", b, **k))
     return out
 
@@ -227,19 +242,39 @@ def plot(rows, path, r):
     harness.plot_ratios(path, panels, f"LoRA kernels vs the base product x·Wᵀ (r={r}, float32, medians)")
 
 
+def extra_backends(specs) -> dict:
+    """{name: backend} for ``--backend`` specs; a module's ``NAME`` (else its file's) names its variants."""
+    out = {}
+    for spec in specs:
+        b = kernels.resolve(spec)
+        name = spec if kernels.is_backend(spec) else getattr(b.module, "NAME", b.name)
+        if name in ("numpy", "numba") or name in out:
+            continue                                     # already in the table
+        print(kernels.describe(b).replace(repr(b.name), repr(name), 1))
+        out[name] = b
+    return out
+
+
 def main(argv=None):
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--backend", action="append", default=[])
+    b, argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     a = harness.parse_args(argv, __doc__, "kernels")
     cfg, out = (QUICK if a.quick else FULL), a.out
+    backends = extra_backends(b.backend)
+    for k in backends.values():                          # a backend with its own thread pool pins it here
+        getattr(k.module, "set_num_threads", lambda n: None)(a.threads)
     t0 = time.time()
-    mach, rows = harness.run_pinned(a, run, cfg)
+    mach, rows = harness.run_pinned(a, functools.partial(run, backends=backends), cfg)
     for row in rows:
         row["pct_peak"] = 100 * row["gflops"] / mach["blas_peak_gflops"]
         row["pct_bw"] = 100 * row["gbs"] / mach["copy_gbs"]
-    tg = targets(rows, cfg)
+    tg = targets(rows, cfg, tuple(backends))
     for name, v in tg.items():
         print(f"target  {name:45s} {'-' if v is None else f'{v:.3f}'}")
     payload = dict(command="python -m benchmarks.kernels" + (" --quick" if a.quick else ""), argv=sys.argv[1:],
-                   machine=mach, config=cfg, rows=rows, targets=tg, wall_s=time.time() - t0)
+                   machine=mach, config=cfg, rows=rows, targets=tg, wall_s=time.time() - t0,
+                   backends={name: kernels.describe(k) for name, k in backends.items()})
     harness.write_json(out, payload)
     plot(rows, out[:-5] + ".png", cfg["target_r"])
     print(f"wrote {out} and {out[:-5]}.png in {time.time() - t0:.1f} s")

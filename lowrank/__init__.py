@@ -9,6 +9,7 @@ from .nn.dispatch import get_backend, kernels_for, set_backend, use_backend
 from .nn.gradcheck import check_module, gradcheck, numerical_gradient
 from .nn.layers import GELU, MLP, Dense, ReLU, Sigmoid, Tanh
 from .tuners.lora.layer import LoRALinear
+from .tuners.lora.embedding import LoRAEmbedding
 from .tuners.lora.config import LoraConfig
 from .tuners.lora.model import LoraModel, ModulesToSave, get_lora_model
 from .training.data import Dataset, TaskSpec, downstream_task, make_task
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "get_array_module", "to_device", "get_backend", "kernels_for", "set_backend", "use_backend",
     "check_module", "gradcheck", "numerical_gradient",
-    "GELU", "MLP", "Dense", "ReLU", "Sigmoid", "Tanh", "LoRALinear",
+    "GELU", "MLP", "Dense", "ReLU", "Sigmoid", "Tanh", "LoRALinear", "LoRAEmbedding",
     "LoraConfig", "LoraModel", "ModulesToSave", "get_lora_model",
     "Dataset", "TaskSpec", "downstream_task", "make_task", "History", "evaluate", "fit", "predict",
     "FileFormatError", "load_model", "save_model",

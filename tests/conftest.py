@@ -1,4 +1,6 @@
 """Shared test setup: the hypothesis profiles and small helpers."""
+import importlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -29,3 +31,19 @@ OUTSIDE_REPO = tempfile.gettempdir()
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def cuda_launch():
+    """kernels/cupy_gpu/launch.py (block-size defines, launch geometry): it imports no CuPy, but its
+    package does, so without CuPy the file loads on its own, under its own name."""
+    name = "lowrank.kernels.cupy_gpu.launch"
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        import lowrank.kernels
+        path = Path(lowrank.kernels.__file__).parent / "cupy_gpu" / "launch.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module

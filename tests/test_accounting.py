@@ -21,8 +21,24 @@ def test_one_small_lora_step_counted_by_hand():
     # caches: LoRALinear keeps x (5, 4) and h (5, 2); ReLU its mask (5, 8) of bools;
     # the frozen head keeps nothing (it needs no dW)
     assert mem.activations == f8 * 5 * 4 + f8 * 5 * 2 + 1 * 5 * 8
-    assert mem.tracemalloc_peak >= mem.gradients + mem.optimizer
+    # the caches all live at the end of the forward, gradients and Adam state at the end of the step
+    assert mem.tracemalloc_peak >= max(mem.activations, mem.gradients + mem.optimizer)
     assert stored_bytes(model) == f8 * lora
+
+
+def test_tracemalloc_sees_no_gradient_of_the_frozen_weight():
+    """The measured peak of a LoRA step over a 512x512 frozen weight (2 MiB in float64) stays below the
+    counted bytes plus that weight's size: no dW of a frozen weight is ever allocated, even for a moment."""
+    base = lr.MLP([512, 512, 1], dtype="float64", seed=0)
+    model = lr.get_lora_model(base, lr.LoraConfig(r=2, target_modules=["0"]))
+    x, y = np.random.default_rng(0).standard_normal((8, 512)), np.arange(8) % 2
+    step = lambda: measure_step(model, lr.Adam(model.parameters(trainable_only=True)), x, y)  # noqa: E731
+    step()                                            # first call: one-time allocations (kernel compilation)
+    mem = step()
+    frozen_W = base[0].base_layer.weight.data.nbytes            # the LoRA layer has replaced base[0]
+    counted = mem.activations + mem.gradients + mem.optimizer
+    assert frozen_W == 512 * 512 * 8 and counted < frozen_W / 10
+    assert max(mem.activations, mem.gradients + mem.optimizer) <= mem.tracemalloc_peak < counted + frozen_W
 
 
 def test_lora_trains_on_the_demo_task_with_the_closed_form_count():

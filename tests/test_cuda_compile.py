@@ -12,20 +12,12 @@ from pathlib import Path
 import pytest
 
 import lowrank.kernels as kernels
-from lowrank.kernels import config
 
 CUDA_DIR = Path(kernels.__file__).parent / "cupy_gpu" / "cuda"
 KERNELS = {"lora.cu": ("lora_shrink", "lora_expand", "lora_gemv"), "nf4.cu": ("nf4_dequant", "nf4_gemv")}
 SOURCES = [CUDA_DIR / name for name in KERNELS]           # common.cu is included by both, not built alone
 ARCHS = ("80", "90")
-MACROS = ("SHRINK_ROWS", "SHRINK_RANKS", "SHRINK_THREADS", "EXPAND_ROWS", "EXPAND_THREADS",
-          "GEMV_ROWS", "GEMV_WARPS", "NF4_THREADS")
 NVCC, PTXAS = shutil.which("nvcc"), shutil.which("ptxas")
-
-
-def _defines():
-    """The -D options cupy_gpu passes (cupy_gpu/launch.py), from kernels/config.py."""
-    return [f"-D{m}={getattr(config, 'CUPY_' + m)}" for m in MACROS]
 
 
 def _nvrtc():
@@ -42,25 +34,33 @@ def _nvrtc():
 NVRTC = None if NVCC else _nvrtc()
 
 
-def _ptx_nvcc(src, arch, tmp_path):
+def _ptx_nvcc(src, arch, tmp_path, defines):
     out = tmp_path / f"{src.stem}_{arch}.ptx"
-    cmd = [NVCC, "--ptx", f"-arch=sm_{arch}", f"-I{CUDA_DIR}", *_defines(), str(src), "-o", str(out)]
+    cmd = [NVCC, "--ptx", f"-arch=sm_{arch}", f"-I{CUDA_DIR}", *defines, str(src), "-o", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, f"nvcc failed on {src.name} for sm_{arch}:\n{run.stderr}"
     return out.read_text()
 
 
-def _ptx_nvrtc(src, arch):
+def _ptx_nvrtc(src, arch, defines):
     nvrtc, includes = NVRTC
     prog = nvrtc.createProgram(src.read_text(), src.name, (), ())
     try:
-        nvrtc.compileProgram(prog, (f"-arch=compute_{arch}", f"-I{CUDA_DIR}", *includes, *_defines()))
+        nvrtc.compileProgram(prog, (f"-arch=compute_{arch}", f"-I{CUDA_DIR}", *includes, *defines))
         ptx = nvrtc.getPTX(prog)
         return ptx.decode() if isinstance(ptx, bytes) else ptx
     except nvrtc.NVRTCError:
         pytest.fail(f"NVRTC failed on {src.name} for compute_{arch}:\n{nvrtc.getProgramLog(prog)}")
     finally:
         nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+def test_block_sizes_must_come_as_defines(tmp_path):
+    """Without launch.defines() a source does not compile: no stale default can stand in for config."""
+    run = subprocess.run([NVCC, "--ptx", f"-I{CUDA_DIR}", str(SOURCES[0]), "-o", str(tmp_path / "k.ptx")],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "take their block sizes as -D options" in run.stderr, run.stderr
 
 
 def test_every_source_is_built_or_included():
@@ -71,10 +71,12 @@ def test_every_source_is_built_or_included():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("src", SOURCES, ids=lambda s: s.name)
-def test_compiles_without_spills(src, arch, tmp_path):
+def test_compiles_without_spills(src, arch, tmp_path, cuda_launch):
+    """With the -D options of launch.defines(), exactly as cupy_gpu compiles them."""
     if NVCC is None and NVRTC is None:
         pytest.skip("neither nvcc (on PATH) nor NVRTC (cupy + nvidia-cuda-nvrtc) is installed")
-    ptx = _ptx_nvcc(src, arch, tmp_path) if NVCC else _ptx_nvrtc(src, arch)
+    defines = cuda_launch.defines()
+    ptx = _ptx_nvcc(src, arch, tmp_path, defines) if NVCC else _ptx_nvrtc(src, arch, defines)
     entries = {line.split()[-1].rstrip("(") for line in ptx.splitlines() if ".entry" in line}
     assert all(f"{name}_{t}" in entries for name in KERNELS[src.name] for t in ("f32", "f16")), entries
     if PTXAS is None or arch != "90":                 # the resource report for the H200's sm_90 only

@@ -4,10 +4,10 @@ GPU tests share one marker (``gpu``) and skip with "no CUDA device" when CuPy ha
 device. Outputs come from poisoned memory (the pool is filled with NaN before each call), block
 sizes are shrunk through kernels/config.py so small shapes cross block borders, and float16
 is held to a float32 reference at 1e-2. The first tests run without a GPU: import hygiene,
-argument checks, and the launch geometry's index math mirrored in Python.
+argument checks, and the launch geometry: the index helpers of cuda/common.cu, read from the
+source and evaluated in Python over launch.py's grids (so a wrong index in the .cu file fails here).
 """
-import importlib
-import importlib.util
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -30,22 +30,6 @@ gpu = pytest.mark.skipif(cp is None, reason="no CUDA device")
 SHRUNK = dict(CUPY_SHRINK_ROWS=3, CUPY_SHRINK_RANKS=5, CUPY_SHRINK_THREADS=32, CUPY_EXPAND_ROWS=3,
               CUPY_EXPAND_THREADS=32, CUPY_GEMV_ROWS=2, CUPY_GEMV_WARPS=2, CUPY_NF4_THREADS=32)
 SIZES = pytest.mark.parametrize("sizes", [{}, SHRUNK], ids=["default-blocks", "shrunk-blocks"])
-
-
-def _launch_module():
-    """cupy_gpu/launch.py (compile options, launch geometry) imports no CuPy; its package does, so
-    without CuPy load the file on its own, under its own name (its ``from .. import config`` still resolves)."""
-    try:
-        return importlib.import_module("lowrank.kernels.cupy_gpu.launch")
-    except ImportError:
-        path = Path(kernels.__file__).parent / "cupy_gpu" / "launch.py"
-        spec = importlib.util.spec_from_file_location("lowrank.kernels.cupy_gpu.launch", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-launch = _launch_module()
 
 
 def _gpu_module():
@@ -99,15 +83,47 @@ def test_numpy_inputs_are_refused_before_any_launch(rng):
         g.dense_forward(x, W.T)
 
 
-def test_defines_follow_config():
-    g = launch
+def test_defines_follow_config(cuda_launch):
+    g = cuda_launch
     with _config(**SHRUNK):
         assert "-DSHRINK_THREADS=32" in g.defines() and "-DGEMV_WARPS=2" in g.defines()
     assert "-DSHRINK_THREADS=256" in g.defines()
 
 
-def test_vectorizable_needs_aligned_rows():
-    g = launch
+def _cuda(name):
+    return (Path(kernels.__file__).parent / "cupy_gpu" / "cuda" / name).read_text()
+
+
+HELPER = re.compile(r"__device__ __forceinline__ (?:int|long long) (\w+)\(([^)]*)\) \{ return (.+); \}")
+
+
+def _index_helpers(launch):
+    """The launch-geometry helpers of cuda/common.cu (the block after "// Launch geometry", up to a blank
+    line) as Python functions, with the block sizes of ``config`` now: C's / on ints >= 0 is Python's //."""
+    block = _cuda("common.cu").split("// Launch geometry", 1)[1].split("\n\n", 1)[0]
+    sizes = {m: int(getattr(config, "CUPY_" + m)) for m in launch.MACROS}
+    helpers = {}
+    for line in block.splitlines():
+        if line.startswith("__device__"):
+            name, params, expr = HELPER.fullmatch(line).groups()
+            args = ", ".join(p.split()[-1] for p in params.split(","))
+            helpers[name] = eval(f"lambda {args}: {expr.replace('/', '//')}", dict(sizes))
+    return helpers
+
+
+def test_sources_take_block_sizes_from_defines_and_index_through_the_helpers(cuda_launch):
+    """launch.defines() is the only source of block sizes (no defaults in the .cu files), and the
+    kernels call every helper that the geometry tests below evaluate."""
+    common, kernel_src = _cuda("common.cu"), _cuda("lora.cu") + _cuda("nf4.cu")
+    assert set(re.findall(r"!defined\((\w+)\)", common)) == set(cuda_launch.MACROS)
+    assert not re.search(r"#define (%s)\b" % "|".join(cuda_launch.MACROS), common + kernel_src)
+    helpers = _index_helpers(cuda_launch)
+    assert {"shrink_row", "expand_col", "gemv_col", "dequant_elem", "stride_k0"} <= set(helpers)
+    assert [n for n in helpers if f"{n}(" not in kernel_src] == []
+
+
+def test_vectorizable_needs_aligned_rows(cuda_launch):
+    g = cuda_launch
     assert g.vectorizable((256, 512), 64, 2) and g.vectorizable((0, 16), 4, 4)
     assert not g.vectorizable((256, 8), 64, 2) and not g.vectorizable((0, 0), 6, 4)
     assert g.vectorizable((8, 16), 4, 2, width=8) and not g.vectorizable((4,), 4, 2, width=8)   # 4 halves
@@ -115,20 +131,33 @@ def test_vectorizable_needs_aligned_rows():
 
 @settings(max_examples=15)
 @given(D=st.integers(1, 300), shrunk=st.booleans())
-def test_vector_loops_cover_every_column_once(D, shrunk):
-    """The shrink's 4-element loop and the GEMV's 16-byte loop visit each k < D_in exactly once."""
+def test_vector_loops_cover_every_column_once(cuda_launch, D, shrunk):
+    """The block-stride loops (stride_k0, stride_step) of the shrink's block and of a GEMV warp
+    (lanes by lane_of) visit each k < D exactly once, for every load width the kernels use."""
     with _config(**(SHRUNK if shrunk else {})):
-        T = config.CUPY_SHRINK_THREADS
-        loops = [(T, 4)] + [(32, V) for V in (4, 8)]                 # (threads striding, elements per load)
+        ix = _index_helpers(cuda_launch)
+        shrink = list(range(config.CUPY_SHRINK_THREADS))
+        warp = [ix["lane_of"](32 + t) for t in range(32)]          # the second warp's lanes
+        loops = [(shrink, 1), (shrink, 4)] + [(warp, V) for V in (1, 4, 8)]
         for threads, V in loops:
             if D % V:
                 continue                                              # the wrapper picks the scalar loop
-            ks = [k + v for t in range(threads) for k in range(t * V, D, threads * V) for v in range(V)]
-            assert sorted(ks) == list(range(D))
+            step = ix["stride_step"](len(threads), V)
+            ks = [k + v for t in threads for k in range(ix["stride_k0"](t, V), D, step) for v in range(V)]
+            assert sorted(ks) == list(range(D)), (len(threads), V)
 
 
-def test_grid_y_limit_is_a_clear_error():
-    g = launch
+def test_nibble_order_matches_the_reference(cuda_launch, rng):
+    """nibble_shift: element e of the packed codes, read the kernels' way, is the reference's element."""
+    packed, n = rng.integers(0, 256, 9).astype(np.uint8), 17
+    shift = _index_helpers(cuda_launch)["nibble_shift"]
+    got = [NF4_CODE[(int(packed[e // 2]) >> shift(e)) & 15] for e in range(n)]
+    want = reference.nf4_dequantize(packed, np.ones(1, np.float32), (1, n), blocksize=18)[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_grid_y_limit_is_a_clear_error(cuda_launch):
+    g = cuda_launch
     with pytest.raises(ValueError, match="CUPY_EXPAND_ROWS"):
         g.expand_geometry(65535 * config.CUPY_EXPAND_ROWS + 1, 8)
     with pytest.raises(ValueError, match="blocks along y"):
@@ -137,23 +166,26 @@ def test_grid_y_limit_is_a_clear_error():
 
 @settings(max_examples=15)
 @given(N=st.integers(1, 40), r=st.integers(1, 40), D=st.integers(1, 90), shrunk=st.booleans())
-def test_launch_geometry_writes_every_output_once(N, r, D, shrunk):
-    """The kernels' index math, mirrored: each (row, column) of h, y and W is written exactly once."""
-    g = launch
+def test_launch_geometry_writes_every_output_once(cuda_launch, N, r, D, shrunk):
+    """The kernels' own index helpers over launch.py's grids: each (row, column) of h, y and W is
+    written exactly once, and the shrink writes output t of a block where it summed it."""
+    g = cuda_launch
     with _config(**(SHRUNK if shrunk else {})):
-        (gx, gy, _), (tx, _, _) = g.shrink_geometry(N, r)           # one block: SHRINK_ROWS x SHRINK_RANKS
-        h = [(bx * config.CUPY_SHRINK_ROWS + t // config.CUPY_SHRINK_RANKS,
-              by * config.CUPY_SHRINK_RANKS + t % config.CUPY_SHRINK_RANKS)
-             for bx in range(gx) for by in range(gy)
-             for t in range(0, config.CUPY_SHRINK_ROWS * config.CUPY_SHRINK_RANKS)]
-        (gx, gy, _), (tx, _, _) = g.expand_geometry(N, D)            # thread = output o, loop over rows
-        y = [(by * config.CUPY_EXPAND_ROWS + i, bx * tx + t) for bx in range(gx) for by in range(gy)
+        ix, R, J = _index_helpers(g), config.CUPY_SHRINK_ROWS, config.CUPY_SHRINK_RANKS
+        (gx, gy, _), _ = g.shrink_geometry(N, r)                      # a block reduces R x J outputs
+        h = [(ix["shrink_row"](bx, t), ix["shrink_rank"](by, t)) for bx in range(gx) for by in range(gy)
+             for t in range(R * J)]
+        summed = [(ix["shrink_row"](bx, 0) + i, ix["shrink_rank"](by, 0) + j)    # acc[i][j], part slot i J + j
+                  for bx in range(gx) for by in range(gy) for i in range(R) for j in range(J)]
+        assert h == summed
+        (gx, gy, _), (tx, _, _) = g.expand_geometry(N, D)            # thread = output o, EXPAND_ROWS rows
+        y = [(ix["expand_row"](by, i), ix["expand_col"](bx, t)) for bx in range(gx) for by in range(gy)
              for t in range(tx) for i in range(config.CUPY_EXPAND_ROWS)]
-        (gx, _, _), (tx, _, _) = g.gemv_geometry(D)                   # warp = output o, all rows
-        v = [(n, bx * config.CUPY_GEMV_WARPS + t // 32) for bx in range(gx) for t in range(0, tx, 32)
+        (gx, _, _), (tx, _, _) = g.gemv_geometry(D)                   # warp = output o, lane 0 writes
+        v = [(n, ix["gemv_col"](bx, t)) for bx in range(gx) for t in range(tx) if ix["lane_of"](t) == 0
              for n in range(N)]
-        (gx, _, _), (tx, _, _) = g.dequant_geometry(N * D)            # thread = byte = 2 elements
-        e = [2 * (bx * tx + t) + i for bx in range(gx) for t in range(tx) for i in (0, 1)]
+        (gx, _, _), (tx, _, _) = g.dequant_geometry(N * D)            # thread = byte = elements e, e + 1
+        e = [ix["dequant_elem"](bx, t) + i for bx in range(gx) for t in range(tx) for i in (0, 1)]
     for got, rows, cols in ((h, N, r), (y, N, D), (v, N, D)):
         kept = [p for p in got if p[0] < rows and p[1] < cols]
         assert sorted(kept) == [(n, c) for n in range(rows) for c in range(cols)]

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import lowrank as lr
+from peft_random import randomize_lowrank as _randomize_lowrank, randomize_peft as _randomize_peft
 
 SIZES = [6, 16, 16, 2]
 RTOL = 1e-5
@@ -66,24 +67,11 @@ def is_adapter_weight(name):
 
 
 def randomize_peft(pm, seed=1):
-    """Every adapter tensor random and non-zero; DoRA magnitudes moved off their initial row norms."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(torch.rand(p.shape, generator=g) + 0.5)
-            elif is_adapter_weight(name):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    _randomize_peft(pm, is_adapter_weight, seed, scale=0.5)
 
 
 def randomize_lowrank(lm, seed=1):
-    """As randomize_peft, on lowrank's parameters (every adapter, trainable or not)."""
-    rng = np.random.default_rng(seed)
-    for name, p in lm.named_parameters():
-        if "lora_magnitude_vector" in name:
-            p.data = (p.data * rng.uniform(0.5, 1.5, p.shape)).astype(p.dtype)
-        elif is_adapter_weight(name):
-            p.data = (0.5 * rng.standard_normal(p.shape)).astype(p.dtype)
+    _randomize_lowrank(lm, is_adapter_weight, seed, scale=0.5)
 
 
 def peft_model(net, adapters: dict):

@@ -58,11 +58,14 @@ def test_a_multi_adapter_save_is_all_or_nothing_at_every_step(tmp_path, monkeypa
     adapters(seed=1).save_pretrained(tmp_path)
     old = contents(tmp_path)
     new_model = adapters(seed=2, alpha=4)
-    steps = failing_step(monkeypatch, 0)
-    new_model.save_pretrained(tmp_path / "probe")
+    adapters(seed=1).save_pretrained(tmp_path / "probe")
+    steps = failing_step(monkeypatch, 0)                 # the steps of an overwriting save, as below
+    new_model.save_pretrained(tmp_path / "probe", overwrite=True)
     monkeypatch.undo()
     new = {k.removeprefix("probe/"): v for k, v in contents(tmp_path / "probe").items()}
     assert set(new) == set(old) and all(new[k] != old[k] for k in new)
+    # so a crash lands after every write, backup link and rename: between any two files of any adapter
+    assert steps.count("write_temp") == steps.count("link") == steps.count("replace") == len(new) >= 4, steps
     for n in range(1, len(steps) + 1):
         failing_step(monkeypatch, n)
         try:

@@ -1,7 +1,8 @@
 """Compile options and launch geometry of the CUDA kernels: pure Python, no CuPy, no device.
 
-``device.py`` launches with these; the tests check them (and the kernels' index math, mirrored
-in Python) on machines without a GPU, with block sizes shrunk through ``config``. This file
+``device.py`` launches with these. ``defines()`` is the only source of the CUDA sources' block
+sizes (they hold no defaults); the tests evaluate the kernels' own index helpers (cuda/common.cu)
+over these grids on machines without a GPU, with block sizes shrunk through ``config``. This file
 imports no CuPy, so tests load it on its own where the package (which needs CuPy) can't import.
 """
 from pathlib import Path

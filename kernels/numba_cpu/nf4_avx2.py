@@ -62,13 +62,13 @@ def usable(dtype, D_in, blocksize):
 def permute(v):
     """v (..., D) with its last axis in the lane order of the decoded codes: v[..., 8g + ORDER[j]]
     moves to 8g + j."""
-    return np.ascontiguousarray(v.reshape(*v.shape[:-1], -1, 8)[..., ORDER]).reshape(v.shape)
+    return np.ascontiguousarray(v.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)[..., ORDER]).reshape(v.shape)
 
 
 def unpermute(v):
     """The inverse of ``permute``."""
     out = np.empty_like(v)
-    out.reshape(*v.shape[:-1], -1, 8)[..., ORDER] = v.reshape(*v.shape[:-1], -1, 8)
+    out.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)[..., ORDER] = v.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)
     return out
 
 

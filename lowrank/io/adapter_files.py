@@ -6,6 +6,9 @@ One adapter = one directory (the root for "default", ``root/<name>`` for the oth
     adapter_model.safetensors    base_model.model.<path>.lora_A.weight   (r, D_in)
                                  base_model.model.<path>.lora_B.weight   (D_out, r)
                                  base_model.model.<path>.lora_magnitude_vector   (D_out,)  DoRA only
+                                 base_model.model.<path>.lora_embedding_A   (r, V)    an embedding's
+                                 base_model.model.<path>.lora_embedding_B   (d, r)    (no ".weight")
+                                 base_model.model.<path>.base_layer.weight   optional, embed_tokens/lm_head
                                  base_model.model.<path>.weight / .bias   modules_to_save copies
                                  base_model.model.<path>[.base_layer].bias   bias "all"/"lora_only"
 
@@ -192,7 +195,7 @@ def _peft_key(base, parts, adapter, bias):
     owner, leaf = ([""] + parts)[-2], parts[-1]     # "0.lora_A.default" -> ("lora_A", "default")
     if owner in ("lora_A", "lora_B"):
         return ".".join(parts[:-1] + ["weight"]) if leaf == adapter else None
-    if owner == "lora_magnitude_vector":
+    if owner in ("lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B"):    # bare parameters in PEFT
         return ".".join(parts[:-1]) if leaf == adapter else None
     if leaf != "bias" or bias == "none":
         return None
@@ -203,14 +206,38 @@ def _peft_key(base, parts, adapter, bias):
     return ".".join(parts) if holds else None
 
 
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")        # PEFT's
+
+
+def embedding_base_parameters(model, adapter_name: str) -> dict:
+    """PEFT key -> base Parameter of each embed_tokens/lm_head layer that holds this adapter.
+
+    PEFT's ``save_embedding_layers="auto"`` (its default) stores those base weights beside the adapter
+    when such a layer is targeted, and loading writes them into the model: lowrank accepts them, when
+    present, and loads them the same way. lowrank saves without them (PEFT's ``save_embedding_layers=False``).
+    """
+    names = [n for n, _ in model.model.named_parameters()]
+    holders = {n.rsplit(".", 2)[0] for n in names if n.split(".")[-2:] in (["lora_A", adapter_name],
+                                                                          ["lora_embedding_A", adapter_name])}
+    holders = {h for h in holders if h.split(".")[-1] in EMBEDDING_LAYER_NAMES
+               and not {"modules_to_save", "original_module"} & set(h.split("."))}
+    return {PREFIX + n: p for n, p in model.model.named_parameters()
+            if any(n.startswith(f"{h}.base_layer.") for h in holders)}
+
+
 def _what(key: str, model, adapter_name: str) -> str:
     """How an error names a tensor: its module, and the config's r where that sets the shape."""
     path, _, leaf = key[len(PREFIX):].removesuffix(".weight").rpartition(".")
     if leaf in ("lora_A", "lora_B"):
         r = model.model.get_submodule(path).r[adapter_name]
         return f"{leaf} of module {path!r}, {'(r, D_in)' if leaf == 'lora_A' else '(D_out, r)'} with r={r}"
+    if leaf in ("lora_embedding_A", "lora_embedding_B"):
+        r = model.model.get_submodule(path).r[adapter_name]
+        return f"{leaf} of embedding {path!r}, {'(r, V)' if leaf.endswith('A') else '(d, r)'} with r={r}"
     if leaf == "lora_magnitude_vector":
         return f"DoRA magnitude of module {path!r}, (D_out,)"
+    if leaf == "base_layer":
+        return f"base weights of {path!r} (PEFT's save_embedding_layers), shaped as in the base model"
     return "modules_to_save copy or trained bias, shaped as in the base model"
 
 
@@ -290,14 +317,16 @@ def inject(make, config_path):
 
 def check_adapter_tensors(scratch, adapter_name, tensors, weights_path) -> dict:
     """The file's tensors checked against the adapter as injected into ``scratch``."""
+    optional = {k: p for k, p in embedding_base_parameters(scratch, adapter_name).items() if k in tensors}
     expected = {k: (p.shape, p.dtype, _what(k, scratch, adapter_name))
-                for k, p in adapter_parameters(scratch, adapter_name).items()}
+                for k, p in {**optional, **adapter_parameters(scratch, adapter_name)}.items()}
     return check_tensors(weights_path, expected, tensors)
 
 
 def fill(model, adapter_name, config, tensors):
-    """Copy checked tensors in and record the config as loaded."""
-    for key, p in adapter_parameters(model, adapter_name).items():
+    """Copy checked tensors in (an embedding's base weights too, when the file has them) and record the config."""
+    optional = {k: p for k, p in embedding_base_parameters(model, adapter_name).items() if k in tensors}
+    for key, p in {**optional, **adapter_parameters(model, adapter_name)}.items():
         xp = get_array_module(p.data)
         p.data = xp.array(to_device(tensors[key], device_of(p.data)), copy=True)
     model.peft_config[adapter_name] = config

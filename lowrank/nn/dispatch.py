@@ -3,10 +3,12 @@
 Layers call ``kernels_for(x, layer.backend)`` and get a module with the kernel API
 (``lowrank.kernels.API``). The backend is chosen per layer (``layer.backend``), else
 globally (``set_backend``), else automatically: the fastest available for the
-input's device (Numba on the CPU when importable, CuPy on the GPU).
+input's device (Numba on the CPU when importable, CuPy on the GPU). When Numba fails to
+import, 'auto' runs the NumPy reference and says so once, with a RuntimeWarning.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 from .. import kernels
@@ -14,16 +16,18 @@ from .device import is_cupy_array
 
 BACKENDS = ("auto", "numpy", "numba", "cupy")
 _default = "auto"
-_loaded: dict = {}
+_loaded: dict = {}          # backend name -> kernel module, or the ImportError that kept it out
+_warned: set = set()        # backends whose absence 'auto' has already warned about
 
 
 def _check(name):
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name not in BACKENDS and not kernels.is_backend(name):        # registered or installed ones too
+        raise ValueError(f"backend must be one of {BACKENDS} or a name registered with "
+                         f"lowrank.kernels.register_backend {tuple(kernels.names()[3:])}, got {name!r}")
 
 
 def set_backend(name: str):
-    """Set the global kernel backend ('auto', 'numpy', 'numba' or 'cupy')."""
+    """Set the global kernel backend ('auto', 'numpy', 'numba', 'cupy' or a registered name)."""
     global _default
     _check(name)
     _default = name
@@ -54,15 +58,29 @@ def available(name: str) -> bool:
 
 
 def _load(name):
+    if name not in kernels.MODULES:               # a registered backend: the registry holds it
+        return kernels.load(name)
     if name not in _loaded:
         try:
             _loaded[name] = kernels.load(name)
-        except ImportError:
-            _loaded[name] = None
-    if _loaded[name] is None:
+        except ImportError as e:
+            _loaded[name] = e
+    if isinstance(_loaded[name], ImportError):
         raise ImportError(f"kernel backend {name!r} is not available here "
-                          f"(numba needs `pip install numba`; cupy needs lowrank[gpu] and a GPU)")
+                          f"(numba needs `pip install numba`; cupy needs lowrank[gpu] and a GPU)") from _loaded[name]
     return _loaded[name]
+
+
+def _cpu_auto():
+    """'auto' on the CPU: numba, else numpy with a RuntimeWarning (once) naming why numba is missing."""
+    if available("numba"):
+        return "numba"
+    if "numba" not in _warned:
+        _warned.add("numba")
+        warnings.warn(f"lowrank: Numba failed to import ({_loaded['numba']!r}), so every CPU kernel runs "
+                      f"on the NumPy reference, without the fused Numba kernels: slower. Fix the Numba "
+                      f"install, or set_backend('numpy') to choose this.", RuntimeWarning, stacklevel=3)
+    return "numpy"
 
 
 def kernels_for(x, backend: str | None = None):
@@ -71,7 +89,7 @@ def kernels_for(x, backend: str | None = None):
     _check(name)
     on_gpu = is_cupy_array(x)
     if name == "auto":
-        name = "cupy" if on_gpu else ("numba" if available("numba") else "numpy")
+        name = "cupy" if on_gpu else _cpu_auto()
     elif on_gpu and name == "numba":
         raise ValueError("backend 'numba' runs on the CPU; this input is a CuPy array (use 'cupy' or 'auto')")
     elif not on_gpu and name == "cupy":

@@ -72,15 +72,22 @@ def gradient_bytes(model: Module) -> int:
     return sum(int(p.grad.nbytes) for p in model.parameters() if p.grad is not None)
 
 
-def measure_step(model: Module, optimizer, X, y, loss_fn=None) -> StepMemory:
-    """Run one training step on (X, y) and count its memory (see the module docstring)."""
+def measure_step(model: Module, optimizer, X, y, loss_fn=None, **forward_kwargs) -> StepMemory:
+    """Run one training step on (X, y) and count its memory (see the module docstring).
+
+    A classifier: X (N, D_in) features, y (N,) labels, the default BCEWithLogitsLoss. A decoder
+    (LlamaForCausalLM, or a LoraModel over one): X the token ids (B, T), y the labels (B, T) (the ids
+    themselves for next-token prediction), ``loss_fn=CausalLMLoss()``, and ``forward_kwargs`` such as
+    ``attention_mask`` go to ``model.forward``. Activations are counted after the forward, before the
+    loss: the model's caches, not the loss's (B, T, V) softmax.
+    """
     loss_fn = loss_fn or BCEWithLogitsLoss()
     model.train()
     release(model)
     gc.collect()
     tracemalloc.start()
     try:
-        z = model.forward(X)
+        z = model.forward(X, **forward_kwargs)
         activations = activation_bytes(model)
         loss_fn.forward(z, targets_for(loss_fn, y, z))
         model.backward(loss_fn.backward())

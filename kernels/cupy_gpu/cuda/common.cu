@@ -5,14 +5,29 @@
 #define LOWRANK_COMMON_CU
 #include <cuda_fp16.h>
 
-// The GEMV kernels of both files (N <= GEMV_ROWS rows): GEMV_WARPS warps per block, one per
-// output; cupy_gpu passes the values of kernels/config.py with -D.
-#ifndef GEMV_ROWS
-#define GEMV_ROWS 4
+// Block sizes have one source, kernels/config.py: cupy_gpu/launch.py defines() passes them as -D
+// options (SHRINK_* and EXPAND_* for lora.cu, GEMV_* for both GEMV kernels, NF4_THREADS for nf4.cu).
+#if !defined(SHRINK_ROWS) || !defined(SHRINK_RANKS) || !defined(SHRINK_THREADS) || !defined(EXPAND_ROWS) || \
+    !defined(EXPAND_THREADS) || !defined(GEMV_ROWS) || !defined(GEMV_WARPS) || !defined(NF4_THREADS)
+#error "lowrank's CUDA sources take their block sizes as -D options: compile with cupy_gpu/launch.py defines()"
 #endif
-#ifndef GEMV_WARPS
-#define GEMV_WARPS 8
-#endif
+
+// Launch geometry: what each thread owns, in the grids of launch.py (b: blockIdx.x or .y, t: threadIdx.x,
+// i: a row within the block). The kernels index through these; each is one expression on ints >= 0,
+// which Python reads alike once / is //, so tests/test_cupy_kernels.py evaluates these very lines,
+// without a GPU, and checks that every output is written exactly once.
+__device__ __forceinline__ int shrink_row(int b, int t) { return b * SHRINK_ROWS + t / SHRINK_RANKS; }
+__device__ __forceinline__ int shrink_rank(int b, int t) { return b * SHRINK_RANKS + t % SHRINK_RANKS; }
+__device__ __forceinline__ int expand_col(int b, int t) { return b * EXPAND_THREADS + t; }
+__device__ __forceinline__ int expand_row(int b, int i) { return b * EXPAND_ROWS + i; }
+__device__ __forceinline__ int gemv_col(int b, int t) { return b * GEMV_WARPS + t / 32; }
+__device__ __forceinline__ int lane_of(int t) { return t % 32; }
+__device__ __forceinline__ long long dequant_elem(long long b, int t) { return 2 * (b * NF4_THREADS + t); }
+// NF4 element e sits in byte e / 2: the high nibble for even e, the low one for odd e.
+__device__ __forceinline__ int nibble_shift(long long e) { return 4 * (1 - (e & 1)); }
+// Block-stride loops over k < D: thread t of T loads V elements at k = t V, then every T V.
+__device__ __forceinline__ int stride_k0(int t, int V) { return t * V; }
+__device__ __forceinline__ int stride_step(int T, int V) { return T * V; }
 
 __device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float ld(const __half* p, long long i) { return __half2float(p[i]); }

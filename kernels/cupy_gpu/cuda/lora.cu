@@ -6,24 +6,8 @@
 //
 // a = idx[n] is row n's adapter (-1: the base alone; idx null: one adapter). V is B (D_out, r)
 // for the forward, or A read transposed (so = 1, sj = D_in) for dx = (dh A) ⊙ m. Block sizes
-// arrive as -D macros from kernels/config.py so tests can shrink them.
+// arrive as -D macros from kernels/config.py so tests can shrink them; index math: common.cu.
 #include "common.cu"
-
-#ifndef SHRINK_ROWS
-#define SHRINK_ROWS 4
-#endif
-#ifndef SHRINK_RANKS
-#define SHRINK_RANKS 16
-#endif
-#ifndef SHRINK_THREADS
-#define SHRINK_THREADS 256
-#endif
-#ifndef EXPAND_ROWS
-#define EXPAND_ROWS 8
-#endif
-#ifndef EXPAND_THREADS
-#define EXPAND_THREADS 256
-#endif
 
 // grid (ceil(N / SHRINK_ROWS), ceil(r / SHRINK_RANKS)), block SHRINK_THREADS.
 // vec: rows of x, mask and A allow 4-element loads (D_in % 4 == 0, bases aligned to 4 elements).
@@ -31,7 +15,7 @@ template <typename T>
 __device__ void shrink(const T* x, const T* mask, const T* A, const long long* idx, long long a_stride,
                        float scaling, const float* scal, T* h, int N, int D_in, int r, int vec) {
   __shared__ float part[SHRINK_THREADS / 32][SHRINK_ROWS * SHRINK_RANKS];
-  const int n0 = blockIdx.x * SHRINK_ROWS, j0 = blockIdx.y * SHRINK_RANKS;
+  const int n0 = shrink_row(blockIdx.x, 0), j0 = shrink_rank(blockIdx.y, 0);
   const T* Ar[SHRINK_ROWS];                       // row i's adapter, null for base-only rows
   float acc[SHRINK_ROWS][SHRINK_RANKS];
 #pragma unroll
@@ -43,7 +27,7 @@ __device__ void shrink(const T* x, const T* mask, const T* A, const long long* i
   }
   if (vec) {                                      // 4-element loads of x, mask and A
     constexpr int V = 4;
-    for (int k = threadIdx.x * V; k < D_in; k += SHRINK_THREADS * V) {
+    for (int k = stride_k0(threadIdx.x, V); k < D_in; k += stride_step(SHRINK_THREADS, V)) {
       float xv[SHRINK_ROWS][V];
 #pragma unroll
       for (int i = 0; i < SHRINK_ROWS; ++i) {
@@ -75,7 +59,7 @@ __device__ void shrink(const T* x, const T* mask, const T* A, const long long* i
       }
     }
   } else {
-    for (int k = threadIdx.x; k < D_in; k += SHRINK_THREADS) {
+    for (int k = stride_k0(threadIdx.x, 1); k < D_in; k += stride_step(SHRINK_THREADS, 1)) {
 #pragma unroll
       for (int i = 0; i < SHRINK_ROWS; ++i) {
         if (!Ar[i]) continue;
@@ -87,7 +71,7 @@ __device__ void shrink(const T* x, const T* mask, const T* A, const long long* i
       }
     }
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = lane_of(threadIdx.x);
 #pragma unroll
   for (int i = 0; i < SHRINK_ROWS; ++i)
 #pragma unroll
@@ -97,7 +81,7 @@ __device__ void shrink(const T* x, const T* mask, const T* A, const long long* i
     }
   __syncthreads();
   for (int t = threadIdx.x; t < SHRINK_ROWS * SHRINK_RANKS; t += SHRINK_THREADS) {
-    const int n = n0 + t / SHRINK_RANKS, j = j0 + t % SHRINK_RANKS;
+    const int n = shrink_row(blockIdx.x, t), j = shrink_rank(blockIdx.y, t);
     if (n >= N || j >= r) continue;
     const int a = adapter_of(idx, n);
     float v = 0.f;
@@ -114,13 +98,14 @@ __device__ void expand(const T* h, const T* V, long long so, long long sj, const
                        float scaling, const float* scal, const T* mask, const T* bias, T* out,
                        int N, int D_out, int r, int beta) {
   constexpr int J = 16;
-  const int o = blockIdx.x * EXPAND_THREADS + threadIdx.x, n0 = blockIdx.y * EXPAND_ROWS;
+  const int o = expand_col(blockIdx.x, threadIdx.x);
   if (o >= D_out) return;
   int arow[EXPAND_ROWS];
   float acc[EXPAND_ROWS];
 #pragma unroll
   for (int i = 0; i < EXPAND_ROWS; ++i) {
-    arow[i] = n0 + i < N ? adapter_of(idx, n0 + i) : -1;
+    const int n = expand_row(blockIdx.y, i);
+    arow[i] = n < N ? adapter_of(idx, n) : -1;
     acc[i] = 0.f;
   }
   for (int j0 = 0; j0 < r; j0 += J) {
@@ -136,7 +121,7 @@ __device__ void expand(const T* h, const T* V, long long so, long long sj, const
         for (int jj = 0; jj < J; ++jj) v[jj] = j0 + jj < r ? ld(Vo, (j0 + jj) * sj) : 0.f;
         loaded = a;
       }
-      const T* hn = h + (long long)(n0 + i) * r;
+      const T* hn = h + (long long)expand_row(blockIdx.y, i) * r;
 #pragma unroll
       for (int jj = 0; jj < J; ++jj)
         if (j0 + jj < r) acc[i] += ld(hn, j0 + jj) * v[jj];
@@ -145,7 +130,7 @@ __device__ void expand(const T* h, const T* V, long long so, long long sj, const
   const float b = bias ? ld(bias, o) : 0.f;
 #pragma unroll
   for (int i = 0; i < EXPAND_ROWS; ++i) {
-    const int n = n0 + i;
+    const int n = expand_row(blockIdx.y, i);
     if (n >= N) break;
     const long long p = (long long)n * D_out + o;
     float t = arow[i] >= 0 ? scaling_of(scal, scaling, arow[i]) * acc[i] : 0.f;
@@ -161,7 +146,7 @@ __device__ void gemv(const T* x, const T* W, const T* h, const T* B, const long 
                      float scaling, const float* scal, const T* bias, T* y, int N, int D_in, int D_out, int r,
                      int vec) {
   constexpr int V = Vec<T>::n;
-  const int o = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int o = gemv_col(blockIdx.x, threadIdx.x), lane = lane_of(threadIdx.x);
   if (o >= D_out) return;                         // the whole warp leaves together
   const T* Wo = W + (long long)o * D_in;
   for (int n0 = 0; n0 < N; n0 += GEMV_ROWS) {
@@ -170,7 +155,7 @@ __device__ void gemv(const T* x, const T* W, const T* h, const T* B, const long 
     for (int i = 0; i < GEMV_ROWS; ++i) acc[i] = 0.f;
     if (vec) {
 #pragma unroll 4
-      for (int k = lane * V; k < D_in; k += 32 * V) {
+      for (int k = stride_k0(lane, V); k < D_in; k += stride_step(32, V)) {
         float w[V], xv[V];
         vload(Wo + k, w);
 #pragma unroll
@@ -182,7 +167,7 @@ __device__ void gemv(const T* x, const T* W, const T* h, const T* B, const long 
         }
       }
     } else {
-      for (int k = lane; k < D_in; k += 32) {
+      for (int k = stride_k0(lane, 1); k < D_in; k += stride_step(32, 1)) {
         const float w = ld(Wo, k);
 #pragma unroll
         for (int i = 0; i < GEMV_ROWS; ++i)

@@ -7,10 +7,6 @@
 //   gemv     y[n, o] = sum_i x[n, i] W[o, i] + b[o]               one warp per output o, small N only
 #include "common.cu"
 
-#ifndef NF4_THREADS
-#define NF4_THREADS 256
-#endif
-
 __device__ const float NF4[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
@@ -18,7 +14,7 @@ __device__ const float NF4[16] = {
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
 __device__ __forceinline__ int nf4_code(const unsigned char* packed, long long e) {
-  return (packed[e >> 1] >> ((e & 1) ? 0 : 4)) & 15;
+  return (packed[e >> 1] >> nibble_shift(e)) & 15;
 }
 
 // grid ceil(ceil(numel / 2) / NF4_THREADS), block NF4_THREADS
@@ -27,11 +23,11 @@ __device__ void dequant(const unsigned char* packed, const float* absmax, T* W, 
   __shared__ float code[16];
   if (threadIdx.x < 16) code[threadIdx.x] = NF4[threadIdx.x];
   __syncthreads();
-  const long long e = 2 * ((long long)blockIdx.x * NF4_THREADS + threadIdx.x);
+  const long long e = dequant_elem(blockIdx.x, threadIdx.x);
   if (e >= numel) return;
   const unsigned int q = packed[e >> 1];
-  st(W, e, code[q >> 4] * absmax[e / blocksize]);
-  if (e + 1 < numel) st(W, e + 1, code[q & 15] * absmax[(e + 1) / blocksize]);
+  st(W, e, code[(q >> nibble_shift(e)) & 15] * absmax[e / blocksize]);
+  if (e + 1 < numel) st(W, e + 1, code[(q >> nibble_shift(e + 1)) & 15] * absmax[(e + 1) / blocksize]);
 }
 
 // grid ceil(D_out / GEMV_WARPS), block 32 * GEMV_WARPS.
@@ -42,7 +38,7 @@ __device__ void gemv(const T* x, const unsigned char* packed, const float* absma
   __shared__ float code[16];
   if (threadIdx.x < 16) code[threadIdx.x] = NF4[threadIdx.x];
   __syncthreads();
-  const int o = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int o = gemv_col(blockIdx.x, threadIdx.x), lane = lane_of(threadIdx.x);
   if (o >= D_out) return;                         // the whole warp leaves together
   const long long row = (long long)o * D_in;
   for (int n0 = 0; n0 < N; n0 += GEMV_ROWS) {
@@ -51,15 +47,15 @@ __device__ void gemv(const T* x, const unsigned char* packed, const float* absma
     for (int i = 0; i < GEMV_ROWS; ++i) acc[i] = 0.f;
     if (vec) {
 #pragma unroll 4
-      for (int k = lane * 8; k < D_in; k += 32 * 8) {
+      for (int k = stride_k0(lane, 8); k < D_in; k += stride_step(32, 8)) {
         const unsigned int u = *reinterpret_cast<const unsigned int*>(packed + ((row + k) >> 1));
         const float s = absmax[(row + k) / blocksize];
         float w[8];
 #pragma unroll
         for (int t = 0; t < 4; ++t) {             // byte t (little-endian) holds elements 2t, 2t+1
           const unsigned int q = (u >> (8 * t)) & 255u;
-          w[2 * t] = code[q >> 4] * s;
-          w[2 * t + 1] = code[q & 15] * s;
+          w[2 * t] = code[(q >> nibble_shift(2 * t)) & 15] * s;
+          w[2 * t + 1] = code[(q >> nibble_shift(2 * t + 1)) & 15] * s;
         }
 #pragma unroll
         for (int i = 0; i < GEMV_ROWS; ++i) {
@@ -70,7 +66,7 @@ __device__ void gemv(const T* x, const unsigned char* packed, const float* absma
         }
       }
     } else {
-      for (int k = lane; k < D_in; k += 32) {
+      for (int k = stride_k0(lane, 1); k < D_in; k += stride_step(32, 1)) {
         const float w = code[nf4_code(packed, row + k)] * absmax[(row + k) / blocksize];
 #pragma unroll
         for (int i = 0; i < GEMV_ROWS; ++i)

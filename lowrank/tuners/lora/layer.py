@@ -40,6 +40,21 @@ from ...nn.module import Module, Parameter, ParameterDict, check_number
 BASE = "__base__"          # PEFT's name for "no adapter" in a mixed batch
 
 
+def rows_for(names, N: int, label: str = "LoRALinear") -> list:
+    """One adapter name per row of a layer's (N, D_in) input, from one name per sequence.
+
+    A model hands each layer B names (one per sequence); a decoder's layers see N = B·T rows,
+    sequence-major (row b·T + t is token t of sequence b, as ``x.reshape(B·T, d)`` lays them out),
+    so each name is repeated T = N / B times. N = B (an MLP) gives the names unchanged.
+    """
+    B = len(names)
+    if B == 0 or N % B:
+        raise ValueError(f"{label}: a mixed batch of {B} sequences can't be spread over {N} rows "
+                         f"(expected a multiple of {B}: B·T rows, sequence-major)")
+    T = N // B
+    return list(names) if T == 1 else [n for n in names for _ in range(T)]
+
+
 class LoraCache(NamedTuple):
     x: object              # (N, D_in) input, None when no adapter gradient needs it
     h: object              # (N, r) = (x ⊙ mask) Aᵀ, None when no adapter gradient needs it
@@ -63,7 +78,8 @@ class LoRALinear(Module):
     """A Dense base (frozen) with LoRA adapters. The math: the module docstring; the code that
     computes it: ``lora_forward`` / ``lora_backward`` in kernels/reference.py."""
 
-    row_adapters = None    # set by LoraModel.forward(x, adapter_names=...) for a mixed batch
+    row_adapters = None    # per-sequence names, set by LoraModel.forward(x, adapter_names=...) for a mixed
+                           # batch and cleared after it; ``rows_for`` spreads them over this layer's rows
 
     def __init__(self, base: Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights=True, *, adapter_name: str = "default",
@@ -235,7 +251,7 @@ class LoRALinear(Module):
         if adapter_names is not None:
             return self._forward_mixed(x, adapter_names, strict=True)
         if self.row_adapters is not None:        # from LoraModel, which checks names model-wide
-            return self._forward_mixed(x, self.row_adapters, strict=False)
+            return self._forward_mixed(x, rows_for(self.row_adapters, x.shape[0], self.label), strict=False)
         a = self.active_adapter
         k = kernels_for(x, self.backend)
         if a is not None and a not in self.merged_adapters and self._fusable:

@@ -1,6 +1,7 @@
 """Adapter injection with PEFT's vocabulary: get_lora_model, LoraModel, ModulesToSave.
 
-``get_lora_model(model, config)`` replaces each targeted Dense with a LoRALinear, wraps
+``get_lora_model(model, config)`` replaces each targeted Dense with a LoRALinear (and each
+targeted Embedding with a LoRAEmbedding: ``.inject``), wraps
 each ``modules_to_save`` module so that every adapter trains its own copy, freezes the
 rest, and returns a LoraModel. Module paths follow PyTorch naming ("0", "2", "4" for
 the Dense layers of an MLP), so a PEFT user's target_modules mean the same here.
@@ -8,14 +9,13 @@ the Dense layers of an MLP), so a PEFT user's target_modules mean the same here.
 from __future__ import annotations
 
 import re
-import zlib
 from contextlib import contextmanager
 
 from ...nn.snapshot import all_or_nothing
 from ...io.adapter_files import save_pretrained
-from .dora import DoraLinear
-from ...nn.layers import Dense
-from .layer import BASE, LoRALinear
+from .inject import LORA_LAYERS, adaptable, inject, linear, output_head
+from .layer import LoRALinear
+from .mixed import forward_mixed
 from .config import LoraConfig, matches
 from ...nn.module import Module, ParameterDict
 from .modules_to_save import ModulesToSave
@@ -23,9 +23,8 @@ from .names import check_adapter_name
 from .pretrained import from_pretrained, load_adapter
 
 def _adaptable(module) -> bool:
-    """Dense layers, layers that already carry LoRA, and any layer type that declares
-    ``lora_targetable = True`` (a quantized dense layer, say)."""
-    return isinstance(module, (Dense, LoRALinear)) or getattr(type(module), "lora_targetable", False)
+    """Linear layers (Dense, LoRA-carrying, ``lora_targetable``) and token embeddings (``.inject``)."""
+    return adaptable(module)
 
 
 class LoraModel(Module):
@@ -54,11 +53,12 @@ class LoraModel(Module):
                 raise ValueError(f"target_modules {unmatched} match no layer; this model's layers: "
                                  f"{self._layer_names()}")
         hits = [n for n in names if matches(config.target_modules, n)]
-        if config.target_modules == "all-linear":
-            hits = [n for n in hits if _adaptable(self.model.get_submodule(n))]
+        if config.target_modules == "all-linear":       # PEFT: every linear layer but the output head
+            head = output_head(self.model)
+            hits = [n for n in hits if linear(self.model.get_submodule(n)) and n != head]
         bad = [n for n in hits if not _adaptable(self.model.get_submodule(n))]
         if bad:
-            raise TypeError(f"target_modules selects {bad}, which are not Dense layers "
+            raise TypeError(f"target_modules selects {bad}, which are not Dense layers or embeddings "
                             f"({[type(self.model.get_submodule(n)).__name__ for n in bad]})")
         if not hits:
             raise ValueError(f"target_modules {config.target_modules!r} match no layer; this model's layers: "
@@ -105,26 +105,13 @@ class LoraModel(Module):
         return saved
 
     def _inject(self, name: str, adapter_name: str, config: LoraConfig):
-        """Add the adapter to layer ``name`` (wrapping it in a LoRALinear/DoraLinear if needed)."""
-        layer = self.model.get_submodule(name)
-        kwargs = dict(r=config.rank_for(name), lora_alpha=config.alpha_for(name),
-                      lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                      init_lora_weights=config.init_lora_weights)
-        if config.use_dora:                    # DoRA: a DoraLinear, which also keeps plain adapters
-            kwargs["use_dora"] = True
-            if isinstance(layer, LoRALinear) and not isinstance(layer, DoraLinear):
-                layer = DoraLinear.from_lora(layer)
-                self.model.set_submodule(name, layer)
-        if isinstance(layer, LoRALinear):
-            layer.update_layer(adapter_name, **kwargs)
-            return
-        cls = DoraLinear if config.use_dora else LoRALinear
-        self.model.set_submodule(name, cls(layer, adapter_name=adapter_name,
-                                           seed=_seed(adapter_name, name, kwargs["r"]), **kwargs))
+        """Add the adapter to layer ``name``, wrapping it in a LoRALinear/DoraLinear/LoRAEmbedding if needed."""
+        inject(self.model, name, adapter_name, config)
 
     # -- adapters -------------------------------------------------------------------
     def lora_layers(self) -> list[tuple[str, LoRALinear]]:
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoRALinear)]
+        """(name, layer) of every layer carrying LoRA: LoRALinear (DoRA, NF4 too) and LoRAEmbedding."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LORA_LAYERS)]
 
     def _wrappers(self) -> list[ModulesToSave]:
         return [m for _, m in self.model.named_modules() if isinstance(m, ModulesToSave)]
@@ -244,23 +231,12 @@ class LoraModel(Module):
                                allow_nonfinite=allow_nonfinite)
 
     # -- running --------------------------------------------------------------------
-    def forward(self, x, adapter_names=None):
-        """Logits; ``adapter_names`` gives row i the adapter adapter_names[i] ("__base__" = none)."""
+    def forward(self, x, adapter_names=None, **kwargs):
+        """The wrapped model's forward(x, **kwargs) (e.g. a decoder's ``attention_mask``); ``adapter_names``
+        gives sequence (row) b the adapter adapter_names[b] ("__base__" = none), see ``mixed``."""
         if adapter_names is None:
-            return self.model.forward(x)
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for {x.shape[0]} rows")
-        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE})
-        if unknown:
-            raise ValueError(f"unknown adapters {unknown}; adapters: {list(self.peft_config)} (or {BASE!r})")
-        layers = [l for _, l in self.lora_layers()] + self._wrappers()
-        for l in layers:
-            l.row_adapters = list(adapter_names)
-        try:
-            return self.model.forward(x)
-        finally:
-            for l in layers:
-                l.row_adapters = None
+            return self.model.forward(x, **kwargs)
+        return forward_mixed(self, x, adapter_names, **kwargs)
 
     def backward(self, dy):
         return self.model.backward(dy)
@@ -278,14 +254,8 @@ class LoraModel(Module):
 def _is_adapter_part(name: str) -> bool:
     """Names inside an injected layer (its base_layer, lora_A, copies) are not targets themselves."""
     parts = name.split(".")
-    return any(p in ("base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "original_module", "modules_to_save")
-               for p in parts)
-
-
-def _seed(adapter_name: str, layer_name: str, r: int) -> int:
-    """A stable seed per (adapter, layer, rank): injection is deterministic, and adapters of
-    different ranks do not start with the same first rows of A."""
-    return zlib.crc32(f"{adapter_name}/{layer_name}/r={r}".encode())
+    return any(p in ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                     "lora_magnitude_vector", "original_module", "modules_to_save") for p in parts)
 
 
 def get_lora_model(model: Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:

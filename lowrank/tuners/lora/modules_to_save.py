@@ -6,7 +6,7 @@ import copy
 import numpy as np
 
 from ...nn.device import get_array_module
-from .layer import BASE
+from .layer import BASE, rows_for
 from ...nn.module import Module
 
 
@@ -58,7 +58,9 @@ class ModulesToSave(Module):
         return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
 
     def forward(self, x, adapter_names=None):
-        names = self.row_adapters if adapter_names is None else adapter_names
+        if adapter_names is None and self.row_adapters is not None:
+            adapter_names = rows_for(self.row_adapters, x.shape[0], self.label)   # a decoder's head: B·T rows
+        names = adapter_names
         if names is None:
             module = self._module_for(self.active_adapter)
             self._cache = ("single", module)

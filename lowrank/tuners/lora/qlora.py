@@ -23,9 +23,17 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def quantize_model(model: Module, skip=(), blocksize: int = 64, double_quant: bool = True) -> Module:
+def quantize_model(model: Module, skip=None, blocksize: int = 64, double_quant: bool = True) -> Module:
     """Replace every Dense in ``model`` by an NF4Dense in place (except modules named in ``skip``,
-    e.g. the head); returns the model (a new NF4Dense when ``model`` itself is a Dense)."""
+    e.g. the head); returns the model (a new NF4Dense when ``model`` itself is a Dense).
+
+    ``skip=None`` keeps a causal LM's ``lm_head`` in float when the model has one (QLoRA's and
+    PEFT's choice: every linear layer but the output head) and skips nothing otherwise. Only Dense
+    layers are quantized, so a decoder's embedding, norms and a tied head (a view of the
+    embedding) always stay in float.
+    """
+    if skip is None:
+        skip = ("lm_head",) if "lm_head" in dict(model.named_modules()) else ()
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     names = [name for name, _ in model.named_modules()]
     unknown = [s for s in skip if not any(_matches(n, s) for n in names)]

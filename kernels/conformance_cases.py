@@ -1,0 +1,232 @@
+"""The cases of the conformance suite (``conformance.py``): per API function, a hypothesis strategy of
+small parameters and the inputs they stand for. Letters as in ``reference``.
+
+A case is a dict of small ints and flags (what hypothesis shrinks and the report prints); the
+arrays come from ``case["seed"]``, O(1) standard normals, so the relative tolerances of ``config``
+mean something. What the cases cover, on purpose:
+
+    shapes      N = 0 and 1, odd sizes, r = 1, r > min(D_in, D_out) (PEFT allows it)
+    layouts     C, F and step-2 strided (non-contiguous) views of every float input
+    LoRA        dropout masks (scaled by 1/keep), W=None (the LoRA term alone), bias or none, need_dx
+    BGMV        index with repeats, gaps and −1 (base only), ranks zero-padded to the largest
+    SGMV        sorted segments, empty ones included, an adapter or −1 per segment
+    NF4         odd weight counts (a half-used last byte), block sizes 2 … 128, zero scales, and
+                absmax with and without double quantization (an 8-bit round trip of the scales)
+
+NF4 inputs are built here with plain NumPy: any uint8 is a valid pair of codes, so random bytes
+and random scales are the whole format (``reference/nf4.py``).
+"""
+import numpy as np
+from hypothesis import strategies as st
+
+from .common import xp
+
+N_ = st.integers(0, 9)                          # rows, 0 included
+D_ = st.integers(1, 9)                          # feature sizes, odd ones included
+R_ = st.integers(1, 8)                          # ranks, drawn apart from D: r > min(D_in, D_out) happens
+LAYOUT = st.sampled_from(["C", "F", "strided"])
+SEED = st.integers(0, 2**16)
+SCALING = st.sampled_from([2.0, 0.5, 1.5, 0.25])   # never 1: a dropped scaling must show
+ADAPTERS = st.integers(1, 4)
+
+
+def relayout(a, how):
+    """The same values as a C-ordered, F-ordered, or step-2 strided (non-contiguous) array."""
+    if a is None or how == "C":
+        return a
+    if how == "F":
+        return xp(a).asfortranarray(a)
+    big = xp(a).zeros(tuple(2 * n for n in a.shape), a.dtype)
+    big[tuple(slice(None, None, 2) for _ in a.shape)] = a
+    return big[tuple(slice(None, None, 2) for _ in a.shape)]
+
+
+def _normal(rng, dtype, layout="C"):
+    """f(*shape): O(1) standard normals of ``dtype`` in ``layout``."""
+    return lambda *shape: relayout(rng.standard_normal(shape).astype(dtype), layout)
+
+
+# -- dense -----------------------------------------------------------------------------------
+DENSE = st.fixed_dictionaries(dict(N=N_, D_in=D_, D_out=D_, bias=st.booleans(), layout=LAYOUT, seed=SEED))
+DENSE_GRAD = st.fixed_dictionaries(dict(N=N_, D_in=D_, D_out=D_, need_dx=st.booleans(), need_dW=st.booleans(),
+                                        need_db=st.booleans(), keep_x=st.booleans(), layout=LAYOUT, seed=SEED))
+
+
+def dense_forward(c, dtype, oracle):
+    f = _normal(np.random.default_rng(c["seed"]), dtype, c["layout"])
+    return f(c["N"], c["D_in"]), f(c["D_out"], c["D_in"]), f(c["D_out"]) if c["bias"] else None
+
+
+def dense_backward(c, dtype, oracle):
+    f = _normal(np.random.default_rng(c["seed"]), dtype, c["layout"])
+    x, W, dy = f(c["N"], c["D_in"]), f(c["D_out"], c["D_in"]), f(c["N"], c["D_out"])
+    x = x if c["keep_x"] or c["need_dW"] else None          # a frozen layer may drop its input
+    return dy, x, W, c["need_dx"], c["need_dW"], c["need_db"]
+
+
+# -- LoRA, one adapter -----------------------------------------------------------------------
+LORA = st.fixed_dictionaries(dict(N=N_, D_in=D_, D_out=D_, r=R_, scaling=SCALING, masked=st.booleans(),
+                                  base=st.booleans(), bias=st.booleans(), layout=LAYOUT, seed=SEED))
+LORA_GRAD = st.fixed_dictionaries(dict(N=N_, D_in=D_, D_out=D_, r=R_, scaling=SCALING, masked=st.booleans(),
+                                       base=st.booleans(), need_dx=st.booleans(), layout=LAYOUT, seed=SEED))
+
+
+def _lora(c, dtype):
+    rng = np.random.default_rng(c["seed"])
+    f = _normal(rng, dtype, c["layout"])
+    N, D_in, D_out, r = c["N"], c["D_in"], c["D_out"], c["r"]
+    d = dict(x=f(N, D_in), W=f(D_out, D_in) if c["base"] else None, A=f(r, D_in), B=f(D_out, r),
+             bias=f(D_out) if c.get("bias") else None, dy=f(N, D_out), mask=None)
+    if c["masked"]:
+        keep = 0.75
+        d["mask"] = relayout(((rng.random((N, D_in)) < keep) / keep).astype(dtype), c["layout"])   # 1/keep
+    return d
+
+
+def lora_forward(c, dtype, oracle):
+    d = _lora(c, dtype)
+    return d["x"], d["W"], d["A"], d["B"], c["scaling"], d["bias"], d["mask"]
+
+
+def lora_backward(c, dtype, oracle):
+    d = _lora(c, dtype)
+    h = oracle.lora_forward(d["x"], d["W"], d["A"], d["B"], c["scaling"], None, d["mask"])[1]
+    h = relayout(np.asarray(h).astype(dtype), c["layout"])
+    return d["dy"], d["x"], h, d["W"], d["A"], d["B"], c["scaling"], c["need_dx"], d["mask"]
+
+
+# -- BGMV and SGMV: K adapters, ranks zero-padded to the largest ------------------------------
+@st.composite
+def _multi(draw, grad, segments):
+    c = dict(N=draw(N_), D_in=draw(D_), D_out=draw(D_), K=draw(ADAPTERS))
+    c["ranks"] = draw(st.lists(R_, min_size=c["K"], max_size=c["K"]))
+    if segments:
+        cuts = sorted(draw(st.lists(st.integers(0, c["N"]), max_size=4)))
+        c["indptr"] = [0] + cuts + [c["N"]]                  # empty segments included
+        c["seg_index"] = draw(st.lists(st.integers(-1, c["K"] - 1), min_size=len(cuts) + 1,
+                                       max_size=len(cuts) + 1))
+    else:
+        c["index"] = draw(st.lists(st.integers(-1, c["K"] - 1), min_size=c["N"], max_size=c["N"]))
+    c["bias" if not grad else "need_dx"] = draw(st.booleans())
+    c.update(layout=draw(LAYOUT), seed=draw(SEED))
+    return c
+
+
+MULTI, MULTI_GRAD, SGMV, SGMV_GRAD = (_multi(grad, seg) for seg in (False, True) for grad in (False, True))
+
+
+def _stacks(c, dtype):
+    """x, W, A_stack (K, r, D_in), B_stack (K, D_out, r), scalings, bias, dy; adapter k's rows of A and
+    columns of B past its own rank are zero (the padding of a mixed-rank stack)."""
+    rng = np.random.default_rng(c["seed"])
+    f = _normal(rng, dtype, c["layout"])
+    N, D_in, D_out, K, r = c["N"], c["D_in"], c["D_out"], c["K"], max(c["ranks"])
+    A_stack, B_stack = f(K, r, D_in), f(K, D_out, r)
+    for k, r_k in enumerate(c["ranks"]):
+        A_stack[k, r_k:], B_stack[k, :, r_k:] = 0, 0         # in place: the layout stays
+    scalings = rng.choice([0.5, 2.0, 1.5], K).astype(dtype)
+    return (f(N, D_in), f(D_out, D_in), A_stack, B_stack, scalings,
+            f(D_out) if c.get("bias") else None, f(N, D_out))
+
+
+def _rows(c):
+    if "index" in c:
+        return (np.array(c["index"], np.int64),)
+    return np.array(c["indptr"], np.int64), np.array(c["seg_index"], np.int64)
+
+
+def lora_forward_multi(c, dtype, oracle):
+    x, W, A_stack, B_stack, scalings, bias, _ = _stacks(c, dtype)
+    return (x, W, A_stack, B_stack, scalings, *_rows(c), bias)
+
+
+def lora_backward_multi(c, dtype, oracle):
+    x, W, A_stack, B_stack, scalings, _, dy = _stacks(c, dtype)
+    forward = oracle.lora_forward_multi if "index" in c else oracle.lora_forward_sgmv
+    h = relayout(np.asarray(forward(x, W, A_stack, B_stack, scalings, *_rows(c))[1]).astype(dtype), c["layout"])
+    return (dy, x, h, W, A_stack, B_stack, scalings, *_rows(c), c["need_dx"])
+
+
+lora_forward_sgmv, lora_backward_sgmv = lora_forward_multi, lora_backward_multi
+
+
+# -- NF4 (QLoRA): a 4-bit frozen W ----------------------------------------------------------
+NF4 = st.fixed_dictionaries(dict(N=st.integers(0, 5), D_out=D_, D_in=st.one_of(D_, st.sampled_from([32, 64, 96])),
+                                 blocksize=st.sampled_from([64, 2, 4, 6, 8, 32, 128]), double_quant=st.booleans(),
+                                 bias=st.booleans(), layout=LAYOUT, seed=SEED))
+
+
+def double_quant_roundtrip(absmax, blocksize=256):
+    """absmax after QLoRA's double quantization and back: centred on the mean, 8 bits per value with
+    one float32 scale per ``blocksize`` values (a linear code here; the kernels only see the result)."""
+    offset = np.float32(absmax.mean(dtype=np.float64))
+    centred = absmax - offset
+    out = np.empty_like(absmax)
+    for b0 in range(0, absmax.size, blocksize):
+        c = centred[b0:b0 + blocksize]
+        scale = np.float32(np.abs(c).max()) or np.float32(1)
+        out[b0:b0 + blocksize] = np.round(c / scale * 127) / 127 * scale + offset
+    return np.maximum(out, 0).astype(np.float32)
+
+
+def _nf4(c):
+    """packed (ceil(n/2),) uint8, absmax (n_blocks,) float32 with a zero block, shape, blocksize."""
+    rng = np.random.default_rng(c["seed"])
+    n = c["D_out"] * c["D_in"]
+    packed = rng.integers(0, 256, (n + 1) // 2, dtype=np.uint8)
+    absmax = rng.uniform(0, 2, -(-n // c["blocksize"])).astype(np.float32)
+    absmax[rng.integers(absmax.size)] = 0                           # an all-zero block
+    if c["double_quant"]:
+        absmax = double_quant_roundtrip(absmax)
+    return rng, packed, absmax, (c["D_out"], c["D_in"]), c["blocksize"]
+
+
+def nf4_dequantize(c, dtype, oracle):
+    _, packed, absmax, shape, blocksize = _nf4(c)
+    return packed, absmax, shape, blocksize, np.dtype(dtype).name
+
+
+def nf4_matmul(c, dtype, oracle):
+    rng, packed, absmax, shape, blocksize = _nf4(c)
+    f = _normal(rng, dtype, c["layout"])
+    return f(c["N"], shape[1]), packed, absmax, shape, blocksize, f(shape[0]) if c["bias"] else None
+
+
+def nf4_matmul_dx(c, dtype, oracle):
+    rng, packed, absmax, shape, blocksize = _nf4(c)
+    return _normal(rng, dtype, c["layout"])(c["N"], shape[0]), packed, absmax, shape, blocksize
+
+
+# -- per API function: (strategy, inputs(case, dtype, oracle) -> args, explicit edge cases) --------
+_EDGE_LORA = [dict(N=0, D_in=1, D_out=1, r=1), dict(N=1, D_in=1, D_out=1, r=1), dict(N=3, D_in=6, D_out=2, r=8)]
+_EDGE_MULTI = [dict(N=1, D_in=1, D_out=1, K=1, ranks=[1], index=[-1]), dict(N=0, D_in=2, D_out=3, K=2, ranks=[1, 2],
+               index=[]), dict(N=5, D_in=2, D_out=3, K=3, ranks=[7, 2, 1], index=[2, -1, 0, 2, 0])]
+_EDGE_SGMV = [dict(N=0, D_in=1, D_out=1, K=1, ranks=[1], indptr=[0, 0], seg_index=[0]),
+              dict(N=9, D_in=6, D_out=2, K=2, ranks=[8, 3], indptr=[0, 3, 3, 7, 9], seg_index=[1, 0, -1, 1])]
+_EDGE_NF4 = [dict(N=0, D_out=1, D_in=1, blocksize=2, double_quant=False), dict(N=3, D_out=3, D_in=5, blocksize=4,
+             double_quant=True), dict(N=2, D_out=5, D_in=64, blocksize=64, double_quant=True)]
+
+
+def _edges(edges, **defaults):
+    return [{**defaults, **e} for e in edges]
+
+
+_LORA_F = dict(scaling=2.0, masked=True, base=True, bias=True, layout="strided", seed=0)
+_LORA_B = dict(scaling=2.0, masked=True, base=True, need_dx=True, layout="strided", seed=0)
+CASES = {
+    "dense_forward": (DENSE, dense_forward, [dict(N=0, D_in=1, D_out=1, bias=True, layout="C", seed=0)]),
+    "dense_backward": (DENSE_GRAD, dense_backward, [dict(N=1, D_in=1, D_out=1, need_dx=True, need_dW=False,
+                                                         need_db=True, keep_x=False, layout="strided", seed=0)]),
+    "lora_forward": (LORA, lora_forward, _edges(_EDGE_LORA, **_LORA_F) + _edges(_EDGE_LORA[2:], **{**_LORA_F,
+                                                                                                    "base": False})),
+    "lora_backward": (LORA_GRAD, lora_backward, _edges(_EDGE_LORA, **_LORA_B) + _edges(_EDGE_LORA[2:], **{
+        **_LORA_B, "base": False})),
+    "lora_forward_multi": (MULTI, lora_forward_multi, _edges(_EDGE_MULTI, bias=True, layout="F", seed=0)),
+    "lora_backward_multi": (MULTI_GRAD, lora_backward_multi, _edges(_EDGE_MULTI, need_dx=True, layout="F", seed=0)),
+    "lora_forward_sgmv": (SGMV, lora_forward_sgmv, _edges(_EDGE_SGMV, bias=True, layout="strided", seed=0)),
+    "lora_backward_sgmv": (SGMV_GRAD, lora_backward_sgmv, _edges(_EDGE_SGMV, need_dx=True, layout="strided",
+                                                                 seed=0)),
+    "nf4_dequantize": (NF4, nf4_dequantize, _edges(_EDGE_NF4, bias=False, layout="C", seed=0)),
+    "nf4_matmul": (NF4, nf4_matmul, _edges(_EDGE_NF4, bias=True, layout="F", seed=0)),
+    "nf4_matmul_dx": (NF4, nf4_matmul_dx, _edges(_EDGE_NF4, bias=False, layout="strided", seed=0)),
+}

@@ -1,0 +1,53 @@
+"""Mixed-adapter batches through a whole model: sequence b uses adapter adapter_names[b] in every layer.
+
+PEFT's form: ``lora_model.forward(x, adapter_names=[...])`` with one name per sequence (per row of
+an MLP's input, per row of a decoder's (B, T) ids), ``"__base__"`` for the base model alone.
+How the layers learn the assignment, without the model code (attention, MLP, decoder) knowing:
+
+1. ``forward_mixed`` checks the names model-wide (B of them, each a known adapter or "__base__"),
+   sets ``row_adapters`` = those B names on every LoRA layer (``LoraModel.lora_layers``: LoRALinear,
+   LoRAEmbedding) and ModulesToSave layer for this one call, runs the wrapped model's own forward (with its keyword arguments, e.g. a decoder's
+   ``attention_mask``) and clears ``row_adapters`` again, also when the forward raises.
+2. Each LoRALinear spreads the B names over the N rows it actually sees (``layer.rows_for``):
+   N = B in an MLP; N = B·T in a decoder, whose Dense layers take (B·T, d) sequence-major rows
+   (row b·T + t is token t of sequence b), so each name is repeated T times. A LoRAEmbedding,
+   whose input is the (B, T) ids themselves, spreads them over each sequence's tokens likewise.
+3. That forward keeps a MixedCache (the row -> adapter index) in each layer, so the backward needs
+   nothing more: ``LoraModel.backward`` is the plain one, and each adapter's dA, dB sum over its own
+   rows only (Punica's BGMV backward), for every adapter whose factors are trainable.
+
+A ModulesToSave layer (a trained copy of, say, a decoder's lm_head) spreads the names with the same
+``rows_for`` and runs each group of rows through its adapter's copy.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from .layer import BASE
+
+
+@contextmanager
+def row_adapters(layers, names):
+    """Give every layer in ``layers`` the per-sequence ``names`` for the duration of the block."""
+    for layer in layers:
+        layer.row_adapters = list(names)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+
+
+def forward_mixed(lora_model, x, adapter_names, **kwargs):
+    """``lora_model.model.forward(x, **kwargs)`` with sequence b on adapter ``adapter_names[b]``."""
+    B = x.shape[0]
+    if isinstance(adapter_names, str):
+        raise TypeError(f"adapter_names must be a list of names, one per sequence (row), got {adapter_names!r}")
+    if len(adapter_names) != B:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries for {B} rows (one name per sequence)")
+    unknown = sorted(set(adapter_names) - set(lora_model.peft_config) - {BASE})
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; adapters: {list(lora_model.peft_config)} (or {BASE!r})")
+    wrappers = lora_model._wrappers()
+    with row_adapters([l for _, l in lora_model.lora_layers()] + wrappers, adapter_names):
+        return lora_model.model.forward(x, **kwargs)

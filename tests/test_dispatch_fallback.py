@@ -1,0 +1,55 @@
+"""When Numba fails to import, 'auto' runs the NumPy reference and says so: once, with the reason."""
+import warnings
+
+import numpy as np
+import pytest
+
+import lowrank as lr
+from lowrank import kernels
+from lowrank.nn import dispatch
+
+
+@pytest.fixture
+def broken_numba(monkeypatch):
+    """kernels.load('numba') raises ImportError, with the dispatch cache emptied before and after."""
+    real = kernels.load
+
+    def load(name):
+        if name == "numba":
+            raise ImportError("numba: simulated broken install")
+        return real(name)
+
+    monkeypatch.setattr(kernels, "load", load)
+    monkeypatch.setattr(dispatch, "_loaded", {})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    yield
+    # monkeypatch restores the real cache and load afterwards
+
+
+def test_auto_falls_back_to_numpy_with_one_runtime_warning(broken_numba):
+    x = np.zeros((2, 3))
+    with pytest.warns(RuntimeWarning, match=r"Numba failed to import .*simulated broken install.*slower"):
+        assert dispatch.kernels_for(x) is kernels.load("numpy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # a second call must not warn again
+        assert dispatch.kernels_for(x) is kernels.load("numpy")
+        assert not dispatch.available("numba")
+
+
+def test_explicit_numba_names_the_import_error(broken_numba):
+    with pytest.raises(ImportError, match="'numba' is not available") as info:
+        dispatch.kernels_for(np.zeros(2), "numba")
+    assert "simulated broken install" in str(info.value.__cause__)
+
+
+def test_a_layer_still_computes_under_the_fallback(broken_numba):
+    layer, x = lr.Dense(3, 2, seed=0), np.ones((4, 3), np.float32)
+    with pytest.warns(RuntimeWarning, match="Numba failed to import"):
+        y = layer(x)
+    np.testing.assert_allclose(y, x @ layer.weight.data.T + layer.bias.data, rtol=1e-6)
+
+
+def test_choosing_numpy_does_not_warn(broken_numba):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.kernels_for(np.zeros(2), "numpy") is kernels.load("numpy")
