@@ -22,25 +22,27 @@ import numpy as np
 
 @contextmanager
 def pinned_threads(n: int):
-    """Pin BLAS (every library threadpoolctl sees) and Numba to ``n`` threads; yields the settings."""
+    """Pin Numba, then BLAS and every OpenMP pool threadpoolctl sees, to ``n`` threads; yields the
+    settings. Numba first: starting its OpenMP layer resets other OpenMP pools (torch's), so
+    threadpoolctl must come after it to leave them pinned."""
     import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, used by Numba's np.dot, so it is pinned too)
     from threadpoolctl import threadpool_info, threadpool_limits
     info = {"blas": [], "numba_threads": None}
-    with threadpool_limits(limits=n):
-        info["blas"] = [{"library": d["internal_api"], "version": d.get("version"), "threads": d["num_threads"],
-                         "path": os.path.basename(d["filepath"])} for d in threadpool_info()]
-        try:
-            import numba
-            old = numba.get_num_threads()
-            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-            info["numba_threads"] = numba.get_num_threads()
-        except ImportError:
-            numba = None
-        try:
+    try:
+        import numba
+        old = numba.get_num_threads()
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        info["numba_threads"] = numba.get_num_threads()
+    except ImportError:
+        numba = None
+    try:
+        with threadpool_limits(limits=n):
+            info["blas"] = [{"library": d["internal_api"], "version": d.get("version"), "threads": d["num_threads"],
+                             "path": os.path.basename(d["filepath"])} for d in threadpool_info()]
             yield info
-        finally:
-            if numba is not None:
-                numba.set_num_threads(old)
+    finally:
+        if numba is not None:
+            numba.set_num_threads(old)
 
 
 def time_call(fn, inner: int = 1) -> float:

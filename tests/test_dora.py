@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from lowrank.tuners.lora.dora import DoraLinear, DoraNorm, dora_norm, dora_norm_materialised, set_exact_norm_grad
 from lowrank.nn.gradcheck import check_module, gradcheck
 from lowrank.nn.layers import MLP, Dense, ReLU
-from lowrank.tuners.lora.layer import BASE, LoRALinear
+from lowrank.tuners.lora.batches import BASE
+from lowrank.tuners.lora.layer import LoRALinear
 from lowrank.tuners.lora.config import LoraConfig
 from lowrank.tuners.lora.model import get_lora_model
 from lowrank.tuners.lora.qlora import NF4Dense

@@ -15,6 +15,8 @@ COMMANDS = {
     "train": ("lowrank.app.train", "fine-tune one method (full, head, adapter, lora, qlora) on a toy task; --distributed under mpiexec"),
     "inspect": ("lowrank.app.inspect", "show what an adapter directory or a model file holds"),
     "analyze": ("lowrank.app.analyze", "SVD, ranks of ΔW, subspace similarity, intrinsic dimension d90"),
+    "generate": ("lowrank.app.generate", "continue text with a decoder (KV cache), through LoRA adapters: one mixed batch"),
+    "lm": ("lowrank.app.lm", "a small Llama on pydoc's English: pretrain, then finetune to stdlib code"),
 }
 
 

@@ -143,7 +143,7 @@ def run(args) -> int:
     results = run_demo(cfg, out, plots_on=not args.no_plots, stage=log.stage)
     with log.stage("report") as note:
         results["seconds"] = time.perf_counter() - started
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=jsonable))
         from .report import summary, write_report
         write_report(out / "report.md", results)
         note["result"] = str(out / "report.md")
@@ -193,7 +193,7 @@ def run_demo(cfg: DemoConfig, out: Path, plots_on: bool = True, stage=no_stage) 
     return results
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, (np.floating, np.integer)):

@@ -79,3 +79,36 @@ def singular_values(spectra: dict, path) -> str:
     ax.set(xlabel="index", ylabel="σ_i / σ_1", title="singular values of ΔW", xlim=(0.5, 40.5), ylim=(1e-8, 2))
     ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def lm_curves(histories: dict, path) -> str:
+    """Training loss (mean over each stage) and validation loss against the step, per run of ``lowrank lm demo``."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, h) in enumerate(histories.items()):
+        style = dict(color=colors[i % len(colors)], ls="-" if i < 10 else "--", marker=".", label=name)
+        ax1.plot(h["step"], h["train_loss"], **style)
+        ax2.plot(h["step"], h["val_loss"], **style)
+    ax1.set(xlabel="step", ylabel="training loss (nats / token)", title="training loss (mean over each stage)")
+    ax2.set(xlabel="step", ylabel="validation loss (nats / token)", title="validation loss (curve windows)")
+    ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return save(fig, path)
+
+
+def perplexity_bars(rows: list, reference: float, spread: tuple, path) -> str:
+    """Validation perplexity per run (its ``mean_ppl`` over seeds where it has one) as horizontal bars;
+    ``reference`` (the pretrained model) as a dashed line, ``spread`` (low, high) of the seed runs as a band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(rows) + 1.2))
+    labels = [r["label"] for r in rows]
+    ppl = [r.get("mean_ppl", r["val_ppl"]) for r in rows]
+    ax.barh(range(len(rows)), ppl, color="#7da7d9")
+    ax.axvline(reference, color="gray", ls="--", label="pretrained, not fine-tuned")
+    ax.axvspan(*spread, color="#f2b880", alpha=0.6, label="seed-to-seed range (LoRA)")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    low = min(min(ppl), spread[0])
+    ax.set(xlabel="validation perplexity on stdlib code", xlim=(0.95 * low, 1.02 * reference))
+    ax.legend(fontsize=7, loc="lower right")
+    return save(fig, path)

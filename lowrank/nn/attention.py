@@ -22,6 +22,12 @@ rotated q (B, H, T, h), rotated k and v (B, H_kv, T, h) and the RoPE tables (2, 
 itemsize · (B·H·T² + B·T·h·(H + 2·H_kv) + 2·T·h) bytes (itemsize 8 in float64, 4 in float32).
 P is the only O(T²) term; no temporary is bigger than O(B·H·T²). (tests/test_llama_memory.py checks this
 figure against training.accounting's measured activations; B=3, T=6, H=4, H_kv=2, h=8: 1,680 floats.)
+
+Inference with a KV cache (``forward_cached``, no backward): T_new new tokens at absolute positions
+P0..P0+T_new−1 (P0 cached before them) get the same projections and RoPE; their k, v join the cache
+(``nn.kv_cache``) and S = q kᵀ / sqrt(h) runs over all P0 + T_new keys (B, H, T_new, P0 + T_new), key j
+visible to new query i when j <= P0 + i and j is not padding. Since RoPE makes q·k depend on positions
+only through their difference, a left-padded row gives its unpadded outputs (up to rounding).
 """
 from __future__ import annotations
 
@@ -45,9 +51,10 @@ class AttentionCache(NamedTuple):
     shape: tuple       # (B, T, d), to check dy
 
 
-def visible_keys(T: int, attention_mask, xp):
-    """Boolean (B or 1, 1, 1, T, T): key j visible to query i when j <= i and attention_mask[b, j]."""
-    causal = xp.tril(xp.ones((T, T), dtype=bool))                             # (T, T)
+def visible_keys(T: int, attention_mask, xp, past: int = 0):
+    """Boolean (B or 1, 1, 1, T, past + T): key j visible to query i (at position past + i) when
+    j <= past + i and attention_mask[b, j]; ``attention_mask`` (B, past + T) or None."""
+    causal = xp.tril(xp.ones((T, past + T), dtype=bool), k=past)              # (T, past + T)
     if attention_mask is None:
         return causal[None, None, None]
     return causal[None, None, None] & (attention_mask != 0)[:, None, None, None, :]
@@ -87,6 +94,16 @@ class LlamaAttention(Module):
             raise ValueError(f"{self.label}: attention_mask must hold 0 (padding) or 1 (token), "
                              f"got values {xp.unique(attention_mask)[:8].tolist()}")
 
+    def _qkv(self, x, cos, sin):
+        """x (B, T, d) -> rotated q (B, H_kv, G, T, h), rotated k (B, H_kv, T, h), v (B, H_kv, T, h)."""
+        B, T, d = x.shape
+        H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        x2 = x.reshape(B * T, d)                                               # (B·T, d)
+        q = self.q_proj.forward(x2).reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)   # (B, H_kv, G, T, h)
+        k = self.k_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
+        v = self.v_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(self, x, attention_mask=None):
         if not hasattr(x, "shape") or x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"{self.label} expects input of shape (B, T, {self.hidden_size}), "
@@ -96,11 +113,7 @@ class LlamaAttention(Module):
         H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         self._check_mask(attention_mask, B, T)
         cos, sin = self.rotary.tables(T, x.dtype, xp)                          # (T, h) each
-        x2 = x.reshape(B * T, d)                                               # (B·T, d)
-        q = self.q_proj.forward(x2).reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)   # (B, H_kv, G, T, h)
-        k = self.k_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
-        v = self.v_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)                                       # (B, H_kv, [G,] T, h)
         S = (q @ k[:, :, None].swapaxes(-1, -2)) * self.scaling                # (B, H_kv, G, T, T)
         P = masked_softmax(S, visible_keys(T, attention_mask, xp))             # (B, H_kv, G, T, T)
         O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
@@ -127,6 +140,24 @@ class LlamaAttention(Module):
         dx = dx + self.v_proj.backward(dv.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))
         return dx.reshape(B, T, d)
 
+    def forward_cached(self, x, kv_cache, layer: int):
+        """Inference only (no backward): x (B, T_new, d) at positions P0.., P0 = kv_cache.length, attends
+        over the P0 cached keys and the new ones; layer's k, v are written into ``kv_cache`` (nn.kv_cache)."""
+        xp = get_array_module(x)
+        B, T, d = x.shape
+        H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        P0 = kv_cache.length
+        cos, sin = self.rotary.tables(P0 + T, x.dtype, xp)                     # (P0 + T, h) each
+        cos, sin = cos[P0:], sin[P0:]                                          # (T, h): the new positions
+        q, k, v = self._qkv(x, cos, sin)                                       # (B, H_kv, [G,] T, h)
+        k, v, mask = kv_cache.update(layer, k, v)                              # (B, H_kv, P0 + T, h), (B, P0 + T)
+        S = (q @ k[:, :, None].swapaxes(-1, -2)) * self.scaling                # (B, H_kv, G, T, P0 + T)
+        P = masked_softmax(S, visible_keys(T, mask, xp, past=P0))              # (B, H_kv, G, T, P0 + T)
+        O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
+        O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
+        self._cache = None                                                     # nothing for a backward
+        return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)
+
     def extra_repr(self):
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}")
@@ -136,9 +167,11 @@ def masked_softmax(S, visible):
     """softmax over the last axis of S where ``visible``, 0 elsewhere; a row with nothing visible is 0.
     Computed in the wider of float32 and S's dtype, returned in S's dtype."""
     xp = get_array_module(S)
-    Sw = xp.where(visible, S.astype(np.promote_types(np.float32, S.dtype), copy=False), -xp.inf)
-    m = Sw.max(axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)                                         # all-masked rows
-    E = xp.exp(Sw - m)                                                         # exp(−inf) = 0
+    wide = np.promote_types(np.float32, S.dtype)
+    E = S + xp.where(visible, 0, -xp.inf).astype(wide)                         # a new array: 0 / −inf added
+    m = E.max(axis=-1, keepdims=True)
+    E -= xp.where(xp.isfinite(m), m, 0)                                        # all-masked rows: m = −inf -> 0
+    xp.exp(E, out=E)                                                           # exp(−inf) = 0
     Z = E.sum(axis=-1, keepdims=True)
-    return (E / xp.where(Z > 0, Z, 1)).astype(S.dtype, copy=False)
+    E /= xp.where(Z > 0, Z, 1)
+    return E.astype(S.dtype, copy=False)

@@ -103,8 +103,8 @@ class Tanh(Module):
 def sigmoid(x):
     """Numerically stable logistic function on NumPy or CuPy arrays."""
     xp = get_array_module(x)
-    e = xp.exp(-xp.abs(x))                     # never overflows
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    with np.errstate(over="ignore"):           # e^-x = inf for x < -88 (float32) gives 1/inf = 0: σ underflows
+        return 1 / (1 + xp.exp(-x))           # to 0 there anyway; elsewhere this is exact to rounding
 
 
 class Sigmoid(Module):

@@ -39,12 +39,30 @@ def rotate_half(x):
 
 def apply_rope(x, cos, sin):
     """x (..., T, h) rotated by +angle: x cos + rotate_half(x) sin."""
-    return x * cos + rotate_half(x) * sin
+    return _rotate_pairs(x, cos, sin, +1)
 
 
 def apply_rope_backward(dy, cos, sin):
-    """dy (..., T, h) rotated by −angle: the transpose of ``apply_rope``."""
-    return dy * cos - rotate_half(dy) * sin
+    """dy (..., T, h) rotated by −angle: the transpose of ``apply_rope``, dy cos − rotate_half(dy) sin."""
+    return _rotate_pairs(dy, cos, sin, -1)
+
+
+def _rotate_pairs(x, cos, sin, sign: int):
+    """x cos + sign · rotate_half(x) sin, on the halves (cos, sin repeat their first half, so
+    c, s = cos[..., :h/2], sin[..., :h/2]) without building rotate_half(x):
+        y1 = x1 c − sign · x2 s,   y2 = x2 c + sign · x1 s          (the same operations, bit for bit)"""
+    xp = get_array_module(x)
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]                                     # (T, h/2)
+    x1, x2 = x[..., :half], x[..., half:]                                       # (..., T, h/2)
+    y = xp.empty(np.broadcast_shapes(x.shape, cos.shape), np.result_type(x.dtype, cos.dtype))
+    if sign > 0:
+        xp.subtract(x1 * c, x2 * s, out=y[..., :half])
+        xp.add(x2 * c, x1 * s, out=y[..., half:])
+    else:
+        xp.add(x1 * c, x2 * s, out=y[..., :half])
+        xp.subtract(x2 * c, x1 * s, out=y[..., half:])
+    return y
 
 
 class RotaryCache(NamedTuple):

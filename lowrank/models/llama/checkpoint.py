@@ -19,6 +19,7 @@ from pathlib import Path
 from ...io.atomic import commit_files
 from ...nn.snapshot import all_or_nothing
 from ...io.model_files import FileFormatError, check_tensors, read_tensor_file, tensor_file_bytes
+from ...io.tensor_files import cast_for_saving
 from .configuration import LlamaConfig
 
 CONFIG_NAME = "config.json"
@@ -87,10 +88,14 @@ def from_pretrained(cls, folder, *, dtype="float32"):
     return load_weights(cls(config, dtype=dtype, seed=0), folder)
 
 
-def save_pretrained(model, folder, *, overwrite: bool = False):
-    """Write ``config.json`` and ``model.safetensors`` (the model's dtype, transformers' names) atomically."""
+def save_pretrained(model, folder, *, overwrite: bool = False, dtype: str | None = None,
+                    metadata: dict | None = None, extra_files: dict | None = None):
+    """Write ``config.json`` and ``model.safetensors`` (transformers' names; the model's dtype, or
+    ``dtype`` such as "bfloat16"; ``metadata`` strings in the tensor file's header), plus any
+    ``extra_files`` {name: bytes}, as one all-or-nothing commit."""
     config = model.config.to_dict()
-    config["dtype"] = str(model.dtype)
+    config["dtype"] = str(dtype or model.dtype)
     files = {CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-             WEIGHTS_NAME: tensor_file_bytes(model.state_dict())}
+             WEIGHTS_NAME: tensor_file_bytes(cast_for_saving(model.state_dict(), dtype), metadata),
+             **(extra_files or {})}
     commit_files(folder, files, overwrite=overwrite)

@@ -29,6 +29,7 @@ from ...nn.module import Module, Sequential
 from ...nn import Embedding, LlamaAttention, LlamaMLP, RMSNorm
 from .checkpoint import from_pretrained, save_pretrained
 from .configuration import LlamaConfig
+from .generation import generate
 
 
 class LlamaDecoderLayer(Module):
@@ -45,8 +46,12 @@ class LlamaDecoderLayer(Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 
-    def forward(self, x, attention_mask=None):
-        h = x + self.self_attn.forward(self.input_layernorm.forward(x), attention_mask)   # (B, T, d)
+    def forward(self, x, attention_mask=None, kv_cache=None, layer: int = 0):
+        """x (B, T, d); with a ``kv_cache`` (inference), attention also sees the cached positions."""
+        a = self.input_layernorm.forward(x)                                               # (B, T, d)
+        a = (self.self_attn.forward(a, attention_mask) if kv_cache is None
+             else self.self_attn.forward_cached(a, kv_cache, layer))
+        h = x + a                                                                          # (B, T, d)
         return h + self.mlp.forward(self.post_attention_layernorm.forward(h))              # (B, T, d)
 
     def backward(self, dy):
@@ -66,17 +71,23 @@ class LlamaModel(Module):
                                    for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, kv_cache=None):
+        """With a ``kv_cache`` (nn.kv_cache.KVCache, inference only): input_ids (B, T_new) follow the cached
+        positions, ``attention_mask`` (B, T_new) covers the new tokens only, and the cache grows by T_new."""
         if not hasattr(input_ids, "shape") or input_ids.ndim != 2:
             raise ValueError(f"{self.label} expects input_ids of shape (B, T), "
                              f"got {tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
-        T = input_ids.shape[1]
+        T = input_ids.shape[1] + (0 if kv_cache is None else kv_cache.length)
         if T > self.config.max_position_embeddings:
             raise ValueError(f"{self.label}: sequence length T={T} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings} (RoPE positions beyond it were never trained)")
+        if kv_cache is not None:
+            kv_cache.start(attention_mask, input_ids.shape[1])
         h = self.embed_tokens.forward(input_ids)                                # (B, T, d)
         for i in range(len(self.layers)):
-            h = self.layers[i].forward(h, attention_mask)                      # (B, T, d)
+            h = self.layers[i].forward(h, attention_mask, kv_cache, i)         # (B, T, d)
+        if kv_cache is not None:
+            kv_cache.advance(input_ids.shape[1])
         return self.norm.forward(h)                                            # (B, T, d)
 
     def backward(self, dy):
@@ -144,12 +155,16 @@ class LlamaForCausalLM(Module):
     def dtype(self):
         return self.model.embed_tokens.weight.dtype
 
-    def forward(self, input_ids, attention_mask=None):
-        h = self.model.forward(input_ids, attention_mask)                      # (B, T, d)
+    def forward(self, input_ids, attention_mask=None, kv_cache=None):
+        h = self.model.forward(input_ids, attention_mask, kv_cache)            # (B, T, d)
         B, T, d = h.shape
         logits = self.lm_head.forward(h.reshape(B * T, d))                     # (B·T, V)
-        self._cache = (B, T)
+        self._cache = (B, T) if kv_cache is None else None                     # a cached forward has no backward
         return logits.reshape(B, T, -1)                                        # (B, T, V)
+
+    def generate(self, input_ids, max_new_tokens: int = 20, **kwargs):
+        """Hugging Face's ``generate``: prompt ids (B, T) -> ids (B, T + new); see ``generation``."""
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     def backward(self, dlogits):
         B, T = self._need_cache()
@@ -163,6 +178,7 @@ class LlamaForCausalLM(Module):
         """Load a folder written by transformers' ``save_pretrained`` (see ``checkpoint``)."""
         return from_pretrained(cls, path, dtype=dtype)
 
-    def save_pretrained(self, path, *, overwrite: bool = False):
-        """Write ``config.json`` + ``model.safetensors`` that transformers loads (see ``checkpoint``)."""
-        save_pretrained(self, path, overwrite=overwrite)
+    def save_pretrained(self, path, *, overwrite: bool = False, dtype: str | None = None, **kwargs):
+        """Write ``config.json`` + ``model.safetensors`` that transformers loads (``dtype`` "bfloat16"
+        etc. to store in another float type; see ``checkpoint.save_pretrained``)."""
+        save_pretrained(self, path, overwrite=overwrite, dtype=dtype, **kwargs)

@@ -36,7 +36,7 @@ import numpy as np
 from ...nn.device import get_array_module
 from ...nn.embedding import Embedding
 from ...nn.module import Module, Parameter, ParameterDict, check_number
-from .layer import BASE, rows_for
+from .batches import BASE, rows_for
 
 
 class AdapterTokens(NamedTuple):

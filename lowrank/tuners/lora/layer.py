@@ -36,24 +36,7 @@ from ...nn.device import get_array_module
 from ...nn.dispatch import kernels_for
 from ...nn.layers import Dense, kaiming_uniform
 from ...nn.module import Module, Parameter, ParameterDict, check_number
-
-BASE = "__base__"          # PEFT's name for "no adapter" in a mixed batch
-
-
-def rows_for(names, N: int, label: str = "LoRALinear") -> list:
-    """One adapter name per row of a layer's (N, D_in) input, from one name per sequence.
-
-    A model hands each layer B names (one per sequence); a decoder's layers see N = B·T rows,
-    sequence-major (row b·T + t is token t of sequence b, as ``x.reshape(B·T, d)`` lays them out),
-    so each name is repeated T = N / B times. N = B (an MLP) gives the names unchanged.
-    """
-    B = len(names)
-    if B == 0 or N % B:
-        raise ValueError(f"{label}: a mixed batch of {B} sequences can't be spread over {N} rows "
-                         f"(expected a multiple of {B}: B·T rows, sequence-major)")
-    T = N // B
-    return list(names) if T == 1 else [n for n in names for _ in range(T)]
-
+from .batches import BASE, mixed_plan, rows_for
 
 class LoraCache(NamedTuple):
     x: object              # (N, D_in) input, None when no adapter gradient needs it
@@ -320,31 +303,18 @@ class LoRALinear(Module):
                              f"merged: {self.merged_adapters}")
         if not self._fusable:
             raise TypeError(f"{self.label}: mixed-adapter batches need a dense base layer")
-        names = [n for n in dict.fromkeys(adapter_names) if n != BASE]
-        unknown = [n for n in names if n not in self.lora_A]
-        names = [n for n in names if n in self.lora_A]
-        if unknown and strict:
-            raise ValueError(f"{self.label}: unknown adapters {unknown}; it has {list(self.lora_A)} "
-                             f"(use {BASE!r} for the base model)")
-        if self.training and any(self.lora_dropout[n] > 0 for n in names):
-            raise ValueError(f"{self.label}: mixed-adapter batches do not apply lora_dropout; call eval() "
-                             f"or use adapters with lora_dropout=0")
-        xp = get_array_module(x)
-        position = {n: i for i, n in enumerate(names)}
-        index = xp.asarray(np.array([position.get(n, -1) for n in adapter_names], dtype=np.int64))
-        r_max = max([self.r[n] for n in names], default=1)
-        K, D_in, D_out = max(len(names), 1), self.in_features, self.out_features
-        A_stack = xp.zeros((K, r_max, D_in), x.dtype)       # zero-padded to the largest rank
-        B_stack = xp.zeros((K, D_out, r_max), x.dtype)
-        for i, n in enumerate(names):
-            A_stack[i, :self.r[n]] = self.lora_A[n].data
-            B_stack[i, :, :self.r[n]] = self.lora_B[n].data
-        scalings = xp.asarray(np.array([self.scaling[n] for n in names] or [0.0], dtype=x.dtype))
-        b = self.bias.data if self.bias is not None else None
-        y, h = kernels_for(x, self.backend).lora_forward_multi(x, self.weight.data, A_stack, B_stack,
-                                                               scalings, index, b)
-        self._cache = MixedCache(x, h, index, names, A_stack, B_stack, scalings)
+        plan = mixed_plan(self, tuple(adapter_names), strict, x.dtype, get_array_module(x))
+        b, k = (self.bias.data if self.bias is not None else None), kernels_for(x, self.backend)
+        if plan.segments is not None:      # runs of rows (a prefill's B·T sequence-major rows): SGMV
+            y, h = k.lora_forward_sgmv(x, self.weight.data, plan.A_stack, plan.B_stack, plan.scalings,
+                                       *plan.segments, b)
+        else:                              # scattered rows (a decode step: one row per sequence): BGMV
+            y, h = k.lora_forward_multi(x, self.weight.data, plan.A_stack, plan.B_stack, plan.scalings,
+                                        plan.index, b)
+        self._cache = MixedCache(x, h, plan.index, plan.names, plan.A_stack, plan.B_stack, plan.scalings)
         return y
+
+    stack_cache = None        # a dict while the weights are known not to change (generation), else None
 
     def _backward_mixed(self, dy, c: MixedCache):
         k = kernels_for(dy, self.backend)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .layer import BASE
+from .batches import BASE
 
 
 @contextmanager
@@ -38,16 +38,34 @@ def row_adapters(layers, names):
             layer.row_adapters = None
 
 
-def forward_mixed(lora_model, x, adapter_names, **kwargs):
-    """``lora_model.model.forward(x, **kwargs)`` with sequence b on adapter ``adapter_names[b]``."""
-    B = x.shape[0]
+@contextmanager
+def frozen_stacks(layers):
+    """While the weights can't change (generation), each LoRA layer builds its stacked, zero-padded
+    factors once per set of adapters and reuses them at every step."""
+    for layer in layers:
+        layer.stack_cache = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.stack_cache = None
+
+
+def check_names(lora_model, adapter_names, B: int, what: str = "rows"):
+    """One known adapter name (or "__base__") per sequence; TypeError/ValueError otherwise."""
     if isinstance(adapter_names, str):
-        raise TypeError(f"adapter_names must be a list of names, one per sequence (row), got {adapter_names!r}")
+        raise TypeError(f"adapter_names must be a list of names, one per sequence ({what}), got {adapter_names!r}")
     if len(adapter_names) != B:
-        raise ValueError(f"adapter_names has {len(adapter_names)} entries for {B} rows (one name per sequence)")
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries for {B} {what} (one name per sequence, "
+                         f"{BASE!r} for the base model)")
     unknown = sorted(set(adapter_names) - set(lora_model.peft_config) - {BASE})
     if unknown:
         raise ValueError(f"unknown adapters {unknown}; adapters: {list(lora_model.peft_config)} (or {BASE!r})")
+
+
+def forward_mixed(lora_model, x, adapter_names, **kwargs):
+    """``lora_model.model.forward(x, **kwargs)`` with sequence b on adapter ``adapter_names[b]``."""
+    check_names(lora_model, adapter_names, x.shape[0])
     wrappers = lora_model._wrappers()
     with row_adapters([l for _, l in lora_model.lora_layers()] + wrappers, adapter_names):
         return lora_model.model.forward(x, **kwargs)

@@ -16,6 +16,7 @@ from ...io.adapter_files import save_pretrained
 from .inject import LORA_LAYERS, adaptable, inject, linear, output_head
 from .layer import LoRALinear
 from .mixed import forward_mixed
+from .generation import generate
 from .config import LoraConfig, matches
 from ...nn.module import Module, ParameterDict
 from .modules_to_save import ModulesToSave
@@ -237,6 +238,11 @@ class LoraModel(Module):
         if adapter_names is None:
             return self.model.forward(x, **kwargs)
         return forward_mixed(self, x, adapter_names, **kwargs)
+
+    def generate(self, input_ids, adapter_names=None, **kwargs):
+        """The decoder's ``generate`` (prefill, then one token per step) through the adapters; ``adapter_names``
+        gives prompt (row) b the adapter adapter_names[b] ("__base__" = none) in one mixed batch (``generation``)."""
+        return generate(self, input_ids, adapter_names=adapter_names, **kwargs)
 
     def backward(self, dy):
         return self.model.backward(dy)

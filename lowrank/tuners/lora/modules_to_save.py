@@ -6,7 +6,7 @@ import copy
 import numpy as np
 
 from ...nn.device import get_array_module
-from .layer import BASE, rows_for
+from .batches import BASE, rows_for
 from ...nn.module import Module
 
 

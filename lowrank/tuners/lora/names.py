@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...io.adapter_files import check_folder_name
 from ...nn.module import ParameterDict
-from .layer import BASE
+from .batches import BASE
 from .modules_to_save import ModuleDict
 
 # Names that are parts of PEFT's parameter names (an adapter called one would be saved under a

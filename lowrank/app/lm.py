@@ -1,0 +1,209 @@
+"""``lowrank lm``: a small Llama on text every Python ships, pretrained once and fine-tuned to code.
+
+    lowrank lm pretrain --out DIR                      a byte-level decoder on pydoc's English (lm_pretrain)
+    lowrank lm finetune --method lora --r 8 --out DIR  the shipped checkpoint adapted to stdlib code (lm_finetune)
+    mpiexec -n 2 lowrank lm finetune --distributed ...  the same, data-parallel over the ranks
+
+Each subcommand is a module with ``add_arguments(parser)`` and ``run(args) -> int``, listed in
+SUBCOMMANDS (pretrain, finetune, demo). What the subcommands share lives here: the training loop
+over step-numbered global batches (one process, or ``DataParallel`` over MPI, as ``lowrank train``),
+the validation loss, the stage lines, and the provenance recorded beside a checkpoint.
+
+The shipped checkpoint, ``lowrank/models/checkpoints/pydoc-byte-4x128/``, is what
+``lowrank lm pretrain`` wrote with its defaults; its ``training_args.json`` holds the command.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from importlib import import_module
+from pathlib import Path
+
+import numpy as np
+
+SUBCOMMANDS = {
+    "pretrain": ("lowrank.app.lm_pretrain", "train a small byte-level Llama from scratch on pydoc's English"),
+    "finetune": ("lowrank.app.lm_finetune", "fine-tune a checkpoint on stdlib code: lora, qlora, dora, full, head"),
+    "demo": ("lowrank.app.lm_demo", "the language-model report: methods, ranks, Table 5, spectra, samples"),
+}
+SHIPPED = "pydoc-byte-4x128"
+
+
+def shipped_checkpoint() -> Path:
+    """The folder of the checkpoint shipped in the package (config.json + model.safetensors)."""
+    from .. import models
+    return Path(models.__file__).parent / "checkpoints" / SHIPPED
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="lm_command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_lm_module=module)
+        import_module(module).add_arguments(p)
+
+
+def run(args) -> int:
+    with blas_threads(args.threads):
+        return import_module(args._lm_module).run(args)
+
+
+# -- flags shared by the subcommands -------------------------------------------------------
+def add_training_arguments(parser, defaults: dict):
+    """--steps --batch-size --seq-len --lr --warmup --eval-every --eval-windows --seed --dtype --threads --out --quiet."""
+    d = defaults
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d['steps']})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"global windows per step (default {d['batch_size']})")
+    parser.add_argument("--seq-len", type=int, default=None, help=f"T, tokens predicted per window (default {d['seq_len']})")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak Adam learning rate (default {d['lr']})")
+    parser.add_argument("--warmup", type=int, default=None, help="linear warm-up steps, then cosine decay to 10%% "
+                        f"(default {d['warmup']})")
+    parser.add_argument("--eval-every", type=int, default=None, help=f"steps between validation stage lines "
+                        f"(default {d['eval_every']})")
+    parser.add_argument("--eval-windows", type=int, default=None, help=f"validation windows, evenly spaced over the "
+                        f"split (default {d['eval_windows']})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits, the init and the batch order (default 0)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's own; 1 is "
+                        "much faster on a machine other jobs load)")
+    parser.add_argument("--out", default=d["out"], help=f"output directory (default {d['out']})")
+    parser.add_argument("--quiet", action="store_true", help="print nothing (files are still written)")
+
+
+TRAINING_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_windows")
+
+
+def blas_threads(threads: int | None):
+    """A context limiting BLAS to ``threads`` (threadpoolctl); no limit when None."""
+    if threads is None:
+        return nullcontext()
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(threads)
+
+
+def resolve(args, defaults: dict, names=TRAINING_FLAGS):
+    """Fill the flags left at None from ``defaults``; refuse zeros, negatives and non-finite numbers."""
+    for name in names:
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        low = 0 if name == "warmup" else 1
+        if name == "lr":
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+        elif value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+
+
+def command_line(args, subcommand: str, names) -> str:
+    """The command that repeats this run: every setting spelled out."""
+    parts = [f"lowrank lm {subcommand}"]
+    for name in names:
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts += [flag] if value else []
+        elif value is not None:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def provenance() -> dict:
+    """The Python version and the lowrank commit (``-dirty`` with uncommitted changes; 'unknown' outside git)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or "unknown"
+        if commit != "unknown" and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"python": sys.version.split()[0], "commit": commit}
+
+
+# -- training and evaluation ------------------------------------------------------------------
+def evaluate_loss(model, windows, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats per token) of ``model`` over ``windows`` (n, T+1), in eval mode."""
+    from ..nn.losses_lm import CausalLMLoss
+    model.eval()
+    loss_fn, total = CausalLMLoss(), 0.0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        total += loss_fn.forward(model.forward(batch), batch) * len(batch)       # every window counts T tokens
+        loss_fn._cache = None
+    return total / len(windows)
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to 0.1 at ``steps``."""
+    if step <= warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_steps(model, batcher, val_windows, *, steps: int, lr: float, warmup: int, eval_every: int,
+                comm=None, say=None) -> dict:
+    """``steps`` Adam steps on ``batcher``'s global batches (B, T+1), each window its own labels; the validation
+    loss every ``eval_every`` steps and at the end. With ``comm``, data-parallel: each rank takes its
+    ``shard_bounds`` rows of every global batch and ``DataParallel.step`` all-reduces the gradients.
+    Returns the history: steps, mean training loss since the last stage, validation loss, seconds per step."""
+    from ..nn.losses_lm import CausalLMLoss
+    from ..nn.optim import Adam
+    from ..training.loop import local_step
+    loss_fn = CausalLMLoss()
+    optimizer = Adam(model.parameters(trainable_only=True), lr=lr)
+    if comm is None:
+        def step(batch):
+            return local_step(model, optimizer, loss_fn, batch, batch)
+    else:
+        from ..training.distributed import DataParallel, shard_bounds
+        dp = DataParallel(model, optimizer, loss_fn, comm)
+        dp.broadcast_parameters()                        # every rank starts from rank 0's numbers
+
+        def step(batch):
+            lo, hi = shard_bounds(len(batch), dp.rank, dp.size)
+            return dp.step(batch[lo:hi], batch[lo:hi], len(batch))
+    history = {"step": [], "train_loss": [], "val_loss": [], "seconds_per_step": []}
+    losses, seconds = [], []
+    for i in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(i, steps, warmup)
+        model.train()
+        batch = batcher.next()
+        started = time.perf_counter()
+        loss = step(batch)
+        seconds.append(time.perf_counter() - started)
+        if not math.isfinite(loss):
+            raise ValueError(f"training diverged at step {i}: loss {loss}; try a lower --lr")
+        losses.append(loss)
+        if i % eval_every == 0 or i == steps:
+            history["step"].append(i)
+            history["train_loss"].append(float(np.mean(losses)))
+            history["val_loss"].append(evaluate_loss(model, val_windows))
+            history["seconds_per_step"].append(float(np.median(seconds)))
+            losses = []
+            if say is not None:
+                say(f"step {i}/{steps}  train loss {history['train_loss'][-1]:.4f}  val loss "
+                    f"{history['val_loss'][-1]:.4f}  ppl {math.exp(history['val_loss'][-1]):.3f}  "
+                    f"{history['seconds_per_step'][-1]:.3f} s/step")
+    history["seconds_per_step_median"] = float(np.median(seconds))
+    model.eval()
+    return history
+
+
+def stage_printer(command: str, quiet: bool, root: bool = True):
+    """``say(text)``: one timed stage line on stdout (``lowrank lm pretrain [  12.3 s] ...``), or nothing."""
+    started = time.perf_counter()
+
+    def say(text):
+        if root and not quiet:
+            print(f"lowrank lm {command} [{time.perf_counter() - started:7.1f} s] {text}", flush=True)
+    return say

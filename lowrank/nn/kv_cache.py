@@ -1,0 +1,73 @@
+"""The key/value cache of a decoder, for inference: prefill the prompt once, then one token per step.
+
+Letters: L layers, B sequences, H_kv key/value heads, T_max positions, h = head_dim.
+
+A step feeds T_new tokens (the whole prompt at prefill, 1 per decode step) at positions
+P0 .. P0 + T_new − 1, P0 = ``length`` (the positions already cached). Each layer's attention
+rotates its new q and k at those absolute positions, writes k and v into its slot here and
+attends over all P0 + T_new cached keys. The padding mask is kept beside them, so a
+left-padded prompt's padding stays invisible at every later step.
+
+Memory: ``nbytes`` = 2 · L · B · H_kv · T_max · h · itemsize bytes (keys and values; the
+(B, T_max) mask adds B · T_max bytes). The demo's model, L = 4, B = 16, H_kv = 8, h = 32,
+T_max = 64, float32: 2 · 4 · 16 · 8 · 64 · 32 · 4 = 8,388,608 bytes (8 MiB).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVCache:
+    """Rotated keys and values of every layer, k, v (L, B, H_kv, T_max, h), filled left to right.
+
+    One step: the model calls ``start(attention_mask, T_new)``, each layer i calls
+    ``update(i, k, v)``, and the model calls ``advance(T_new)`` after the last layer.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
+                 dtype="float32", xp=np):
+        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        self.k = xp.zeros(shape, dtype)                        # (L, B, H_kv, T_max, h)
+        self.v = xp.zeros(shape, dtype)                        # (L, B, H_kv, T_max, h)
+        self.mask = xp.zeros((batch_size, max_length), bool)   # (B, T_max): True = a real token, not padding
+        self.length = 0                                        # P0: positions filled by earlier steps
+        self.max_length = max_length
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, max_length: int, dtype="float32", xp=np) -> "KVCache":
+        """A cache sized for a Llama ``config`` (num_hidden_layers, num_key_value_heads, head_dim)."""
+        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim, max_length,
+                   dtype, xp)
+
+    @property
+    def nbytes(self) -> int:
+        """2 · L · B · H_kv · T_max · h · itemsize: the keys and values."""
+        return int(self.k.nbytes + self.v.nbytes)
+
+    def start(self, attention_mask, T_new: int):
+        """Begin a step of T_new tokens; ``attention_mask`` (B, T_new) of 0/1 or None (all tokens)."""
+        B, end = self.mask.shape[0], self.length + T_new
+        if end > self.max_length:
+            raise ValueError(f"KVCache: {self.length} cached + {T_new} new positions exceed its max_length "
+                             f"{self.max_length}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T_new):
+            raise ValueError(f"KVCache: attention_mask must have shape (B, T_new) = ({B}, {T_new}) for the new "
+                             f"tokens only (the cache keeps the earlier ones), got {tuple(attention_mask.shape)}")
+        self.mask[:, self.length:end] = True if attention_mask is None else attention_mask != 0
+
+    def update(self, layer: int, k, v):
+        """Write layer ``layer``'s new k, v (B, H_kv, T_new, h) at P0..; return the cached ones
+        (B, H_kv, P0 + T_new, h) each and the key mask (B, P0 + T_new)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.mask[:, :end]
+
+    def advance(self, T_new: int):
+        """End a step: the T_new new positions are cached."""
+        self.length += T_new
+
+    def __repr__(self):
+        L, B, H_kv, T_max, h = self.k.shape
+        return (f"KVCache(layers={L}, batch={B}, kv_heads={H_kv}, max_length={T_max}, head_dim={h}, "
+                f"length={self.length}, {self.nbytes:,d} bytes)")
