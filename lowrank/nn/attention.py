@@ -131,7 +131,8 @@ class LlamaAttention(Module):
         dO = dO2.reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)           # (B, H_kv, G, T, h)
         dP = dO @ v[:, :, None].swapaxes(-1, -2)                               # (B, H_kv, G, T, T)
         dv = (P.swapaxes(-1, -2) @ dO).sum(axis=2)                             # (B, H_kv, T, h), Σ over G
-        dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))                   # softmax backward
+        dS = dP - (dP * P).sum(axis=-1, keepdims=True)                         # softmax backward:
+        dS *= P                                                                # dS = P ⊙ (dP − rowsum(dP ⊙ P))
         dq = (dS @ k[:, :, None]) * self.scaling                               # (B, H_kv, G, T, h)
         dk = (dS.swapaxes(-1, -2) @ q).sum(axis=2) * self.scaling              # (B, H_kv, T, h), Σ over G
         dq, dk = apply_rope_backward(dq, cos, sin), apply_rope_backward(dk, cos, sin)
