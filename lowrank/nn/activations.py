@@ -13,11 +13,18 @@ class SiLU(Module):
 
     def forward(self, z):
         self._cache = z
-        return z * sigmoid(z)
+        y = sigmoid(z)
+        y *= z                                  # z σ(z), in σ's fresh buffer
+        return y
 
     def backward(self, dy):
         z = self._need_cache()
         self._cache = None
         self._check_dy(dy, z.shape)
         s = sigmoid(z)
-        return dy * s * (1 + z * (1 - s))
+        dz = 1 - s
+        dz *= z
+        dz += 1
+        dz *= s
+        dz *= dy                                # dy σ(z) (1 + z (1 − σ(z))), in one buffer
+        return dz

@@ -42,7 +42,7 @@ from .rotary import RotaryEmbedding, apply_rope, apply_rope_backward
 
 
 class AttentionCache(NamedTuple):
-    q: object          # (B, H_kv, G, T, h) rotated queries
+    q: object          # (B, H_kv, G, T, h) rotated queries, already divided by sqrt(h)
     k: object          # (B, H_kv, T, h) rotated keys
     v: object          # (B, H_kv, T, h) values
     P: object          # (B, H_kv, G, T, T) attention probabilities
@@ -114,11 +114,12 @@ class LlamaAttention(Module):
         self._check_mask(attention_mask, B, T)
         cos, sin = self.rotary.tables(T, x.dtype, xp)                          # (T, h) each
         q, k, v = self._qkv(x, cos, sin)                                       # (B, H_kv, [G,] T, h)
-        S = (q @ k[:, :, None].swapaxes(-1, -2)) * self.scaling                # (B, H_kv, G, T, T)
+        q *= self.scaling                                                      # q / sqrt(h): on q, not on S
+        S = q @ k[:, :, None].swapaxes(-1, -2)                                 # (B, H_kv, G, T, T)
         P = masked_softmax(S, visible_keys(T, attention_mask, xp))             # (B, H_kv, G, T, T)
         O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
-        self._cache = AttentionCache(q, k, v, P, cos, sin, x.shape)
+        self._cache = AttentionCache(q, k, v, P, cos, sin, x.shape)            # q already scaled
         return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)
 
     def backward(self, dy):
@@ -134,7 +135,7 @@ class LlamaAttention(Module):
         dS = dP - (dP * P).sum(axis=-1, keepdims=True)                         # softmax backward:
         dS *= P                                                                # dS = P ⊙ (dP − rowsum(dP ⊙ P))
         dq = (dS @ k[:, :, None]) * self.scaling                               # (B, H_kv, G, T, h)
-        dk = (dS.swapaxes(-1, -2) @ q).sum(axis=2) * self.scaling              # (B, H_kv, T, h), Σ over G
+        dk = (dS.swapaxes(-1, -2) @ q).sum(axis=2)                             # (B, H_kv, T, h), Σ over G (q scaled)
         dq, dk = apply_rope_backward(dq, cos, sin), apply_rope_backward(dk, cos, sin)
         dx = self.q_proj.backward(dq.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h))   # (B·T, d)
         dx = dx + self.k_proj.backward(dk.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))

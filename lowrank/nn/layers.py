@@ -104,7 +104,11 @@ def sigmoid(x):
     """Numerically stable logistic function on NumPy or CuPy arrays."""
     xp = get_array_module(x)
     with np.errstate(over="ignore"):           # e^-x = inf for x < -88 (float32) gives 1/inf = 0: σ underflows
-        return 1 / (1 + xp.exp(-x))           # to 0 there anyway; elsewhere this is exact to rounding
+        e = xp.exp(-x)                        # to 0 there anyway; elsewhere this is exact to rounding
+        if not e.shape:                       # a scalar
+            return 1 / (1 + e)
+        e += 1
+        return xp.reciprocal(e, out=e)        # 1 / (1 + e^-x), in one buffer
 
 
 class Sigmoid(Module):
