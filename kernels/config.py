@@ -9,7 +9,7 @@ RTOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
 ATOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
 
 # --- numba_cpu ------------------------------------------------------------------------
-# The fastmath flags of every Numba kernel (numba_multi, numba_nf4): LLVM may reorder sums (vectorized
+# The fastmath flags of every Numba kernel (numba_cpu/loops.py, numba_cpu/nf4.py): LLVM may reorder sums (vectorized
 # dot products) and fuse multiply-adds, nothing more. Never "fast", "nnan" or "ninf": those let LLVM
 # assume no NaN/Inf, and a NaN or Inf in the input must come out as IEEE says (tests/test_nf4_nonfinite.py);
 # nor "nsz"/"arcp", which may flip the sign of a zero and so of an Inf divided by it.
@@ -20,7 +20,7 @@ NUMBA_PARALLEL = False
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
 # Threads of the BLAS that SciPy bundles (used for the in-place rank-r GEMMs): 1 keeps it from
-# fighting NumPy's own BLAS thread pool (see numba_multi.pin_scipy_blas).
+# fighting NumPy's own BLAS thread pool (see numba_cpu/blas.py, pin_scipy_blas).
 SCIPY_BLAS_THREADS = 1
 
 # --- cupy_gpu -------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class MixedCache(NamedTuple):
 
 class LoRALinear(Module):
     """A Dense base (frozen) with LoRA adapters. The math: the module docstring; the code that
-    computes it: ``lora_forward`` / ``lora_backward`` in kernels/reference.py."""
+    computes it: ``lora_forward`` / ``lora_backward`` in kernels/reference/lora.py."""
 
     row_adapters = None    # per-sequence names, set by LoraModel.forward(x, adapter_names=...) for a mixed
                            # batch and cleared after it; ``rows_for`` spreads them over this layer's rows
