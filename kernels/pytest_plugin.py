@@ -10,13 +10,10 @@ import pytest
 
 def pytest_addoption(parser):
     group = parser.getgroup("lowrank", "lowrank kernel conformance")
-    try:
-        group.addoption("--lowrank-backend", default=None, metavar="MODULE",
-                        help="run the lowrank kernel conformance suite on this backend")
-        group.addoption("--lowrank-max-examples", type=int, default=25, metavar="N",
-                        help="hypothesis cases per function and dtype (default 25)")
-    except ValueError:                               # already added (plugin named twice)
-        pass
+    group.addoption("--lowrank-backend", default=None, metavar="MODULE",
+                    help="run the lowrank kernel conformance suite on this backend")
+    group.addoption("--lowrank-max-examples", type=int, default=25, metavar="N",
+                    help="hypothesis cases per function and dtype (default 25)")
 
 
 def pytest_collection_modifyitems(session, config, items):

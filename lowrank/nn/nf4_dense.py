@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .device import to_device
 from .dispatch import kernels_for
 from .layers import Dense, check_dtype
 from .module import Module, Parameter

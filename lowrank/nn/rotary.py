@@ -82,13 +82,20 @@ class RotaryEmbedding(Module):
             raise ValueError(f"RotaryEmbedding: rope_theta must be > 0, got {rope_theta}")
         self.head_dim, self.rope_theta = head_dim, float(rope_theta)
         self.max_position_embeddings = max_position_embeddings
+        self._tables = {}          # (dtype, array module) -> (cos, sin) of the longest T asked for so far
 
     def tables(self, T: int, dtype, xp=np):
-        """(cos, sin) for positions 0..T−1; ValueError past ``max_position_embeddings``."""
+        """(cos, sin) for positions 0..T−1; ValueError past ``max_position_embeddings``. Row t depends
+        on t alone, so the longest tables computed so far are kept and sliced (every forward and every
+        decode step asks for them)."""
         if self.max_position_embeddings is not None and T > self.max_position_embeddings:
             raise ValueError(f"{self.label}: sequence length {T} exceeds max_position_embeddings="
                              f"{self.max_position_embeddings}")
-        return rope_tables(T, self.head_dim, self.rope_theta, dtype, xp)
+        key = (np.dtype(dtype), xp.__name__)
+        if key not in self._tables or len(self._tables[key][0]) < T:
+            self._tables[key] = rope_tables(T, self.head_dim, self.rope_theta, dtype, xp)
+        cos, sin = self._tables[key]
+        return cos[:T], sin[:T]
 
     def forward(self, x):
         if not hasattr(x, "shape") or x.ndim < 2 or x.shape[-1] != self.head_dim:

@@ -23,7 +23,7 @@ import numbers
 
 import numpy as np
 
-from ...nn.device import get_array_module
+from ...nn.device import get_array_module, to_device
 from ...nn.kv_cache import KVCache
 
 
@@ -88,7 +88,7 @@ def pick(logits, do_sample: bool, temperature: float = 1.0, top_k=None, top_p=No
 
 
 def _host(a):
-    return np.asarray(a.get() if hasattr(a, "get") else a)
+    return np.asarray(to_device(a, "cpu"))
 
 
 def _check_prompt(input_ids, attention_mask, config, max_new_tokens):

@@ -32,10 +32,9 @@ def rows_for(names, N: int, label: str = "LoRALinear") -> list:
 
 
 def segments(index):
-    """SGMV's indptr (S+1,) and seg_index (S,) for the S runs of equal values of a per-row index (N,)."""
-    idx = np.asarray(index.get() if hasattr(index, "get") else index)
-    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])          # (S,) first row of each run
-    return np.r_[starts, len(idx)], idx[starts]
+    """SGMV's indptr (S+1,) and seg_index (S,) for the S runs of equal values of a per-row host index (N,)."""
+    starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])      # (S,) first row of each run
+    return np.r_[starts, len(index)], index[starts]
 
 
 class MixedPlan(NamedTuple):

@@ -27,16 +27,15 @@ LoraModel's adapter management and the analysis code treat it as any LoRA layer.
 """
 from __future__ import annotations
 
-import math
-import warnings
 from typing import NamedTuple
 
 import numpy as np
 
 from ...nn.device import get_array_module
 from ...nn.embedding import Embedding
-from ...nn.module import Module, Parameter, ParameterDict, check_number
+from ...nn.module import Module, ParameterDict
 from .batches import BASE, rows_for
+from .tables import AdapterTables
 
 
 class AdapterTokens(NamedTuple):
@@ -51,7 +50,7 @@ class LoraEmbeddingCache(NamedTuple):
     shape: tuple           # (..., d) of y, to check dy
 
 
-class LoRAEmbedding(Module):
+class LoRAEmbedding(AdapterTables, Module):
     """An Embedding base (frozen) with LoRA adapters; the math: the module docstring."""
 
     row_adapters = None    # set by LoraModel.forward for a mixed batch: one name per sequence or per token
@@ -91,58 +90,19 @@ class LoRAEmbedding(Module):
                      use_rslora: bool = False, init_lora_weights=True):
         """Add adapter ``adapter_name``; validates everything first."""
         V, d = self.num_embeddings, self.embedding_dim
-        where = f"{self.label} adapter {adapter_name!r}"
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
-            raise ValueError(f"{where}: r must be an integer >= 1, got {r!r}")
-        check_number(where, "lora_alpha", lora_alpha)
-        if not 0 <= lora_dropout < 1:
-            raise ValueError(f"{where}: lora_dropout must lie in [0, 1), got {lora_dropout!r}")
         if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"{where}: init_lora_weights must be True, False or 'gaussian' for an embedding "
-                             f"(PiSSA is defined for linear layers), got {init_lora_weights!r}")
-        if adapter_name in self.lora_embedding_A:
-            raise ValueError(f"{where}: an adapter of that name already exists")
-        if adapter_name == BASE:
-            raise ValueError(f"{where}: {BASE!r} is reserved for 'no adapter' in mixed batches")
-        r = int(r)
-        if r > min(V, d):
-            warnings.warn(f"{where}: r={r} exceeds min(V, d) = {min(V, d)}; the update s·B·A has rank at most "
-                          f"{min(V, d)}, so the extra ranks add parameters, not rank", UserWarning, stacklevel=2)
+            raise ValueError(f"{self.label} adapter {adapter_name!r}: init_lora_weights must be True, False or "
+                             f"'gaussian' for an embedding (PiSSA is defined for linear layers), "
+                             f"got {init_lora_weights!r}")
+        where, r = self._check_adapter(adapter_name, r, lora_alpha, lora_dropout)
+        self._warn_rank(where, r, "min(V, d)", min(V, d))
         W = self.weight
         xp, dtype = get_array_module(W.data), W.dtype
         A = (np.zeros((r, V), dtype) if init_lora_weights is not False
              else self._rng.standard_normal((r, V)).astype(dtype))
         B = self._rng.standard_normal((d, r)).astype(dtype)
-        self.lora_embedding_A[adapter_name] = Parameter(xp.asarray(A))
-        self.lora_embedding_B[adapter_name] = Parameter(xp.asarray(B))
-        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_dropout[adapter_name] = float(lora_dropout)
-
-    # -- adapter management -------------------------------------------------------------
-    def set_adapter(self, name: str | None):
-        """Make ``name`` the active adapter (None: the base alone)."""
-        if name is not None and name not in self.lora_embedding_A:
-            raise ValueError(f"{self.label}: no adapter {name!r}; it has {list(self.lora_embedding_A)}")
-        self.active_adapter = name
-
-    def delete_adapter(self, name: str):
-        if name not in self.lora_embedding_A:
-            raise ValueError(f"{self.label}: no adapter {name!r}; it has {list(self.lora_embedding_A)}")
-        if name in self.merged_adapters:
-            raise ValueError(f"{self.label}: adapter {name!r} is merged; unmerge it before deleting")
-        for table in (self.lora_embedding_A, self.lora_embedding_B, self.r, self.lora_alpha, self.scaling,
-                      self.lora_dropout):
-            del table[name]
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.lora_embedding_A), None)
-
-    def delta_weight(self, name: str, dtype=None):
-        """s·B·A (d, V): what adapter ``name`` adds to the map one-hot(id) ↦ Wᵀ one-hot(id)."""
-        A, B = self.lora_embedding_A[name].data, self.lora_embedding_B[name].data
-        if dtype is not None:
-            A, B = A.astype(dtype, copy=False), B.astype(dtype, copy=False)
-        return self.scaling[name] * (B @ A)                      # (d, r) @ (r, V)
+        self._record(adapter_name, xp.asarray(A), xp.asarray(B), r, lora_alpha, lora_dropout,
+                     self._scaling(r, lora_alpha, use_rslora))
 
     def merge(self, adapter_names=None):
         """W ← W + (s·B·A)ᵀ for each adapter (default: the active one)."""

@@ -26,8 +26,6 @@ cache. Dropout applies to the LoRA branch's input only.
 """
 from __future__ import annotations
 
-import math
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -35,8 +33,9 @@ import numpy as np
 from ...nn.device import get_array_module
 from ...nn.dispatch import kernels_for
 from ...nn.layers import Dense, kaiming_uniform
-from ...nn.module import Module, Parameter, ParameterDict, check_number
-from .batches import BASE, mixed_plan, rows_for
+from ...nn.module import Module, ParameterDict
+from .batches import mixed_plan, rows_for
+from .tables import AdapterTables
 
 class LoraCache(NamedTuple):
     x: object              # (N, D_in) input, None when no adapter gradient needs it
@@ -57,7 +56,7 @@ class MixedCache(NamedTuple):
     scalings: object       # (K,)
 
 
-class LoRALinear(Module):
+class LoRALinear(AdapterTables, Module):
     """A Dense base (frozen) with LoRA adapters. The math: the module docstring; the code that
     computes it: ``lora_forward`` / ``lora_backward`` in kernels/reference/lora.py."""
 
@@ -103,28 +102,15 @@ class LoRALinear(Module):
                      use_rslora: bool = False, init_lora_weights=True):
         """Add adapter ``adapter_name`` (PEFT's name for this method); validates everything first."""
         D_in, D_out = self.in_features, self.out_features
-        where = f"{self.label} adapter {adapter_name!r}"
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
-            raise ValueError(f"{where}: r must be an integer >= 1, got {r!r}")
+        if init_lora_weights not in (True, False, "gaussian", "pissa"):
+            raise ValueError(f"{self.label} adapter {adapter_name!r}: init_lora_weights must be True, False, "
+                             f"'gaussian' or 'pissa', got {init_lora_weights!r}")
+        where, r = self._check_adapter(adapter_name, r, lora_alpha, lora_dropout)
         if init_lora_weights == "pissa" and r > min(D_in, D_out):
             raise ValueError(f"{where}: PiSSA init needs r <= min(D_in, D_out) = {min(D_in, D_out)} (W has only "
                              f"that many singular triplets), got r={r}; use a smaller r or another init")
-        check_number(where, "lora_alpha", lora_alpha)
-        if not 0 <= lora_dropout < 1:
-            raise ValueError(f"{where}: lora_dropout must lie in [0, 1), got {lora_dropout!r}")
-        if init_lora_weights not in (True, False, "gaussian", "pissa"):
-            raise ValueError(f"{where}: init_lora_weights must be True, False, 'gaussian' or 'pissa', "
-                             f"got {init_lora_weights!r}")
-        if adapter_name in self.lora_A:
-            raise ValueError(f"{where}: an adapter of that name already exists")
-        if adapter_name == BASE:
-            raise ValueError(f"{where}: {BASE!r} is reserved for 'no adapter' in mixed batches")
-        r = int(r)
-        if r > min(D_in, D_out):                   # legal (PEFT allows it), but s·B·A has rank <= min(D_in, D_out)
-            warnings.warn(f"{where}: r={r} exceeds min(D_in, D_out) = {min(D_in, D_out)}; the update s·B·A "
-                          f"has rank at most {min(D_in, D_out)}, so the extra ranks add parameters, not rank",
-                          UserWarning, stacklevel=2)
-        scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self._warn_rank(where, r, "min(D_in, D_out)", min(D_in, D_out))
+        scaling = self._scaling(r, lora_alpha, use_rslora)
         W = self.base_layer.weight
         xp, dtype = get_array_module(W.data), W.dtype
         if init_lora_weights == "pissa":
@@ -134,10 +120,7 @@ class LoRALinear(Module):
                  else self._rng.normal(0.0, 1.0 / r, (r, D_in)).astype(dtype))   # PEFT: std = 1/r
             B = (np.zeros((D_out, r), dtype) if init_lora_weights is not False
                  else kaiming_uniform(self._rng, (D_out, r), r, dtype))
-        self.lora_A[adapter_name] = Parameter(xp.asarray(A))
-        self.lora_B[adapter_name] = Parameter(xp.asarray(B))
-        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
-        self.scaling[adapter_name], self.lora_dropout[adapter_name] = scaling, float(lora_dropout)
+        self._record(adapter_name, xp.asarray(A), xp.asarray(B), r, lora_alpha, lora_dropout, scaling)
 
     def _pissa(self, r, scaling, where):
         """PiSSA: A, B from the top-r SVD of W; the frozen base keeps the residual W − s·B·A.
@@ -156,30 +139,6 @@ class LoRALinear(Module):
         A = root[:, None] * Vt[:r]                          # (r, D_in)
         W.data = (W.data - scaling * (B @ A)).astype(W.dtype)
         return A.astype(W.dtype), B.astype(W.dtype)
-
-    # -- adapter management -------------------------------------------------------------
-    def set_adapter(self, name: str | None):
-        """Make ``name`` the active adapter (None: the base alone)."""
-        if name is not None and name not in self.lora_A:
-            raise ValueError(f"{self.label}: no adapter {name!r}; it has {list(self.lora_A)}")
-        self.active_adapter = name
-
-    def delete_adapter(self, name: str):
-        if name not in self.lora_A:
-            raise ValueError(f"{self.label}: no adapter {name!r}; it has {list(self.lora_A)}")
-        if name in self.merged_adapters:
-            raise ValueError(f"{self.label}: adapter {name!r} is merged; unmerge it before deleting")
-        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.scaling, self.lora_dropout):
-            del table[name]
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.lora_A), None)
-
-    def delta_weight(self, name: str, dtype=None):
-        """s·B·A (D_out, D_in): what adapter ``name`` adds to W (computed in ``dtype``, default the factors')."""
-        A, B = self.lora_A[name].data, self.lora_B[name].data
-        if dtype is not None:
-            A, B = A.astype(dtype, copy=False), B.astype(dtype, copy=False)
-        return self.scaling[name] * (B @ A)                      # (D_out, r) @ (r, D_in)
 
     def merge(self, adapter_names=None):
         """W ← W + s·B·A for each adapter (default: the active one). Zero added inference latency."""

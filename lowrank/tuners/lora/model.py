@@ -8,7 +8,6 @@ the Dense layers of an MLP), so a PEFT user's target_modules mean the same here.
 """
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 
 from ...nn.snapshot import all_or_nothing
@@ -18,7 +17,7 @@ from .layer import LoRALinear
 from .mixed import forward_mixed
 from .generation import generate
 from .config import LoraConfig, matches
-from ...nn.module import Module, ParameterDict
+from ...nn.module import Module
 from .modules_to_save import ModulesToSave
 from .names import check_adapter_name
 from .pretrained import from_pretrained, load_adapter
