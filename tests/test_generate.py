@@ -310,3 +310,17 @@ def test_stacked_factors_are_reused_only_within_one_generation():
     changed = model.forward(ids, adapter_names=names)
     assert np.abs(changed[0] - logits[0]).max() > 1e-6 and np.allclose(changed[1], logits[1])
     assert model.generate(ids, max_new_tokens=3, adapter_names=names).shape == before.shape
+
+
+def test_stacked_B_factors_are_laid_out_as_the_kernels_read_them():
+    """BGMV's expand reads B_kᵀ row by row; the plan stores B_stack (K, D_out, r) over a C-contiguous
+    (K, r, D_out), so the kernels' ``B_stack.transpose(0, 2, 1)`` is that memory (no copy per step),
+    and each B_k still equals its adapter's lora_B."""
+    from lowrank.tuners.lora.batches import mixed_plan
+    model = lora_llama("float32")
+    name, layer = next(iter(model.lora_layers()))
+    plan = mixed_plan(layer, ("a", "b", "__base__"), True, np.float32, np)
+    Bt = plan.B_stack.transpose(0, 2, 1)
+    assert Bt.flags.c_contiguous and np.ascontiguousarray(Bt) is Bt, name
+    for i, n in enumerate(plan.names):
+        np.testing.assert_array_equal(plan.B_stack[i, :, :layer.r[n]], layer.lora_B[n].data)

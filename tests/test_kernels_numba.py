@@ -10,6 +10,7 @@ import pytest
 
 import naive
 from lowrank.kernels import reference as ref
+from lowrank.kernels import validate
 
 import numba  # noqa: F401  (a required dependency: a broken install fails here, it is never skipped)
 from lowrank.kernels import numba_cpu as nb  # noqa: E402
@@ -103,3 +104,22 @@ def test_scipy_own_blas_is_pinned_to_one_thread():
     assert set(blas.PINNED_BLAS) < set(threads)                 # SciPy's copy, never NumPy's too
     for path in blas.PINNED_BLAS:
         assert threads[path] == 1
+
+
+@pytest.mark.parametrize("N", [1, validate.SMALL_INDEX, validate.SMALL_INDEX + 1, 1000])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])
+def test_index_range_is_checked_on_both_paths(N, dtype):
+    """validate.index reads small indexes through a list, large ones by NumPy reductions: each
+    refuses a value at K or below −1 wherever it sits, and names the range it found."""
+    K = 3
+    good = (np.arange(N) % K).astype(dtype)
+    validate.index(good, N, K)
+    for pos in (0, N // 2, N - 1):
+        bad = good.copy()
+        bad[pos] = K
+        with pytest.raises(ValueError, match=rf"\[-1, {K}\) for {K} adapters; got min -?\d+, max {K}$"):
+            validate.index(bad, N, K)
+        if np.dtype(dtype).kind == "i":
+            bad[pos] = -2
+            with pytest.raises(ValueError, match=r"got min -2"):
+                validate.index(bad, N, K)

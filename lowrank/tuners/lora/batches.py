@@ -41,7 +41,7 @@ class MixedPlan(NamedTuple):
     names: list            # the K adapters of the batch this layer holds, in stack order
     index: object          # (N,) row -> position in the stacks, −1 = the base alone
     A_stack: object        # (K, r_max, D_in)
-    B_stack: object        # (K, D_out, r_max)
+    B_stack: object        # (K, D_out, r_max), a view of a C-contiguous (K, r_max, D_out): the kernels' Bᵀ free
     scalings: object       # (K,)
     segments: tuple | None  # SGMV's (indptr, seg_index) when the rows come in runs, else None (BGMV)
 
@@ -67,7 +67,7 @@ def mixed_plan(layer, adapter_names: tuple, strict: bool, dtype, xp) -> MixedPla
     r_max = max([layer.r[n] for n in names], default=1)
     K, D_in, D_out = max(len(names), 1), layer.in_features, layer.out_features
     A_stack = xp.zeros((K, r_max, D_in), dtype)          # zero-padded to the largest rank
-    B_stack = xp.zeros((K, D_out, r_max), dtype)
+    B_stack = xp.zeros((K, r_max, D_out), dtype).transpose(0, 2, 1)   # (K, D_out, r_max) laid out as Bᵀ
     for i, n in enumerate(names):
         A_stack[i, :layer.r[n]] = layer.lora_A[n].data
         B_stack[i, :, :layer.r[n]] = layer.lora_B[n].data
