@@ -1,10 +1,12 @@
-"""Kernels for the fused LoRA path, one folder per backend, the same files in each.
+"""Kernels for the fused LoRA path and attention's elementwise parts, one folder per backend, the same
+files in each.
 
     reference/  NumPy, the readable definition every other backend is tested against
     numba_cpu/  Numba CPU kernels (BLAS for the big product, loops for the rank-r parts)
     cupy_gpu/   CuPy: cuBLAS for the big product, hand-written CUDA where it pays
 
     each backend   lora.py (dense, one adapter)  multi.py (BGMV, SGMV)  nf4.py (4-bit W)
+                   attention.py (RoPE, causal softmax)
     shared         validate.py (input checks)  config.py (tunables, tolerances)  common.py (helpers)
     your own       register_backend / describe (here), conformance.py (the public test suite)
 
@@ -37,9 +39,10 @@ API = (
     "lora_forward_multi", "lora_backward_multi",
     "lora_forward_sgmv", "lora_backward_sgmv",
     "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
+    "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
 )
 
-FILES = ("lora", "multi", "nf4")              # the files of every backend folder, API split among them
+FILES = ("lora", "multi", "nf4", "attention")              # the files of every backend folder, API split among them
 
 MODULES = {"numpy": "reference", "numba": "numba_cpu", "cupy": "cupy_gpu"}
 

@@ -10,6 +10,8 @@ mean something. What the cases cover, on purpose:
     LoRA        dropout masks (scaled by 1/keep), W=None (the LoRA term alone), bias or none, need_dx
     BGMV        index with repeats, gaps and −1 (base only), ranks zero-padded to the largest
     SGMV        sorted segments, empty ones included, an adapter or −1 per segment
+    attention   RoPE on 2- to 5-axis inputs, T = 0 included; the causal softmax with a KV-cache offset
+                (past > 0), padding masks and rows that see no key, any number of head axes
     NF4         odd weight counts (a half-used last byte), block sizes 2 … 128, zero scales, and
                 absmax with and without double quantization (an 8-bit round trip of the scales)
 
@@ -197,6 +199,43 @@ def nf4_matmul_dx(c, dtype, oracle):
     return _normal(rng, dtype, c["layout"])(c["N"], shape[0]), packed, absmax, shape, blocksize
 
 
+# -- attention: RoPE and the causal softmax ---------------------------------------------------
+ROPE = st.fixed_dictionaries(dict(lead=st.lists(st.integers(0, 3), max_size=3), T=st.integers(0, 6),
+                                  half=st.integers(1, 4), layout=LAYOUT, seed=SEED))
+SOFTMAX = st.fixed_dictionaries(dict(B=st.integers(0, 3), heads=st.lists(st.integers(1, 3), max_size=2),
+                                     T=st.integers(0, 6), past=st.integers(0, 4), key_mask=st.booleans(),
+                                     layout=LAYOUT, seed=SEED))
+
+
+def rope_forward(c, dtype, oracle):
+    """x (*lead, T, h) and tables with equal halves (transformers' layout), from random angles."""
+    rng = np.random.default_rng(c["seed"])
+    T, h = c["T"], 2 * c["half"]
+    angles = rng.uniform(-4, 4, (T, c["half"]))
+    cos, sin = (relayout(np.concatenate([f(angles)] * 2, axis=-1).astype(dtype), c["layout"]) for f in (np.cos, np.sin))
+    return _normal(rng, dtype, c["layout"])(*c["lead"], T, h), cos, sin
+
+
+rope_backward = rope_forward
+
+
+def causal_softmax(c, dtype, oracle):
+    """S (B, *heads, T, past + T), scores of a few units; key_mask (B, K) of 0/1 ints, with rows that
+    see no key (a query before any unmasked key) whenever the mask starts with zeros."""
+    rng = np.random.default_rng(c["seed"])
+    B, T, K = c["B"], c["T"], c["past"] + c["T"]
+    S = relayout((3 * rng.standard_normal((B, *c["heads"], T, K))).astype(dtype), c["layout"])
+    key_mask = (rng.random((B, K)) < 0.7).astype(np.int64) if c["key_mask"] else None
+    return S, key_mask, c["past"]
+
+
+def causal_softmax_backward(c, dtype, oracle):
+    """dP and a P from the oracle's forward (zeros where keys are hidden, rows of sum 1 or 0)."""
+    S, key_mask, past = causal_softmax(c, dtype, oracle)
+    P = relayout(np.asarray(oracle.causal_softmax(S, key_mask, past)).astype(dtype), c["layout"])
+    return _normal(np.random.default_rng(c["seed"] + 1), dtype, c["layout"])(*S.shape), P
+
+
 # -- per API function: (strategy, inputs(case, dtype, oracle) -> args, explicit edge cases) --------
 _EDGE_LORA = [dict(N=0, D_in=1, D_out=1, r=1), dict(N=1, D_in=1, D_out=1, r=1), dict(N=3, D_in=6, D_out=2, r=8)]
 _EDGE_MULTI = [dict(N=1, D_in=1, D_out=1, K=1, ranks=[1], index=[-1]), dict(N=0, D_in=2, D_out=3, K=2, ranks=[1, 2],
@@ -205,6 +244,10 @@ _EDGE_SGMV = [dict(N=0, D_in=1, D_out=1, K=1, ranks=[1], indptr=[0, 0], seg_inde
               dict(N=9, D_in=6, D_out=2, K=2, ranks=[8, 3], indptr=[0, 3, 3, 7, 9], seg_index=[1, 0, -1, 1])]
 _EDGE_NF4 = [dict(N=0, D_out=1, D_in=1, blocksize=2, double_quant=False), dict(N=3, D_out=3, D_in=5, blocksize=4,
              double_quant=True), dict(N=2, D_out=5, D_in=64, blocksize=64, double_quant=True)]
+
+_EDGE_ROPE = [dict(lead=[], T=1, half=1), dict(lead=[0, 2], T=3, half=2), dict(lead=[2, 3, 1], T=6, half=4)]
+_EDGE_SOFTMAX = [dict(B=1, heads=[], T=1, past=0, key_mask=False), dict(B=0, heads=[2], T=3, past=1, key_mask=True),
+                 dict(B=3, heads=[2, 3], T=6, past=4, key_mask=True), dict(B=2, heads=[1], T=0, past=2, key_mask=True)]
 
 
 def _edges(edges, **defaults):
@@ -229,4 +272,8 @@ CASES = {
     "nf4_dequantize": (NF4, nf4_dequantize, _edges(_EDGE_NF4, bias=False, layout="C", seed=0)),
     "nf4_matmul": (NF4, nf4_matmul, _edges(_EDGE_NF4, bias=True, layout="F", seed=0)),
     "nf4_matmul_dx": (NF4, nf4_matmul_dx, _edges(_EDGE_NF4, bias=False, layout="strided", seed=0)),
+    "rope_forward": (ROPE, rope_forward, _edges(_EDGE_ROPE, layout="strided", seed=0)),
+    "rope_backward": (ROPE, rope_backward, _edges(_EDGE_ROPE, layout="F", seed=0)),
+    "causal_softmax": (SOFTMAX, causal_softmax, _edges(_EDGE_SOFTMAX, layout="strided", seed=0)),
+    "causal_softmax_backward": (SOFTMAX, causal_softmax_backward, _edges(_EDGE_SOFTMAX, layout="F", seed=0)),
 }

@@ -130,6 +130,43 @@ def segments(indptr, seg_index, N, K):
     index(seg_index, S, K)
 
 
+# -- attention: RoPE and the causal softmax (layout in reference/attention.py) ----------------
+def rope(x, cos, sin):
+    """x (..., T, h) float with h even; cos and sin (T, h) of x's dtype; returns (T, h)."""
+    if x.ndim < 2:
+        raise ValueError(f"x must be (..., T, head_dim), got shape {tuple(x.shape)}")
+    _float("x", x, x.dtype)
+    T, h = x.shape[-2:]
+    if h % 2:
+        raise ValueError(f"x's last axis (head_dim) must be even, got {h}")
+    _float("cos", cos, x.dtype)
+    _shape("cos", cos, (T, h))
+    _float("sin", sin, x.dtype)
+    _shape("sin", sin, (T, h))
+    return T, h
+
+
+def causal_softmax(S, key_mask, past):
+    """S (B, ..., T, K) float with K = past + T; key_mask (B, K) or None; returns (B, T, K)."""
+    if S.ndim < 3:
+        raise ValueError(f"S must be (B, ..., T, K) with at least 3 axes, got shape {tuple(S.shape)}")
+    _float("S", S, S.dtype)
+    B, T, K = S.shape[0], S.shape[-2], S.shape[-1]
+    if isinstance(past, bool) or not isinstance(past, (int, np.integer)) or past < 0 or past + T != K:
+        raise ValueError(f"past must be an int >= 0 with past + T = K (S has T={T} queries, K={K} keys), "
+                         f"got {past!r}")
+    if key_mask is not None:
+        _shape("key_mask", key_mask, (B, K))
+    return B, T, K
+
+
+def softmax_grad(dP, P):
+    """dP and P of one shape and float dtype."""
+    _float("P", P, P.dtype)
+    _float("dP", dP, P.dtype)
+    _shape("dP", dP, tuple(P.shape))
+
+
 # -- NF4: a packed 4-bit W (layout in reference/nf4.py) ------------------------------------
 def nf4_blocksize(blocksize):
     """ValueError unless ``blocksize`` is a positive even int (so blocks start on a byte)."""

@@ -100,6 +100,42 @@ def segments_to_index(indptr, seg_index):
                     dtype=np.int64)
 
 
+def rope_forward(x, cos, sin, sign=1):
+    """Each pair (j, j + h/2) of each row turned by its angle: transformers' x cos + rotate_half(x) sin,
+    with rotate_half built as the concatenation it is."""
+    x, cos, sin = _f64(x, cos, sin)
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + sign * rotated * sin
+
+
+def rope_backward(dy, cos, sin):
+    return rope_forward(dy, cos, sin, sign=-1)
+
+
+def causal_softmax(S, key_mask=None, past=0):
+    """Row by row: the keys query i sees, listed (j <= past + i, unmasked), and exp / sum over them alone."""
+    S = np.asarray(S, np.float64)
+    P = np.zeros(S.shape)
+    for row in np.ndindex(S.shape[:-1]):
+        b, i = row[0], row[-1]
+        seen = [j for j in range(S.shape[-1]) if j <= past + i and (key_mask is None or key_mask[b, j])]
+        if seen:
+            e = np.array([np.exp(S[row][j] - max(S[row][k] for k in seen)) for j in seen])
+            P[row][seen] = e / e.sum()
+    return P
+
+
+def causal_softmax_backward(dP, P):
+    """dS = J dP with the softmax's Jacobian J = diag(p) − p pᵀ written out, row by row."""
+    dP, P = _f64(dP, P)
+    dS = np.zeros(P.shape)
+    for row in np.ndindex(P.shape[:-1]):
+        p = P[row]
+        dS[row] = ((np.diag(p) - np.outer(p, p)) * dP[row]).sum(axis=1)          # J symmetric: Σ_k J[j, k] dP[k]
+    return dS
+
+
 # -- inputs shared by the kernel tests: O(1) data, so relative tolerances mean something ----------
 def lora_inputs(rng, N, D_in, D_out, r, dtype=np.float64, masked=False, K=None):
     """x, W, A, B, bias, dy (and mask, or the stacks/scalings for K adapters) as ``dtype`` arrays."""

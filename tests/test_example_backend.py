@@ -1,5 +1,5 @@
 """examples/torch_backend.py, a backend from outside the library: it passes the conformance suite,
-trains layers the same as the built-in backends, declares its NF4 fallback, and joins the benchmark."""
+trains layers the same as the built-in backends, declares its NF4 and attention fallbacks, and joins the benchmark."""
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,9 @@ from lowrank.kernels.conformance import check_backend
 from benchmarks import kernels as bench
 
 FILE = Path(__file__).resolve().parents[1] / "examples" / "torch_backend.py"
-NATIVE = API_WITHOUT_NF4 = tuple(n for n in kernels.API if not n.startswith("nf4"))
+LEFT_OUT = ("nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",            # what the example does not implement
+            "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward")
+NATIVE = tuple(n for n in kernels.API if n not in LEFT_OUT)
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*exceeds min\(D_in, D_out\):UserWarning")
 
@@ -34,9 +36,9 @@ def test_the_torch_backend_passes_the_conformance_suite():
     assert {row.dtype for row in report} == {"float32", "float64"}
 
 
-def test_nf4_falls_back_to_the_reference_declared_once(torch_backend):
+def test_nf4_and_attention_fall_back_to_the_reference_declared_once(torch_backend):
     assert torch_backend.native == NATIVE
-    assert torch_backend.fallback == ("nf4_dequantize", "nf4_matmul", "nf4_matmul_dx")
+    assert torch_backend.fallback == LEFT_OUT
     assert torch_backend.nf4_matmul is reference.nf4_matmul
     assert "reference  nf4_matmul_dx" in kernels.describe("torch")
     assert kernels.resolve("examples.torch_backend").native == NATIVE      # the import path works too

@@ -17,7 +17,7 @@ from lowrank.nn.module import CallOrderError, Module
 from lowrank.nn import CausalLMLoss, Embedding, LlamaAttention, LlamaMLP, RMSNorm, RotaryEmbedding, SiLU
 
 SEED = st.integers(0, 2**16)
-SMALL = settings(max_examples=10)
+SMALL = settings(max_examples=16)
 
 
 class WithMask(Module):
@@ -121,10 +121,13 @@ def test_rotary_rotates_pairs_and_its_backward_rotates_back(B, H, T, half, theta
 
 @SMALL
 @given(B=st.integers(1, 2), T=st.integers(1, 5), H_kv=st.integers(1, 2), G=st.integers(1, 2),
-       h=st.sampled_from([2, 4]), d=st.integers(1, 6), bias=st.booleans(), masked=st.booleans(), seed=SEED)
-def test_attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, bias, masked, seed):
+       h=st.sampled_from([2, 4]), d=st.integers(1, 6), bias=st.booleans(), masked=st.booleans(), seed=SEED,
+       backend=st.sampled_from(["numpy", "numba"]))
+def test_attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, bias, masked, seed, backend):
+    """On both kernel backends of RoPE and the softmax: the reference's array code and Numba's loops."""
     rng = np.random.default_rng(seed)
     attn = LlamaAttention(d, H_kv * G, H_kv, h, rope_theta=100.0, bias=bias, dtype="float64", seed=seed)
+    attn.backend = backend
     mask = rng.integers(0, 2, (B, T)) if masked else None                    # rows with no visible key included
     x = rng.standard_normal((B, T, d))
     np.testing.assert_allclose(attn(x, mask).reshape(B * T, d), naive_attention(x, attn, mask), rtol=1e-10, atol=1e-12)

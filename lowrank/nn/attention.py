@@ -12,6 +12,9 @@ group" is a sum over that G axis.
     backward:  dP = dO vᵀ,  dv = Σ_G Pᵀ dO,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),
                dq = dS k / sqrt(h),  dk = Σ_G dSᵀ q / sqrt(h),  then RoPE by −angle.
 
+RoPE and the softmax, forward and backward, are kernels (``lowrank.kernels``: ``rope_forward``,
+``causal_softmax`` and their backwards, one pass per row in numba_cpu); the products are matmul's (BLAS).
+
 A query row with no visible key (a left-padding position) gets P = 0, so its output is 0
 (transformers' eager path spreads it uniformly over all keys instead, or gives NaN in a float64
 model, whose float32 softmax sees −inf everywhere; no real token attends to such a row).
@@ -36,9 +39,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .device import get_array_module
+from .dispatch import kernels_for
 from .layers import Dense
 from .module import Module
-from .rotary import RotaryEmbedding, apply_rope, apply_rope_backward
+from .rotary import RotaryEmbedding
 
 
 class AttentionCache(NamedTuple):
@@ -51,17 +55,10 @@ class AttentionCache(NamedTuple):
     shape: tuple       # (B, T, d), to check dy
 
 
-def visible_keys(T: int, attention_mask, xp, past: int = 0):
-    """Boolean (B or 1, 1, 1, T, past + T): key j visible to query i (at position past + i) when
-    j <= past + i and attention_mask[b, j]; ``attention_mask`` (B, past + T) or None."""
-    causal = xp.tril(xp.ones((T, past + T), dtype=bool), k=past)              # (T, past + T)
-    if attention_mask is None:
-        return causal[None, None, None]
-    return causal[None, None, None] & (attention_mask != 0)[:, None, None, None, :]
-
-
 class LlamaAttention(Module):
     """Causal self-attention with GQA; q/k/v/o projections are Dense layers LoRA can wrap by name."""
+
+    backend = None         # the kernel backend of RoPE and the softmax (None: the global setting; see nn.dispatch)
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  *, rope_theta: float = 10000.0, max_position_embeddings: int | None = None, bias: bool = False,
@@ -94,7 +91,7 @@ class LlamaAttention(Module):
             raise ValueError(f"{self.label}: attention_mask must hold 0 (padding) or 1 (token), "
                              f"got values {xp.unique(attention_mask)[:8].tolist()}")
 
-    def _qkv(self, x, cos, sin):
+    def _qkv(self, kern, x, cos, sin):
         """x (B, T, d) -> rotated q (B, H_kv, G, T, h), rotated k (B, H_kv, T, h), v (B, H_kv, T, h)."""
         B, T, d = x.shape
         H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
@@ -102,7 +99,7 @@ class LlamaAttention(Module):
         q = self.q_proj.forward(x2).reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)   # (B, H_kv, G, T, h)
         k = self.k_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
         v = self.v_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return kern.rope_forward(q, cos, sin), kern.rope_forward(k, cos, sin), v
 
     def forward(self, x, attention_mask=None):
         if not hasattr(x, "shape") or x.ndim != 3 or x.shape[-1] != self.hidden_size:
@@ -112,11 +109,12 @@ class LlamaAttention(Module):
         B, T, d = x.shape
         H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         self._check_mask(attention_mask, B, T)
+        kern = kernels_for(x, self.backend)
         cos, sin = self.rotary.tables(T, x.dtype, xp)                          # (T, h) each
-        q, k, v = self._qkv(x, cos, sin)                                       # (B, H_kv, [G,] T, h)
+        q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
         q *= self.scaling                                                      # q / sqrt(h): on q, not on S
         S = q @ k[:, :, None].swapaxes(-1, -2)                                 # (B, H_kv, G, T, T)
-        P = masked_softmax(S, visible_keys(T, attention_mask, xp))             # (B, H_kv, G, T, T)
+        P = kern.causal_softmax(S, attention_mask)                             # (B, H_kv, G, T, T)
         O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
         self._cache = AttentionCache(q, k, v, P, cos, sin, x.shape)            # q already scaled
@@ -132,11 +130,11 @@ class LlamaAttention(Module):
         dO = dO2.reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)           # (B, H_kv, G, T, h)
         dP = dO @ v[:, :, None].swapaxes(-1, -2)                               # (B, H_kv, G, T, T)
         dv = (P.swapaxes(-1, -2) @ dO).sum(axis=2)                             # (B, H_kv, T, h), Σ over G
-        dS = dP - (dP * P).sum(axis=-1, keepdims=True)                         # softmax backward:
-        dS *= P                                                                # dS = P ⊙ (dP − rowsum(dP ⊙ P))
+        kern = kernels_for(dy, self.backend)
+        dS = kern.causal_softmax_backward(dP, P)                               # P ⊙ (dP − rowsum(dP ⊙ P))
         dq = (dS @ k[:, :, None]) * self.scaling                               # (B, H_kv, G, T, h)
         dk = (dS.swapaxes(-1, -2) @ q).sum(axis=2)                             # (B, H_kv, T, h), Σ over G (q scaled)
-        dq, dk = apply_rope_backward(dq, cos, sin), apply_rope_backward(dk, cos, sin)
+        dq, dk = kern.rope_backward(dq, cos, sin), kern.rope_backward(dk, cos, sin)
         dx = self.q_proj.backward(dq.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h))   # (B·T, d)
         dx = dx + self.k_proj.backward(dk.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))
         dx = dx + self.v_proj.backward(dv.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))
@@ -149,12 +147,13 @@ class LlamaAttention(Module):
         B, T, d = x.shape
         H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         P0 = kv_cache.length
+        kern = kernels_for(x, self.backend)
         cos, sin = self.rotary.tables(P0 + T, x.dtype, xp)                     # (P0 + T, h) each
         cos, sin = cos[P0:], sin[P0:]                                          # (T, h): the new positions
-        q, k, v = self._qkv(x, cos, sin)                                       # (B, H_kv, [G,] T, h)
+        q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
         k, v, mask = kv_cache.update(layer, k, v)                              # (B, H_kv, P0 + T, h), (B, P0 + T)
         S = (q @ k[:, :, None].swapaxes(-1, -2)) * self.scaling                # (B, H_kv, G, T, P0 + T)
-        P = masked_softmax(S, visible_keys(T, mask, xp, past=P0))              # (B, H_kv, G, T, P0 + T)
+        P = kern.causal_softmax(S, mask, P0)                                   # (B, H_kv, G, T, P0 + T)
         O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
         self._cache = None                                                     # nothing for a backward
@@ -164,16 +163,3 @@ class LlamaAttention(Module):
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}")
 
-
-def masked_softmax(S, visible):
-    """softmax over the last axis of S where ``visible``, 0 elsewhere; a row with nothing visible is 0.
-    Computed in the wider of float32 and S's dtype, returned in S's dtype."""
-    xp = get_array_module(S)
-    wide = np.promote_types(np.float32, S.dtype)
-    E = S + xp.where(visible, 0, -xp.inf).astype(wide)                         # a new array: 0 / −inf added
-    m = E.max(axis=-1, keepdims=True)
-    E -= xp.where(xp.isfinite(m), m, 0)                                        # all-masked rows: m = −inf -> 0
-    xp.exp(E, out=E)                                                           # exp(−inf) = 0
-    Z = E.sum(axis=-1, keepdims=True)
-    E /= xp.where(Z > 0, Z, 1)
-    return E.astype(S.dtype, copy=False)

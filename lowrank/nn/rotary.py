@@ -10,6 +10,8 @@ Letters: T positions 0..T−1, h = head_dim (even), θ = rope_theta.
 
 The tables are computed in the wider of float32 and the input's dtype, as transformers
 computes them in float32 (a float64 transformers model narrows there; lowrank does not).
+The rotation itself is a kernel (``lowrank.kernels``: ``rope_forward``, ``rope_backward``; the
+reference's ``attention.py`` states it), so Numba runs it in one pass on the CPU.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .device import get_array_module
+from .dispatch import kernels_for
 from .module import Module
 
 
@@ -37,32 +40,14 @@ def rotate_half(x):
     return xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rope(x, cos, sin):
-    """x (..., T, h) rotated by +angle: x cos + rotate_half(x) sin."""
-    return _rotate_pairs(x, cos, sin, +1)
+def apply_rope(x, cos, sin, backend: str | None = None):
+    """x (..., T, h) rotated by +angle: x cos + rotate_half(x) sin (the kernel API's ``rope_forward``)."""
+    return kernels_for(x, backend).rope_forward(x, cos, sin)
 
 
-def apply_rope_backward(dy, cos, sin):
+def apply_rope_backward(dy, cos, sin, backend: str | None = None):
     """dy (..., T, h) rotated by −angle: the transpose of ``apply_rope``, dy cos − rotate_half(dy) sin."""
-    return _rotate_pairs(dy, cos, sin, -1)
-
-
-def _rotate_pairs(x, cos, sin, sign: int):
-    """x cos + sign · rotate_half(x) sin, on the halves (cos, sin repeat their first half, so
-    c, s = cos[..., :h/2], sin[..., :h/2]) without building rotate_half(x):
-        y1 = x1 c − sign · x2 s,   y2 = x2 c + sign · x1 s          (the same operations, bit for bit)"""
-    xp = get_array_module(x)
-    half = x.shape[-1] // 2
-    c, s = cos[..., :half], sin[..., :half]                                     # (T, h/2)
-    x1, x2 = x[..., :half], x[..., half:]                                       # (..., T, h/2)
-    y = xp.empty(np.broadcast_shapes(x.shape, cos.shape), np.result_type(x.dtype, cos.dtype))
-    if sign > 0:
-        xp.subtract(x1 * c, x2 * s, out=y[..., :half])
-        xp.add(x2 * c, x1 * s, out=y[..., half:])
-    else:
-        xp.add(x1 * c, x2 * s, out=y[..., :half])
-        xp.subtract(x2 * c, x1 * s, out=y[..., half:])
-    return y
+    return kernels_for(dy, backend).rope_backward(dy, cos, sin)
 
 
 class RotaryCache(NamedTuple):
@@ -73,6 +58,8 @@ class RotaryCache(NamedTuple):
 
 class RotaryEmbedding(Module):
     """RoPE on x (..., T, h) at positions 0..T−1; no parameters (attention calls the functions)."""
+
+    backend = None         # the kernel backend of the rotation (None: the global setting; see nn.dispatch)
 
     def __init__(self, head_dim: int, rope_theta: float = 10000.0, max_position_embeddings: int | None = None):
         super().__init__()
@@ -103,13 +90,13 @@ class RotaryEmbedding(Module):
                              f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
         cos, sin = self.tables(x.shape[-2], x.dtype, get_array_module(x))
         self._cache = RotaryCache(cos, sin, x.shape)
-        return apply_rope(x, cos, sin)
+        return apply_rope(x, cos, sin, self.backend)
 
     def backward(self, dy):
         cos, sin, shape = self._need_cache()
         self._check_dy(dy, shape)
         self._cache = None
-        return apply_rope_backward(dy, cos, sin)
+        return apply_rope_backward(dy, cos, sin, self.backend)
 
     def extra_repr(self):
         return f"head_dim={self.head_dim}, rope_theta={self.rope_theta}"
