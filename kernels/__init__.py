@@ -1,4 +1,4 @@
-"""Kernels for the fused LoRA path and attention's elementwise parts, one folder per backend, the same
+"""Kernels for the fused LoRA path and a decoder's elementwise parts, one folder per backend, the same
 files in each.
 
     reference/  NumPy, the readable definition every other backend is tested against
@@ -6,7 +6,7 @@ files in each.
     cupy_gpu/   CuPy: cuBLAS for the big product, hand-written CUDA where it pays
 
     each backend   lora.py (dense, one adapter)  multi.py (BGMV, SGMV)  nf4.py (4-bit W)
-                   attention.py (RoPE, causal softmax)
+                   attention.py (RoPE, causal softmax)  activations.py (SwiGLU's gate)
     shared         validate.py (input checks)  config.py (tunables, tolerances)  common.py (helpers)
     your own       register_backend / describe (here), conformance.py (the public test suite)
 
@@ -40,9 +40,10 @@ API = (
     "lora_forward_sgmv", "lora_backward_sgmv",
     "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
     "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
+    "silu_and_mul", "silu_and_mul_backward",
 )
 
-FILES = ("lora", "multi", "nf4", "attention")              # the files of every backend folder, API split among them
+FILES = ("lora", "multi", "nf4", "attention", "activations")              # the files of every backend folder, API split among them
 
 MODULES = {"numpy": "reference", "numba": "numba_cpu", "cupy": "cupy_gpu"}
 

@@ -2,6 +2,7 @@
 
     NF4_CODE         the 16 NormalFloat-4 values, index = the 4-bit code
     xp               numpy, or cupy for a CuPy array
+    sigmoid          σ(x) = 1 / (1 + e^−x) in one buffer, on NumPy or CuPy arrays
     adapters_in      the distinct adapter ids of a per-row index, −1 left out
     segment_index    SGMV segments expanded to a per-row index
     fallback         the decorator by which a backend sends one dtype to another backend, declared once
@@ -29,6 +30,16 @@ def xp(a):
         import cupy
         return cupy
     return np
+
+
+def sigmoid(x):
+    """Numerically stable logistic function on NumPy or CuPy arrays (lowrank's layers use it too)."""
+    with np.errstate(over="ignore"):           # e^-x = inf for x < -88 (float32) gives 1/inf = 0: σ underflows
+        e = xp(x).exp(-x)                     # to 0 there anyway; elsewhere this is exact to rounding
+    if not e.shape:                           # a scalar
+        return 1 / (1 + e)
+    e += 1
+    return xp(x).reciprocal(e, out=e)         # 1 / (1 + e^-x), in one buffer
 
 
 def adapters_in(index):

@@ -12,6 +12,7 @@ mean something. What the cases cover, on purpose:
     SGMV        sorted segments, empty ones included, an adapter or −1 per segment
     attention   RoPE on 2- to 5-axis inputs, T = 0 included; the causal softmax with a KV-cache offset
                 (past > 0), padding masks and rows that see no key, any number of head axes
+    SwiGLU      1 to 3 axes, empty ones included; gates of ±hundreds, where e^−g overflows
     NF4         odd weight counts (a half-used last byte), block sizes 2 … 128, zero scales, and
                 absmax with and without double quantization (an 8-bit round trip of the scales)
 
@@ -236,6 +237,23 @@ def causal_softmax_backward(c, dtype, oracle):
     return _normal(np.random.default_rng(c["seed"] + 1), dtype, c["layout"])(*S.shape), P
 
 
+# -- activations: SwiGLU's gate ----------------------------------------------------------------
+SILU = st.fixed_dictionaries(dict(shape=st.lists(st.integers(0, 5), min_size=1, max_size=3), scale=st.sampled_from([1.0, 4.0, 120.0]),
+                                  layout=LAYOUT, seed=SEED))
+
+
+def silu_and_mul(c, dtype, oracle):
+    """g of a few units, or up to ±hundreds (e^−g overflows to inf: σ = 0 must come out, not NaN), and u."""
+    f = _normal(np.random.default_rng(c["seed"]), dtype, c["layout"])
+    g = (c["scale"] * f(*c["shape"])).astype(dtype)
+    return relayout(g, c["layout"]), f(*c["shape"])
+
+
+def silu_and_mul_backward(c, dtype, oracle):
+    g, u = silu_and_mul(c, dtype, oracle)
+    return _normal(np.random.default_rng(c["seed"] + 1), dtype, c["layout"])(*c["shape"]), g, u
+
+
 # -- per API function: (strategy, inputs(case, dtype, oracle) -> args, explicit edge cases) --------
 _EDGE_LORA = [dict(N=0, D_in=1, D_out=1, r=1), dict(N=1, D_in=1, D_out=1, r=1), dict(N=3, D_in=6, D_out=2, r=8)]
 _EDGE_MULTI = [dict(N=1, D_in=1, D_out=1, K=1, ranks=[1], index=[-1]), dict(N=0, D_in=2, D_out=3, K=2, ranks=[1, 2],
@@ -248,6 +266,8 @@ _EDGE_NF4 = [dict(N=0, D_out=1, D_in=1, blocksize=2, double_quant=False), dict(N
 _EDGE_ROPE = [dict(lead=[], T=1, half=1), dict(lead=[0, 2], T=3, half=2), dict(lead=[2, 3, 1], T=6, half=4)]
 _EDGE_SOFTMAX = [dict(B=1, heads=[], T=1, past=0, key_mask=False), dict(B=0, heads=[2], T=3, past=1, key_mask=True),
                  dict(B=3, heads=[2, 3], T=6, past=4, key_mask=True), dict(B=2, heads=[1], T=0, past=2, key_mask=True)]
+
+_EDGE_SILU = [dict(shape=[1], scale=1.0), dict(shape=[0, 3], scale=4.0), dict(shape=[4, 5], scale=120.0)]
 
 
 def _edges(edges, **defaults):
@@ -276,4 +296,6 @@ CASES = {
     "rope_backward": (ROPE, rope_backward, _edges(_EDGE_ROPE, layout="F", seed=0)),
     "causal_softmax": (SOFTMAX, causal_softmax, _edges(_EDGE_SOFTMAX, layout="strided", seed=0)),
     "causal_softmax_backward": (SOFTMAX, causal_softmax_backward, _edges(_EDGE_SOFTMAX, layout="F", seed=0)),
+    "silu_and_mul": (SILU, silu_and_mul, _edges(_EDGE_SILU, layout="strided", seed=0)),
+    "silu_and_mul_backward": (SILU, silu_and_mul_backward, _edges(_EDGE_SILU, layout="F", seed=0)),
 }

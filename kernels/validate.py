@@ -167,6 +167,19 @@ def softmax_grad(dP, P):
     _shape("dP", dP, tuple(P.shape))
 
 
+# -- activations: SwiGLU's gate ----------------------------------------------------------------
+def silu_and_mul(g, u, dy=None):
+    """g, u (and dy) float arrays of one shape (at least one axis) and dtype."""
+    if g.ndim < 1:
+        raise ValueError(f"g must be (..., I) with at least one axis, got shape {tuple(g.shape)}")
+    _float("g", g, g.dtype)
+    _float("u", u, g.dtype)
+    _shape("u", u, tuple(g.shape))
+    if dy is not None:
+        _float("dy", dy, g.dtype)
+        _shape("dy", dy, tuple(g.shape))
+
+
 # -- NF4: a packed 4-bit W (layout in reference/nf4.py) ------------------------------------
 def nf4_blocksize(blocksize):
     """ValueError unless ``blocksize`` is a positive even int (so blocks start on a byte)."""

@@ -136,6 +136,19 @@ def causal_softmax_backward(dP, P):
     return dS
 
 
+def silu_and_mul(g, u):
+    """silu(g) u with σ(g) = (1 + tanh(g/2)) / 2, another form of 1 / (1 + e^−g) that never overflows."""
+    g, u = _f64(g, u)
+    return g * (1 + np.tanh(g / 2)) / 2 * u
+
+
+def silu_and_mul_backward(dy, g, u):
+    """The product rule on g σ(g) u, with σ' = σ (1 − σ)."""
+    dy, g, u = _f64(dy, g, u)
+    s = (1 + np.tanh(g / 2)) / 2
+    return dy * u * (s + g * s * (1 - s)), dy * g * s
+
+
 # -- inputs shared by the kernel tests: O(1) data, so relative tolerances mean something ----------
 def lora_inputs(rng, N, D_in, D_out, r, dtype=np.float64, masked=False, K=None):
     """x, W, A, B, bias, dy (and mask, or the stacks/scalings for K adapters) as ``dtype`` arrays."""

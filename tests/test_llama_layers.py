@@ -146,9 +146,11 @@ def test_frozen_attention_keeps_no_projection_inputs_and_computes_no_weight_grad
 
 
 @given(shape=st.lists(st.integers(1, 3), min_size=1, max_size=3), d=st.integers(1, 5), I=st.integers(1, 6),
-       bias=st.booleans(), seed=SEED)
-def test_swiglu_mlp_matches_formula_and_finite_differences(shape, d, I, bias, seed):
+       bias=st.booleans(), seed=SEED, backend=st.sampled_from(["numpy", "numba"]))
+def test_swiglu_mlp_matches_formula_and_finite_differences(shape, d, I, bias, seed, backend):
+    """On both kernel backends of silu(g) ⊙ u: the reference's array code and Numba's loop."""
     mlp = LlamaMLP(d, I, bias=bias, dtype="float64", seed=seed)
+    mlp.backend = backend
     x = np.random.default_rng(seed).standard_normal((*shape, d))
     lin = lambda l, u: u @ l.weight.data.T + (0 if l.bias is None else l.bias.data)
     g = lin(mlp.gate_proj, x)

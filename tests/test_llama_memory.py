@@ -41,7 +41,7 @@ def attention_keeps():
 def activations(full: bool):
     """Floats kept between forward and backward, module by module (frozen Dense layers keep nothing)."""
     norm = N * d + N                                       # RMSNorm: x̂ (B, T, d) and 1/rms (B, T, 1)
-    mlp = 3 * N * I                                        # silu(g), u, and g in the SiLU
+    mlp = 2 * N * I                                        # g and u (silu_and_mul recomputes σ(g))
     if full:                                               # every Dense keeps its input (q/k/v share one,
         dense = N * d + N * H * h + N * d + N * I          # gate/up share one): q/k/v, o, gate/up, down
         head = N * d                                       # lm_head's input

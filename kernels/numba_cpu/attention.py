@@ -17,7 +17,8 @@ from numba import njit, prange
 from .. import config, validate
 from .blas import c, half_to_reference
 
-_JIT = dict(cache=True, fastmath=config.NUMBA_FASTMATH, parallel=config.NUMBA_PARALLEL)
+_JIT = dict(cache=True, fastmath=config.NUMBA_FASTMATH, parallel=config.NUMBA_PARALLEL,
+            error_model=config.NUMBA_ERROR_MODEL)
 
 
 def _blocks(a):

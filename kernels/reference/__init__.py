@@ -8,6 +8,7 @@ Letters: N rows, D_in, D_out, r rank, K adapters. Row-major activations.
     multi.py  multi-adapter batches: BGMV (a per-row index) and SGMV (sorted segments)
     nf4.py    products with a 4-bit (NF4) frozen W
     attention.py  RoPE and the causal softmax, the elementwise parts of attention
+    activations.py  SwiGLU's gate, silu(g) ⊙ u
 
 Each function opens with a one-line ``Semantics:``, the equation every backend computes; the
 other backends' files of the same names say only how they compute it. These functions also
@@ -18,6 +19,7 @@ from ..validate import NF4_FLOATS as OUT_DTYPES
 from ..validate import nf4 as check_nf4
 from ..validate import nf4_blocksize as check_blocksize
 from ..validate import nf4_operand as check_operand
+from .activations import silu_and_mul, silu_and_mul_backward
 from .attention import causal_softmax, causal_softmax_backward, rope_backward, rope_forward
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv
@@ -28,6 +30,7 @@ __all__ = [
     "lora_forward_multi", "lora_backward_multi", "lora_forward_sgmv", "lora_backward_sgmv",
     "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
     "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
+    "silu_and_mul", "silu_and_mul_backward",
     # the NF4 format and its checks, by the names lowrank's quantizer and older callers use
     "NF4_CODE", "OUT_DTYPES", "check_blocksize", "check_nf4", "check_operand",
 ]

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..kernels.common import sigmoid      # one σ for the layers, the losses and the kernels
 from .device import erf, get_array_module
 from .dispatch import kernels_for
 from .module import Module, Parameter, Sequential
@@ -98,17 +99,6 @@ class Tanh(Module):
         self._cache = None
         self._check_dy(dy, y.shape)
         return dy * (1 - y * y)
-
-
-def sigmoid(x):
-    """Numerically stable logistic function on NumPy or CuPy arrays."""
-    xp = get_array_module(x)
-    with np.errstate(over="ignore"):           # e^-x = inf for x < -88 (float32) gives 1/inf = 0: σ underflows
-        e = xp.exp(-x)                        # to 0 there anyway; elsewhere this is exact to rounding
-        if not e.shape:                       # a scalar
-            return 1 / (1 + e)
-        e += 1
-        return xp.reciprocal(e, out=e)        # 1 / (1 + e^-x), in one buffer
 
 
 class Sigmoid(Module):

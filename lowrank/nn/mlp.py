@@ -2,8 +2,11 @@
 
 Letters: x (..., d), I = intermediate_size, N = the number of rows x holds.
 
-    g = x W_gᵀ, u = x W_uᵀ  (N, I);   a = silu(g);   y = (a ⊙ u) W_dᵀ  (N, d)
-    backward:  dh = dy W_d,  da = dh ⊙ u,  du = dh ⊙ a,  dg = silu'(g) ⊙ da,  dx = dg W_g + du W_u
+    g = x W_gᵀ, u = x W_uᵀ  (N, I);   m = silu(g) ⊙ u  (N, I);   y = m W_dᵀ  (N, d)
+    backward:  dm = dy W_d,  (dg, du) = silu_and_mul's backward (dm, g, u),  dx = dg W_g + du W_u
+
+silu(g) ⊙ u is one kernel each way (``lowrank.kernels``: ``silu_and_mul`` and its backward, vLLM's
+name; the reference's ``activations.py`` states it): it keeps g and u, 2·N·I floats, and recomputes σ(g).
 """
 from __future__ import annotations
 
@@ -11,19 +14,21 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .dispatch import kernels_for
 from .layers import Dense
 from .module import Module
-from .activations import SiLU
 
 
 class SwiGLUCache(NamedTuple):
-    a: object          # (N, I) silu(gate_proj(x))
+    g: object          # (N, I) gate_proj(x)
     u: object          # (N, I) up_proj(x)
     shape: tuple       # x.shape, to check dy
 
 
 class LlamaMLP(Module):
     """y = down_proj(silu(gate_proj(x)) ⊙ up_proj(x)) on x (..., d)."""
+
+    backend = None         # the kernel backend of silu(g) ⊙ u (None: the global setting; see nn.dispatch)
 
     def __init__(self, hidden_size: int, intermediate_size: int, *, bias: bool = False, dtype="float32", seed=None):
         super().__init__()
@@ -32,25 +37,25 @@ class LlamaMLP(Module):
         self.gate_proj = Dense(hidden_size, intermediate_size, bias, dtype=dtype, seed=s[0])
         self.up_proj = Dense(hidden_size, intermediate_size, bias, dtype=dtype, seed=s[1])
         self.down_proj = Dense(intermediate_size, hidden_size, bias, dtype=dtype, seed=s[2])
-        self.act_fn = SiLU()
 
     def forward(self, x):
         if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"{self.label} expects input of shape (..., {self.hidden_size}), "
                              f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
         x2 = x.reshape(-1, self.hidden_size)                                  # (N, d)
-        a = self.act_fn.forward(self.gate_proj.forward(x2))                   # (N, I)
+        g = self.gate_proj.forward(x2)                                        # (N, I)
         u = self.up_proj.forward(x2)                                          # (N, I)
-        self._cache = SwiGLUCache(a, u, x.shape)
-        return self.down_proj.forward(a * u).reshape(x.shape)                 # (..., d)
+        self._cache = SwiGLUCache(g, u, x.shape)
+        m = kernels_for(g, self.backend).silu_and_mul(g, u)                   # (N, I) silu(g) ⊙ u
+        return self.down_proj.forward(m).reshape(x.shape)                     # (..., d)
 
     def backward(self, dy):
-        a, u, shape = self._need_cache()
+        g, u, shape = self._need_cache()
         self._check_dy(dy, shape)
         self._cache = None
-        dh = self.down_proj.backward(dy.reshape(-1, self.hidden_size))        # (N, I)
-        dg = self.act_fn.backward(dh * u)                                     # (N, I)
-        dx = self.gate_proj.backward(dg) + self.up_proj.backward(dh * a)      # (N, d)
+        dm = self.down_proj.backward(dy.reshape(-1, self.hidden_size))        # (N, I)
+        dg, du = kernels_for(dm, self.backend).silu_and_mul_backward(dm, g, u)   # (N, I) each
+        dx = self.gate_proj.backward(dg) + self.up_proj.backward(du)          # (N, d)
         return dx.reshape(shape)
 
     def extra_repr(self):
