@@ -1,9 +1,9 @@
 """An example kernel backend written with PyTorch ops: what bringing your own kernels looks like.
 
 Not part of the library. It implements the dense, single-adapter and multi-adapter (BGMV, SGMV)
-functions of ``lowrank.kernels.API`` with the reference's signatures; the NF4, attention (RoPE,
-causal softmax) and activation (SwiGLU) functions are left out, so the registry runs the reference's for them
-(``lowrank.kernels.describe("torch")`` says so).
+functions of ``lowrank.kernels.API`` with the reference's signatures; the NF4 functions and the
+decoder's elementwise ones (RoPE, causal softmax, SwiGLU, RMSNorm) are left out, so the registry
+runs the reference's for them (``lowrank.kernels.describe("torch")`` says so).
 Semantics: the reference's (``lowrank/kernels/reference``); here only how.
 
     import lowrank as lr

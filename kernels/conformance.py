@@ -37,6 +37,7 @@ OUTPUTS = {
     "nf4_dequantize": ("W",), "nf4_matmul": ("y",), "nf4_matmul_dx": ("dx",),
     "rope_forward": ("y",), "rope_backward": ("dx",), "causal_softmax": ("P",), "causal_softmax_backward": ("dS",),
     "silu_and_mul": ("y",), "silu_and_mul_backward": ("dg", "du"),
+    "rms_norm": ("y", "rstd"), "rms_norm_backward": ("dx", "dw"),
 }
 
 
@@ -202,7 +203,7 @@ def _poisoned_empty():
 
 
 _ORDER = ("N", "D_in", "D_out", "r", "K", "ranks", "index", "indptr", "seg_index", "blocksize", "double_quant",
-          "B", "lead", "heads", "T", "past", "half", "key_mask", "shape",
+          "B", "lead", "heads", "T", "past", "half", "key_mask", "shape", "d", "eps", "need_dw",
           "scaling", "masked", "base", "bias", "need_dx", "need_dW", "need_db", "keep_x", "layout", "seed")
 
 

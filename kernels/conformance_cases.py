@@ -13,6 +13,7 @@ mean something. What the cases cover, on purpose:
     attention   RoPE on 2- to 5-axis inputs, T = 0 included; the causal softmax with a KV-cache offset
                 (past > 0), padding masks and rows that see no key, any number of head axes
     SwiGLU      1 to 3 axes, empty ones included; gates of ±hundreds, where e^−g overflows
+    RMSNorm     1 to 3 axes, d = 1, empty batches, a large eps, with and without dw
     NF4         odd weight counts (a half-used last byte), block sizes 2 … 128, zero scales, and
                 absmax with and without double quantization (an 8-bit round trip of the scales)
 
@@ -254,6 +255,26 @@ def silu_and_mul_backward(c, dtype, oracle):
     return _normal(np.random.default_rng(c["seed"] + 1), dtype, c["layout"])(*c["shape"]), g, u
 
 
+# -- RMSNorm ----------------------------------------------------------------------------------
+NORM = st.fixed_dictionaries(dict(shape=st.lists(st.integers(0, 4), max_size=2), d=st.integers(1, 9),
+                                  eps=st.sampled_from([1e-6, 1e-5, 0.5]), need_dw=st.booleans(), layout=LAYOUT,
+                                  seed=SEED))
+
+
+def rms_norm(c, dtype, oracle):
+    """x (*shape, d) and a weight away from 1 (a dropped weight must show)."""
+    f = _normal(np.random.default_rng(c["seed"]), dtype, c["layout"])
+    return f(*c["shape"], c["d"]), f(c["d"]), c["eps"]
+
+
+def rms_norm_backward(c, dtype, oracle):
+    """dy, x, weight, and rstd from the oracle's forward (float32 or wider, as the forward gives it)."""
+    x, weight, eps = rms_norm(c, dtype, oracle)
+    rstd = np.asarray(oracle.rms_norm(x, weight, eps)[1]).astype(np.promote_types(np.float32, dtype))
+    dy = _normal(np.random.default_rng(c["seed"] + 1), dtype, c["layout"])(*x.shape)
+    return dy, x, weight, relayout(rstd, c["layout"]), c["need_dw"]
+
+
 # -- per API function: (strategy, inputs(case, dtype, oracle) -> args, explicit edge cases) --------
 _EDGE_LORA = [dict(N=0, D_in=1, D_out=1, r=1), dict(N=1, D_in=1, D_out=1, r=1), dict(N=3, D_in=6, D_out=2, r=8)]
 _EDGE_MULTI = [dict(N=1, D_in=1, D_out=1, K=1, ranks=[1], index=[-1]), dict(N=0, D_in=2, D_out=3, K=2, ranks=[1, 2],
@@ -268,6 +289,9 @@ _EDGE_SOFTMAX = [dict(B=1, heads=[], T=1, past=0, key_mask=False), dict(B=0, hea
                  dict(B=3, heads=[2, 3], T=6, past=4, key_mask=True), dict(B=2, heads=[1], T=0, past=2, key_mask=True)]
 
 _EDGE_SILU = [dict(shape=[1], scale=1.0), dict(shape=[0, 3], scale=4.0), dict(shape=[4, 5], scale=120.0)]
+
+_EDGE_NORM = [dict(shape=[], d=1, eps=1e-6, need_dw=True), dict(shape=[0], d=3, eps=1e-5, need_dw=True),
+              dict(shape=[3, 4], d=9, eps=0.5, need_dw=False)]
 
 
 def _edges(edges, **defaults):
@@ -298,4 +322,6 @@ CASES = {
     "causal_softmax_backward": (SOFTMAX, causal_softmax_backward, _edges(_EDGE_SOFTMAX, layout="F", seed=0)),
     "silu_and_mul": (SILU, silu_and_mul, _edges(_EDGE_SILU, layout="strided", seed=0)),
     "silu_and_mul_backward": (SILU, silu_and_mul_backward, _edges(_EDGE_SILU, layout="F", seed=0)),
+    "rms_norm": (NORM, rms_norm, _edges(_EDGE_NORM, layout="strided", seed=0)),
+    "rms_norm_backward": (NORM, rms_norm_backward, _edges(_EDGE_NORM, layout="F", seed=0)),
 }

@@ -20,7 +20,7 @@ def _shape(name, a, expected):
                 break
         else:
             return
-    want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+    want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
     raise ValueError(f"{name} has shape {got}, expected {want}")
 
 
@@ -178,6 +178,22 @@ def silu_and_mul(g, u, dy=None):
     if dy is not None:
         _float("dy", dy, g.dtype)
         _shape("dy", dy, tuple(g.shape))
+
+
+# -- RMSNorm ----------------------------------------------------------------------------------
+def rms_norm(x, weight, dy=None, rstd=None):
+    """x (..., d) float, weight (d,) of x's dtype; dy like x; rstd (..., 1) in float32 or wider."""
+    if x.ndim < 1:
+        raise ValueError(f"x must be (..., d) with at least one axis, got shape {tuple(x.shape)}")
+    _float("x", x, x.dtype)
+    _float("weight", weight, x.dtype)
+    _shape("weight", weight, (x.shape[-1],))
+    if dy is not None:
+        _float("dy", dy, x.dtype)
+        _shape("dy", dy, tuple(x.shape))
+    if rstd is not None:
+        _float("rstd", rstd, np.promote_types(np.float32, x.dtype))
+        _shape("rstd", rstd, tuple(x.shape[:-1]) + (1,))
 
 
 # -- NF4: a packed 4-bit W (layout in reference/nf4.py) ------------------------------------

@@ -149,6 +149,31 @@ def silu_and_mul_backward(dy, g, u):
     return dy * u * (s + g * s * (1 - s)), dy * g * s
 
 
+def rms_norm(x, weight, eps):
+    """Row by row: the root mean square as the sum it is, then each element scaled and weighted."""
+    x, weight = _f64(x, weight)
+    r = np.zeros(x.shape[:-1] + (1,))
+    y = np.zeros(x.shape)
+    for row in np.ndindex(x.shape[:-1]):
+        r[row] = 1 / np.sqrt(sum(v * v for v in x[row]) / x.shape[-1] + eps)
+        y[row] = [weight[j] * x[row][j] * r[row][0] for j in range(x.shape[-1])]
+    return y, r
+
+
+def rms_norm_backward(dy, x, weight, rstd, need_dw=True):
+    """The chain rule through r = (mean(x²) + eps)^−½ written per element: ∂y_j/∂x_k = w_j (δ_jk r − x_j x_k r³ / d)."""
+    dy, x, weight, rstd = _f64(dy, x, weight, rstd)
+    d = x.shape[-1]
+    dx = np.zeros(x.shape)
+    dw = np.zeros(d)
+    for row in np.ndindex(x.shape[:-1]):
+        r, xr, g = rstd[row][0], x[row], dy[row]
+        dx[row] = [sum(g[j] * weight[j] * ((j == k) * r - xr[j] * xr[k] * r ** 3 / d) for j in range(d))
+                   for k in range(d)]
+        dw += g * xr * r
+    return dx, (dw if need_dw else None)
+
+
 # -- inputs shared by the kernel tests: O(1) data, so relative tolerances mean something ----------
 def lora_inputs(rng, N, D_in, D_out, r, dtype=np.float64, masked=False, K=None):
     """x, W, A, B, bias, dy (and mask, or the stacks/scalings for K adapters) as ``dtype`` arrays."""

@@ -40,6 +40,7 @@ NAIVE = types.SimpleNamespace(          # tests/naive.py's loops behind the API'
     rope_forward=naive.rope_forward, rope_backward=naive.rope_backward,
     causal_softmax=naive.causal_softmax, causal_softmax_backward=naive.causal_softmax_backward,
     silu_and_mul=naive.silu_and_mul, silu_and_mul_backward=naive.silu_and_mul_backward,
+    rms_norm=naive.rms_norm, rms_norm_backward=naive.rms_norm_backward,
     dense_forward=naive.dense_forward, dense_backward=_naive_dense_backward,
     lora_forward=naive.lora_forward, lora_backward=_naive_lora_backward,
     lora_forward_multi=naive.lora_forward_multi, lora_backward_multi=_naive_multi_backward,

@@ -80,10 +80,13 @@ def test_embedding_gradient_is_a_scatter_add(B, T, V, d, seed):
     gradcheck(lambda: emb.forward(ids), backward, {"weight": emb.weight.data}, seed=seed)
 
 
-@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), eps=st.sampled_from([1e-6, 0.1]), seed=SEED)
-def test_rmsnorm_matches_formula_and_finite_differences(shape, eps, seed):
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), eps=st.sampled_from([1e-6, 0.1]), seed=SEED,
+       backend=st.sampled_from(["numpy", "numba"]))
+def test_rmsnorm_matches_formula_and_finite_differences(shape, eps, seed, backend):
+    """On both kernel backends: the reference's array code and Numba's row loops."""
     rng = np.random.default_rng(seed)
     norm = RMSNorm(shape[-1], eps, dtype="float64")
+    norm.backend = backend
     norm.weight.data = rng.standard_normal(shape[-1])
     x = rng.standard_normal(shape)
     np.testing.assert_allclose(norm(x), norm.weight.data * x / np.sqrt((x**2).mean(-1, keepdims=True) + eps),
@@ -91,9 +94,14 @@ def test_rmsnorm_matches_formula_and_finite_differences(shape, eps, seed):
     check_module(norm, x, seed=seed, rtol=1e-6)
 
 
-def test_rmsnorm_computes_float32_input_in_float32():
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_rmsnorm_computes_float32_input_in_float32(backend):
     x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
-    assert RMSNorm(5)(x).dtype == np.float32
+    norm = RMSNorm(5)
+    norm.backend = backend
+    y = norm(x)
+    assert y.dtype == np.float32 and norm._cache.r.dtype == np.float32
+    assert norm.backward(np.ones_like(y)).dtype == np.float32
 
 
 @given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), seed=SEED)

@@ -22,11 +22,12 @@ from .attention import causal_softmax, causal_softmax_backward, rope_backward, r
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward  # noqa: E402
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv  # noqa: E402
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx  # noqa: E402
+from .norm import rms_norm, rms_norm_backward  # noqa: E402
 
 __all__ = [
     "dense_forward", "dense_backward", "lora_forward", "lora_backward",
     "lora_forward_multi", "lora_backward_multi", "lora_forward_sgmv", "lora_backward_sgmv",
     "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
     "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
-    "silu_and_mul", "silu_and_mul_backward",
+    "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward",
 ]

@@ -1,7 +1,7 @@
 """Numba CPU kernels: BLAS for the big products, in-place accumulation for the LoRA term.
 
 The semantics are ``reference``'s, file for file (lora.py, multi.py, nf4.py, attention.py,
-activations.py); the files here say how they compute it. Backend-private: ``blas.py`` (GEMM calls, SciPy's BLAS pinned to one
+activations.py, norm.py); the files here say how they compute it. Backend-private: ``blas.py`` (GEMM calls, SciPy's BLAS pinned to one
 thread, the float16 fallback), ``loops.py`` (the Numba loops of the rank-r parts),
 ``nf4_avx2.py`` (NF4 decode by AVX2 byte shuffles).
 
@@ -32,14 +32,15 @@ Inputs of any layout are accepted: BLAS takes strided/F-ordered operands, and th
 get ``np.ascontiguousarray`` copies (a no-op for C-ordered inputs).
 
 Fallback, declared once (``blas.half_to_reference``): float16 has neither BLAS nor Numba
-arithmetic here, so float16 dense/LoRA/BGMV/SGMV/attention/activation calls run the
-reference. NF4 takes float32/64.
+arithmetic here, so float16 dense/LoRA/BGMV/SGMV/attention/activation/norm calls run
+the reference. NF4 takes float32/64.
 """
 from .activations import silu_and_mul, silu_and_mul_backward
 from .attention import causal_softmax, causal_softmax_backward, rope_backward, rope_forward
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx
+from .norm import rms_norm, rms_norm_backward
 
 __all__ = [
     "dense_forward", "dense_backward", "lora_forward", "lora_backward",

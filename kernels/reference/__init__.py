@@ -9,6 +9,7 @@ Letters: N rows, D_in, D_out, r rank, K adapters. Row-major activations.
     nf4.py    products with a 4-bit (NF4) frozen W
     attention.py  RoPE and the causal softmax, the elementwise parts of attention
     activations.py  SwiGLU's gate, silu(g) ⊙ u
+    norm.py   RMSNorm
 
 Each function opens with a one-line ``Semantics:``, the equation every backend computes; the
 other backends' files of the same names say only how they compute it. These functions also
@@ -24,13 +25,14 @@ from .attention import causal_softmax, causal_softmax_backward, rope_backward, r
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx
+from .norm import rms_norm, rms_norm_backward
 
 __all__ = [
     "dense_forward", "dense_backward", "lora_forward", "lora_backward",
     "lora_forward_multi", "lora_backward_multi", "lora_forward_sgmv", "lora_backward_sgmv",
     "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
     "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
-    "silu_and_mul", "silu_and_mul_backward",
+    "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward",
     # the NF4 format and its checks, by the names lowrank's quantizer and older callers use
     "NF4_CODE", "OUT_DTYPES", "check_blocksize", "check_nf4", "check_operand",
 ]

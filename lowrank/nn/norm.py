@@ -9,6 +9,9 @@ and x̂ = x r (computed in the wider of float32 and x's dtype, then cast back to
 
 The casts are treated as the identity in the backward. transformers' LlamaRMSNorm upcasts
 to float32 only, so a float64 transformers model *narrows* here; lowrank never narrows.
+Both directions are kernels (``lowrank.kernels``: ``rms_norm``, ``rms_norm_backward``; the
+reference's ``norm.py`` computes them as above): the layer keeps x and r and the backward
+recomputes x̂.
 """
 from __future__ import annotations
 
@@ -16,19 +19,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .device import get_array_module
+from .dispatch import kernels_for
 from .layers import check_dtype
 from .module import Module, Parameter
 
 
 class RMSNormCache(NamedTuple):
-    x_hat: object      # (..., d) normalized input, the compute dtype (float32 or wider)
-    r: object          # (..., 1) 1 / RMS, the compute dtype
-    shape: tuple       # x.shape, to check dy
+    x: object          # (..., d) the input
+    r: object          # (..., 1) 1 / RMS, the compute dtype (float32 or wider)
 
 
 class RMSNorm(Module):
     """y = w ⊙ x / sqrt(mean(x²) + eps) over the last axis; ``weight`` starts at ones."""
+
+    backend = None         # the kernel backend (None: the global setting; see nn.dispatch)
 
     def __init__(self, dim: int, eps: float = 1e-6, *, dtype="float32"):
         super().__init__()
@@ -41,25 +45,19 @@ class RMSNorm(Module):
         if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"{self.label} expects input of shape (..., {self.dim}), "
                              f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
-        xp = get_array_module(x)
-        wide = np.promote_types(np.float32, x.dtype)
-        xf = x.astype(wide, copy=False)                                   # (..., d)
-        r = 1 / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + self.eps)  # (..., 1)
-        x_hat = xf * r                                                    # (..., d)
-        self._cache = RMSNormCache(x_hat, r, x.shape)
-        return self.weight.data * x_hat.astype(x.dtype, copy=False)       # (..., d)
+        y, r = kernels_for(x, self.backend).rms_norm(x, self.weight.data, self.eps)   # (..., d), (..., 1)
+        self._cache = RMSNormCache(x, r)
+        return y
 
     def backward(self, dy):
-        x_hat, r, shape = self._need_cache()
-        self._check_dy(dy, shape)
+        x, r = self._need_cache()
+        self._check_dy(dy, x.shape)
         self._cache = None
-        w = self.weight.data
-        if self.weight.trainable:
-            dw = (dy * x_hat).reshape(-1, self.dim).sum(axis=0)           # (d,)
-            self.weight.accumulate(dw.astype(w.dtype, copy=False))
-        g = (dy * w).astype(x_hat.dtype, copy=False)                      # (..., d)
-        dx = r * (g - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))  # (..., d)
-        return dx.astype(dy.dtype, copy=False)
+        w = self.weight
+        dx, dw = kernels_for(dy, self.backend).rms_norm_backward(dy, x, w.data, r, w.trainable)
+        if w.trainable:
+            w.accumulate(dw)
+        return dx
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"

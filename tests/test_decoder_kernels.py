@@ -1,5 +1,6 @@
-"""The attention kernels (RoPE, the causal softmax) refuse bad input with errors that name it, on every
-CPU backend, before any loop runs; and the decoder's cached path (past > 0) agrees across backends."""
+"""The decoder's elementwise kernels (RoPE, the causal softmax, SwiGLU's gate, RMSNorm) refuse bad input
+with errors that name it, on every CPU backend; and the decoder's cached path (past > 0) agrees across
+backends."""
 import numpy as np
 import pytest
 
@@ -36,6 +37,17 @@ CASES = {
                  ValueError, r"dP has shape \(1, 2, 3\), expected \(1, 2, 2\)"),
     "dP dtype": (lambda k: k.causal_softmax_backward(np.zeros((1, 2, 2)), np.zeros((1, 2, 2), np.float32)),
                  TypeError, r"dP has dtype float64, expected float32"),
+    "gate and up shapes": (lambda k: k.silu_and_mul(np.zeros((2, 3)), np.zeros((3, 2))), ValueError,
+                           r"u has shape \(3, 2\), expected \(2, 3\)"),
+    "0-d gate": (lambda k: k.silu_and_mul_backward(np.zeros(()), np.zeros(()), np.zeros(())), ValueError,
+                 r"g must be \(\.\.\., I\) with at least one axis"),
+    "norm weight width": (lambda k: k.rms_norm(np.zeros((2, 4)), np.ones(3), 1e-6), ValueError,
+                          r"weight has shape \(3,\), expected \(4,\)"),
+    "norm rstd dtype": (lambda k: k.rms_norm_backward(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32),
+                                                      np.ones(4, np.float32), np.ones((2, 1), np.float16)),
+                        TypeError, r"rstd has dtype float16, expected float32"),
+    "norm rstd shape": (lambda k: k.rms_norm_backward(np.zeros((2, 4)), np.zeros((2, 4)), np.ones(4), np.ones(2)),
+                        ValueError, r"rstd has shape \(2,\), expected \(2, 1\)"),
 }
 
 
@@ -49,8 +61,8 @@ def test_bad_input_is_a_clear_error(backend, case):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cached_decoding_agrees_across_backends(dtype):
-    """Prefill then one-token steps with left padding: the kernels see past > 0 and a key mask; the
-    reference and Numba give the same tokens and logits to the dtype's rounding."""
+    """Prefill then one-token steps with left padding: the attention kernels see past > 0 and a key mask;
+    with every elementwise kernel on the reference or on Numba, the same tokens and logits to rounding."""
     config = LlamaConfig(vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     model = LlamaForCausalLM(config, dtype=dtype, seed=3)
@@ -60,7 +72,7 @@ def test_cached_decoding_agrees_across_backends(dtype):
     out = {}
     for backend in BACKENDS:
         for _, m in model.named_modules():
-            if hasattr(m, "rotary"):
+            if hasattr(m, "rotary") or type(m).__name__ in ("LlamaMLP", "RMSNorm"):
                 m.backend = backend
         out[backend] = model.generate(ids, max_new_tokens=6, attention_mask=mask), model.forward(ids, mask)
     np.testing.assert_array_equal(out["numpy"][0], out["numba"][0])
