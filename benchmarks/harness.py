@@ -64,8 +64,9 @@ def inner_repeats(fn, target_s: float = 0.02) -> int:
 def interleaved(variants: dict, rounds: int, base: str, target_s: float = 0.02) -> dict:
     """Time ``variants`` {name: fn} interleaved over ``rounds`` rounds.
 
-    Returns {name: {"median_s", "min_s", "ratio"}} where ratio is the median over rounds of
-    t(name) / t(base) with both measured in the same round.
+    Returns {name: {"median_s", "min_s", "ratio", "samples_s"}} where ratio is the median over
+    rounds of t(name) / t(base) with both measured in the same round; ``samples_s`` holds each
+    round's seconds, so a ratio to any other variant can be taken round by round too.
     """
     names = list(variants)
     inner = {n: inner_repeats(variants[n], target_s) for n in names}
@@ -75,7 +76,8 @@ def interleaved(variants: dict, rounds: int, base: str, target_s: float = 0.02) 
             samples[n].append(time_call(variants[n], inner[n]))
     b = np.array(samples[base])
     return {n: {"median_s": float(np.median(s)), "min_s": float(np.min(s)),
-                "ratio": float(np.median(np.array(s) / b)), "rounds": rounds, "inner": inner[n]}
+                "ratio": float(np.median(np.array(s) / b)), "rounds": rounds, "inner": inner[n],
+                "samples_s": [float(t) for t in s]}
             for n, s in samples.items()}
 
 

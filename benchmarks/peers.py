@@ -244,7 +244,8 @@ def run(cfg, rows=ROWS, log=print, check_threads=lambda: None):
         check_threads()
         for variant, m in res.items():
             out.append(dict(row=row, variant=variant, **k, median_ms=1e3 * m["median_s"], min_ms=1e3 * m["min_s"],
-                            ratio_to_torch=m["ratio"], vs=base, rounds=m["rounds"], inner=m["inner"]))
+                            ratio_to_torch=m["ratio"], vs=base, rounds=m["rounds"], inner=m["inner"],
+                            samples_ms=[1e3 * t for t in m["samples_s"]]))
             log(f"{row:8s} {k['mode']:10s} N={k.get('N', '-')!s:5s} {variant:12s} {out[-1]['median_ms']:10.3f} ms  "
                 f"x{m['ratio']:6.3f} of {base}")
 
@@ -283,9 +284,11 @@ def summary(rows):
         key = {k: v for k, v in row.items() if k in ("row", "mode", "N")}
         peers = [p for p in rows if p["variant"].startswith("torch") and
                  all(p.get(k) == v for k, v in key.items())]
-        for p in peers:                          # ratio to another torch variant: through their common base
+        for p in peers:                          # round by round: both timed in the same round
+            per_round = np.array(row["samples_ms"]) / np.array(p["samples_ms"])
             table.append(dict(**key, torch=p["variant"], lowrank_ms=row["median_ms"], torch_ms=p["median_ms"],
-                              ratio=row["ratio_to_torch"] / p["ratio_to_torch"]))
+                              ratio=float(np.median(per_round)), ratio_min=float(per_round.min()),
+                              ratio_max=float(per_round.max())))
     return table
 
 
@@ -322,7 +325,8 @@ def main(argv=None):
     table = summary(rows)
     for t in table:
         print(f"{t['row']:8s} {t['mode']:10s} N={t.get('N', '-')!s:5s} lowrank {t['lowrank_ms']:10.3f} ms  "
-              f"{t['torch']:11s} {t['torch_ms']:10.3f} ms  lowrank/torch {t['ratio']:.3f}")
+              f"{t['torch']:11s} {t['torch_ms']:10.3f} ms  lowrank/torch {t['ratio']:.3f} "
+              f"(rounds {t['ratio_min']:.2f}..{t['ratio_max']:.2f})")
     payload = dict(command="python -m benchmarks.peers" + (" --quick" if a.quick else ""), argv=sys.argv[1:],
                    machine=mach, config={k: v for k, v in cfg.items()}, rows=rows, summary=table, checks=checks,
                    wall_s=time.time() - t0)

@@ -68,3 +68,16 @@ def test_without_torch_it_says_so_and_exits_cleanly(monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", no_torch)
     assert peers.main(["--quick"]) is None
     assert "needs torch" in capsys.readouterr().out
+
+
+def test_ratios_to_each_torch_variant_are_taken_round_by_round():
+    """lowrank / eager is the median over rounds of the two times from the same round, not a ratio of
+    each side's ratio to sdpa (here those differ: 1.5 against 1.0)."""
+    def row(variant, samples):
+        return dict(row="decoder", mode="train_step", variant=variant, samples_ms=samples,
+                    median_ms=sorted(samples)[1], ratio_to_torch=float(sorted(samples)[1]))
+    rows = [row("torch_sdpa", [1.0, 1.0, 1.0]), row("torch_eager", [3.0, 1.0, 2.0]), row("lowrank", [1.0, 2.0, 3.0])]
+    table = {t["torch"]: t for t in peers.summary(rows)}
+    assert table["torch_eager"]["ratio"] == 1.5
+    assert (table["torch_eager"]["ratio_min"], table["torch_eager"]["ratio_max"]) == (1 / 3, 2.0)
+    assert table["torch_sdpa"]["ratio"] == 2.0
