@@ -88,3 +88,15 @@ def test_quick_qlora_accuracy_compares_the_same_task(tmp_path):
     assert floor <= row["lora"] <= 1 and floor <= row["qlora"] <= 1, (row, floor)
     assert result["gap_points"] == pytest.approx(100 * (row["lora"] - row["qlora"]))
     assert json.loads(out.read_text())["rows"] == result["rows"]
+
+
+def test_quick_elementwise_benchmark_times_every_decoder_kernel(tmp_path):
+    """One row per elementwise kernel of the API, each timed on both sides (no timing assertion)."""
+    from benchmarks import elementwise
+    from lowrank import kernels
+    out = tmp_path / "elementwise_quick.json"
+    rows = elementwise.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows
+    assert {r["kernel"] for r in rows} == {n for n in kernels.API if n.split("_")[0] in ("rope", "causal", "silu", "rms")}
+    for r in rows:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("reference_ms", "backend_ms", "ratio")), r

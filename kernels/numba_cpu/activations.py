@@ -3,6 +3,8 @@
 NumPy makes six passes for the forward and eleven for the backward, with fresh (N, I) temporaries;
 here NumPy's vectorized exp makes e = e^−g (Numba's exp is libm's scalar one, about five times
 slower, see ``attention.py``) and one loop does the rest, reading e, g, u (and dy) once.
+``python -m benchmarks.elementwise --threads 1`` (1024 × 688, float32), reference -> here:
+forward 0.81 -> 0.58 ms, backward 1.39 -> 0.72 ms.
 """
 import numpy as np
 from numba import njit, prange

@@ -2,9 +2,9 @@
 
 NumPy spends five to seven whole-array passes, each with a fresh (B, H, T, K) temporary, on what
 a loop does in one pass per row; and a loop knows the causal structure, so it touches only the
-keys a query sees (about half of a T × T block). Measured at the decoder benchmark's shapes
-(B = 8, 8 heads, T = 128, h = 32, float32, one thread; /tmp prototype, medians of 30):
-RoPE 0.93 -> 0.28 ms, the softmax backward 1.21 -> 0.36 ms, the softmax forward 2.2 -> 1.3 ms.
+keys a query sees (about half of a T × T block). ``python -m benchmarks.elementwise --threads 1``
+(B = 8, 8 heads, T = 128, h = 32, float32, medians of interleaved rounds), reference -> here:
+RoPE 0.75 -> 0.28 ms, the softmax forward 2.21 -> 1.41 ms, its backward 0.91 -> 0.36 ms.
 
 The forward is three passes, not one: Numba's ``exp`` is libm's scalar one here (no SVML), about
 five times slower than NumPy's vectorized exp, so a loop shifts each row by its max (−inf on the

@@ -2,7 +2,8 @@
 
 One loop per row each way, where NumPy makes about five whole-array passes with (N, d)
 temporaries forward and nine backward. The backward's row loop is serial, because dw sums over
-rows (and ``config.NUMBA_PARALLEL`` is off anyway).
+rows (and ``config.NUMBA_PARALLEL`` is off anyway). ``python -m benchmarks.elementwise --threads 1``
+(8 × 128 rows of 256, float32), reference -> here: forward 0.22 -> 0.06 ms, backward 0.47 -> 0.16 ms.
 """
 import numpy as np
 from numba import njit
