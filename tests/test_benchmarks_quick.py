@@ -90,12 +90,15 @@ def test_quick_qlora_accuracy_compares_the_same_task(tmp_path):
     assert json.loads(out.read_text())["rows"] == result["rows"]
 
 
-def test_quick_elementwise_benchmark_times_every_decoder_kernel(tmp_path):
+@pytest.mark.parametrize("backend", ["numba", "examples/torch_backend.py"])   # a path: resolved like --backend of kernels
+def test_quick_elementwise_benchmark_times_every_decoder_kernel(tmp_path, backend):
     """One row per elementwise kernel of the API, each timed on both sides (no timing assertion)."""
+    from pathlib import Path
     from benchmarks import elementwise
     from lowrank import kernels
     out = tmp_path / "elementwise_quick.json"
-    rows = elementwise.main(["--quick", "--threads", "1", "--out", str(out)])
+    backend = backend if backend == "numba" else str(Path(__file__).resolve().parents[1] / backend)
+    rows = elementwise.main(["--quick", "--threads", "1", "--backend", backend, "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == rows
     assert {r["kernel"] for r in rows} == {n for n in kernels.API if n.split("_")[0] in ("rope", "causal", "silu", "rms")}
     for r in rows:
