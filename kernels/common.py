@@ -3,6 +3,7 @@
     NF4_CODE         the 16 NormalFloat-4 values, index = the 4-bit code
     xp               numpy, or cupy for a CuPy array
     sigmoid          σ(x) = 1 / (1 + e^−x) in one buffer, on NumPy or CuPy arrays
+    silu_slope       silu'(z) = σ(z) (1 + z (1 − σ(z))) from z and σ(z)
     adapters_in      the distinct adapter ids of a per-row index, −1 left out
     segment_index    SGMV segments expanded to a per-row index
     fallback         the decorator by which a backend sends one dtype to another backend, declared once
@@ -34,12 +35,22 @@ def xp(a):
 
 def sigmoid(x):
     """Numerically stable logistic function on NumPy or CuPy arrays (lowrank's layers use it too)."""
+    m = xp(x)
     with np.errstate(over="ignore"):           # e^-x = inf for x < -88 (float32) gives 1/inf = 0: σ underflows
-        e = xp(x).exp(-x)                     # to 0 there anyway; elsewhere this is exact to rounding
+        e = m.exp(-x)                         # to 0 there anyway; elsewhere this is exact to rounding
     if not e.shape:                           # a scalar
         return 1 / (1 + e)
     e += 1
-    return xp(x).reciprocal(e, out=e)         # 1 / (1 + e^-x), in one buffer
+    return m.reciprocal(e, out=e)             # 1 / (1 + e^-x), in one buffer
+
+
+def silu_slope(z, s):
+    """silu'(z) = σ (1 + z (1 − σ)) in one fresh buffer, given s = σ(z) (SiLU's and SwiGLU's backward)."""
+    d = 1 - s
+    d *= z
+    d += 1
+    d *= s
+    return d
 
 
 def adapters_in(index):

@@ -15,6 +15,7 @@ Each function opens with a one-line ``Semantics:``, the equation every backend c
 other backends' files of the same names say only how they compute it. These functions also
 run on CuPy arrays (the cupy_gpu backend sends float64 here).
 """
+from .. import API
 from ..common import NF4_CODE
 from ..validate import NF4_FLOATS as OUT_DTYPES
 from ..validate import nf4 as check_nf4
@@ -28,11 +29,7 @@ from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx
 from .norm import rms_norm, rms_norm_backward
 
 __all__ = [
-    "dense_forward", "dense_backward", "lora_forward", "lora_backward",
-    "lora_forward_multi", "lora_backward_multi", "lora_forward_sgmv", "lora_backward_sgmv",
-    "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
-    "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
-    "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward",
+    *API,                                   # the kernel API, listed once in lowrank.kernels
     # the NF4 format and its checks, by the names lowrank's quantizer and older callers use
     "NF4_CODE", "OUT_DTYPES", "check_blocksize", "check_nf4", "check_operand",
 ]

@@ -9,7 +9,7 @@ The backward takes g, not silu(g): the MLP keeps g and u (2 arrays) and recomput
 keeping silu(g) as well would be a third.
 """
 from .. import validate
-from ..common import sigmoid
+from ..common import sigmoid, silu_slope
 
 
 # -- SiLU and multiply (SwiGLU) ---------------------------------------------------------------
@@ -28,10 +28,7 @@ def silu_and_mul_backward(dy, g, u):
     s = sigmoid(g)
     du = dy * g
     du *= s                                    # dy ⊙ silu(g)
-    dg = 1 - s
-    dg *= g
-    dg += 1
-    dg *= s                                    # silu'(g) = σ (1 + g (1 − σ))
+    dg = silu_slope(g, s)                      # silu'(g) = σ (1 + g (1 − σ))
     dg *= u
     dg *= dy
     return dg, du

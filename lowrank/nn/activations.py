@@ -1,9 +1,11 @@
-"""SiLU (swish), the gate of Llama's SwiGLU MLP, with its backward under its forward.
+"""SiLU (swish), the gate of Llama's SwiGLU MLP, as a layer of its own (LlamaMLP uses the fused
+``silu_and_mul`` kernel), with its backward under its forward.
 
     y = z σ(z),    dy/dz = σ(z) (1 + z (1 − σ(z)))
 """
 from __future__ import annotations
 
+from ..kernels.common import silu_slope
 from .layers import sigmoid
 from .module import Module
 
@@ -21,10 +23,6 @@ class SiLU(Module):
         z = self._need_cache()
         self._cache = None
         self._check_dy(dy, z.shape)
-        s = sigmoid(z)
-        dz = 1 - s
-        dz *= z
-        dz += 1
-        dz *= s
+        dz = silu_slope(z, sigmoid(z))
         dz *= dy                                # dy σ(z) (1 + z (1 − σ(z))), in one buffer
         return dz
