@@ -3,7 +3,8 @@
 The semantics are ``reference``'s, file for file (lora.py, multi.py, nf4.py, attention.py,
 activations.py, norm.py); the files here say how they compute it. Backend-private: ``blas.py`` (GEMM calls, SciPy's BLAS pinned to one
 thread, the float16 fallback), ``loops.py`` (the Numba loops of the rank-r parts),
-``nf4_avx2.py`` (NF4 decode by AVX2 byte shuffles).
+``nf4_avx2.py`` (NF4 decode by AVX2 byte shuffles), ``vexp.py`` (an e^x that vectorizes, for the softmax
+and SwiGLU loops).
 
 Which form of the LoRA term, measured (4096², r = 16, float32, adding s·h Bᵀ to a finished
 y = x Wᵀ, medians; microbenchmark with 2 BLAS threads on the shared 2-core machine):

@@ -4,18 +4,20 @@ NumPy spends five to seven whole-array passes, each with a fresh (B, H, T, K) te
 a loop does in one pass per row; and a loop knows the causal structure, so it touches only the
 keys a query sees (about half of a T × T block). ``python -m benchmarks.elementwise --threads 1``
 (B = 8, 8 heads, T = 128, h = 32, float32, medians of interleaved rounds), reference -> here:
-RoPE 0.75 -> 0.28 ms, the softmax forward 2.21 -> 1.41 ms, its backward 0.91 -> 0.36 ms.
+RoPE 0.71 -> 0.30 ms, the softmax forward 2.12 -> 0.80 ms, its backward 0.84 -> 0.35 ms.
 
-The forward is three passes, not one: Numba's ``exp`` is libm's scalar one here (no SVML), about
-five times slower than NumPy's vectorized exp, so a loop shifts each row by its max (−inf on the
-keys it does not see), NumPy exponentiates the whole array in place, and a loop divides by the
-row sums. Inputs of any layout: the loops index strided arrays; outputs are C-ordered.
+The softmax forward is one loop per row: the max, then e^(s − max) and its sum in one pass (``vexp.exp``,
+which vectorizes; Numba's own exp is a scalar libm call), then the division. Both RoPE's input
+layouts LLVM can vectorize are read in place: C-ordered rows, and the head-major view of a
+(B, T, heads, h) projection (``_rows``); anything else is copied to C order first (a strided row
+vectorizes as gathers). Outputs are C-ordered.
 """
 import numpy as np
 from numba import njit, prange
 
 from .. import config, validate
 from .blas import c, half_to_reference
+from .vexp import exp
 
 _JIT = dict(cache=True, fastmath=config.NUMBA_FASTMATH, parallel=config.NUMBA_PARALLEL,
             error_model=config.NUMBA_ERROR_MODEL)
@@ -31,25 +33,39 @@ def _blocks(a):
 
 # -- rotary position embedding ----------------------------------------------------------------
 @njit(**_JIT)
-def _rotate(x, c, s, sign, y):
-    """y1 = x1 c − sign·x2 s, y2 = x2 c + sign·x1 s per (a, m, t); x, y (A, M, T, h), c, s (T, h/2)."""
-    A, M, T, h = x.shape
+def _rotate(x, token_major, c, s, sign, y):
+    """y1 = x1 c − sign·x2 s, y2 = x2 c + sign·x1 s per (a, m, t); y (A, M, T, h), c, s (T, h/2);
+    x (A, M, T, h), or (A, T, M, h) when ``token_major``. Both C-ordered: rows LLVM vectorizes."""
+    A, M, T, h = y.shape
     half = h // 2
     for a in prange(A):
         for m in range(M):
             for t in range(T):
-                xi, yi, ct, st = x[a, m, t], y[a, m, t], c[t], s[t]
+                xi = x[a, t, m] if token_major else x[a, m, t]
+                yi, ct, st = y[a, m, t], c[t], s[t]
                 for j in range(half):
                     x1, x2 = xi[j], xi[j + half]
                     yi[j] = x1 * ct[j] - sign * (x2 * st[j])
                     yi[j + half] = x2 * ct[j] + sign * (x1 * st[j])
 
 
+def _rows(x):
+    """x (..., T, h) as a C-ordered 4-D view and whether it is token-major: (A, M, T, h), or (A, T, M, h)
+    when x is the head-major view of a C-ordered (A, T, heads.., h) array (attention's view of a
+    projection's output); otherwise a C-ordered copy. Loops over strided rows vectorize as gathers."""
+    if x.ndim >= 4 and not x.flags.c_contiguous:
+        t = np.moveaxis(x, -2, 1)                                       # (A, T, heads.., h)
+        if t.flags.c_contiguous:
+            return t.reshape(t.shape[0], t.shape[1], -1, t.shape[-1]), True
+    return _blocks(c(x)), False
+
+
 def _rope(x, cos, sin, sign):
     validate.rope(x, cos, sin)
     half = x.shape[-1] // 2
     y = np.empty(x.shape, x.dtype)
-    _rotate(_blocks(x), c(cos[:, :half]), c(sin[:, :half]), x.dtype.type(sign), _blocks(y))
+    rows, token_major = _rows(x)
+    _rotate(rows, token_major, c(cos[:, :half]), c(sin[:, :half]), x.dtype.type(sign), _blocks(y))
     return y
 
 
@@ -67,50 +83,39 @@ def rope_backward(dy, cos, sin):
 
 # -- causal softmax ---------------------------------------------------------------------------
 @njit(**_JIT)
-def _shift(S, key_mask, past, E):
-    """E = S − (the max over the keys row i sees) on those keys, −inf on the rest (all of a row that sees none)."""
+def _softmax(S, key_mask, past, zero, ninf, P):
+    """Per row i: the max over the keys it sees (j <= past + i, and key_mask[b, j] when given), then
+    e = exp(s − max) and its sum in one loop, then e / sum; 0 on the keys it does not see and on a
+    row that sees none. ``zero`` and ``ninf`` (−inf) in S's dtype keep float32 arithmetic float32."""
     B, M, T, K = S.shape
     masked = key_mask.shape[0] > 0
     for b in prange(B):
         for m in range(M):
             for i in range(T):
                 sees = min(past + i + 1, K)                    # keys 0 .. past + i, before the padding mask
-                s, e = S[b, m, i], E[b, m, i]
+                s, p = S[b, m, i], P[b, m, i]
+                z = zero
                 if not masked:
                     top = s[0]
                     for j in range(1, sees):
                         top = max(top, s[j])
                     for j in range(sees):
-                        e[j] = s[j] - top
+                        e = exp(s[j] - top)
+                        p[j] = e
+                        z += e
                 else:
                     top, seen = s[0], False
                     for j in range(sees):
                         if key_mask[b, j] and (not seen or s[j] > top):
                             top, seen = s[j], True
                     for j in range(sees):
-                        e[j] = s[j] - top if key_mask[b, j] else -np.inf
-                    if not seen:
-                        sees = 0
-                for j in range(sees, K):
-                    e[j] = -np.inf
-
-
-@njit(**_JIT)
-def _normalize(E, past):
-    """Each row of E divided by its sum, over keys 0 .. past + i (the rest are 0); a row summing to 0
-    (it sees no key) stays 0."""
-    B, M, T, K = E.shape
-    for b in prange(B):
-        for m in range(M):
-            for i in range(T):
-                sees = min(past + i + 1, K)
-                e = E[b, m, i]
-                z = e[0] * 0
-                for j in range(sees):
-                    z += e[j]
-                if z > 0:
+                        e = exp(s[j] - top if key_mask[b, j] else ninf)   # a select; exp(−inf) = 0
+                        p[j] = e
+                        z += e
+                if z > 0:                                      # 0: the row sees no key
                     for j in range(sees):
-                        e[j] /= z
+                        p[j] /= z
+                p[sees:] = zero                                # (a loop here vectorized as a scatter)
 
 
 @njit(**_JIT)
@@ -130,14 +135,13 @@ def _softmax_grad(dP, P, dS):
 
 @half_to_reference
 def causal_softmax(S, key_mask=None, past=0):
-    """Shift (loop over the keys each row sees), exp (NumPy, vectorized, in place), normalize (loop)."""
+    """One loop per row over the keys it sees: max, exp and sum, normalize (``vexp.exp``, vectorized)."""
     B, T, K = validate.causal_softmax(S, key_mask, past)
     mask = np.zeros((0, 0), np.bool_) if key_mask is None else c(np.asarray(key_mask) != 0)
-    E = np.empty(S.shape, S.dtype)
-    _shift(_blocks(S), mask, past, _blocks(E))
-    np.exp(E, out=E)                                           # exp(−inf) = 0: the keys a row does not see
-    _normalize(_blocks(E), past)
-    return E
+    P = np.empty(S.shape, S.dtype)
+    t = S.dtype.type
+    _softmax(_blocks(S), mask, past, t(0), t(-np.inf), _blocks(P))
+    return P
 
 
 @half_to_reference
