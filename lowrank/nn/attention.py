@@ -45,6 +45,11 @@ from .module import Module
 from .rotary import RotaryEmbedding
 
 
+def _sum_group(a):
+    """(B, H_kv, G, T, h) -> (B, H_kv, T, h), the sum over G: a view when G = 1 (no GQA), not a copy."""
+    return a[:, :, 0] if a.shape[2] == 1 else a.sum(axis=2)
+
+
 class AttentionCache(NamedTuple):
     q: object          # (B, H_kv, G, T, h) rotated queries, already divided by sqrt(h)
     k: object          # (B, H_kv, T, h) rotated keys
@@ -129,11 +134,12 @@ class LlamaAttention(Module):
         dO2 = self.o_proj.backward(dy.reshape(B * T, d))                       # (B·T, H·h)
         dO = dO2.reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)           # (B, H_kv, G, T, h)
         dP = dO @ v[:, :, None].swapaxes(-1, -2)                               # (B, H_kv, G, T, T)
-        dv = (P.swapaxes(-1, -2) @ dO).sum(axis=2)                             # (B, H_kv, T, h), Σ over G
+        dv = _sum_group(P.swapaxes(-1, -2) @ dO)                               # (B, H_kv, T, h), Σ over G
         kern = kernels_for(dy, self.backend)
         dS = kern.causal_softmax_backward(dP, P)                               # P ⊙ (dP − rowsum(dP ⊙ P))
-        dq = (dS @ k[:, :, None]) * self.scaling                               # (B, H_kv, G, T, h)
-        dk = (dS.swapaxes(-1, -2) @ q).sum(axis=2)                             # (B, H_kv, T, h), Σ over G (q scaled)
+        dq = dS @ k[:, :, None]                                                # (B, H_kv, G, T, h)
+        dq *= self.scaling
+        dk = _sum_group(dS.swapaxes(-1, -2) @ q)                               # (B, H_kv, T, h), Σ over G (q scaled)
         dq, dk = kern.rope_backward(dq, cos, sin), kern.rope_backward(dk, cos, sin)
         dx = self.q_proj.backward(dq.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h))   # (B·T, d)
         dx = dx + self.k_proj.backward(dk.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))
