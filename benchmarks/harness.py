@@ -61,8 +61,22 @@ def inner_repeats(fn, target_s: float = 0.02) -> int:
     return max(1, min(1000, int(target_s / max(t, 1e-7))))
 
 
-def interleaved(variants: dict, rounds: int, base: str, target_s: float = 0.02) -> dict:
+def settle(fn, seconds: float) -> None:
+    """Call ``fn()`` untimed for at least ``seconds`` (at least once)."""
+    t0 = time.perf_counter()
+    fn()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+
+
+def interleaved(variants: dict, rounds: int, base: str, target_s: float = 0.02, settle_s: float = 0.0) -> dict:
     """Time ``variants`` {name: fn} interleaved over ``rounds`` rounds.
+
+    ``settle_s`` > 0: before each timed sample the variant runs untimed for that long, so that what
+    the previous variant left running is gone. Needed when variants use different thread pools
+    (lowrank and torch): OpenBLAS's workers spin for about 0.1 s after a GEMM (2^28 cycles,
+    OpenBLAS's THREAD_TIMEOUT), and at 2 threads a torch step that started inside that window took
+    215 ms instead of 137 (benchmarks.peers, decoder row, 6 runs).
 
     Returns {name: {"median_s", "min_s", "ratio", "samples_s"}} where ratio is the median over
     rounds of t(name) / t(base) with both measured in the same round; ``samples_s`` holds each
@@ -73,6 +87,8 @@ def interleaved(variants: dict, rounds: int, base: str, target_s: float = 0.02) 
     samples = {n: [] for n in names}
     for k in range(rounds):
         for n in names[k % len(names):] + names[:k % len(names)]:     # rotate the order each round
+            if settle_s > 0:
+                settle(variants[n], settle_s)
             samples[n].append(time_call(variants[n], inner[n]))
     b = np.array(samples[base])
     return {n: {"median_s": float(np.median(s)), "min_s": float(np.min(s)),

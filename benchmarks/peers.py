@@ -16,7 +16,9 @@ Rows (float32; both sides hold the same weights, copied from lowrank's model int
            Adam on the LoRA parameters; torch: transformers' LlamaForCausalLM + peft.get_peft_model,
            with attn_implementation "sdpa" (the default users get) and "eager"
 Each row is timed interleaved (harness.interleaved, the torch variant as the base), so ``ratio`` is
-the median over rounds of t(lowrank) / t(torch) measured in the same round. ``--threads N`` pins
+the median over rounds of t(lowrank) / t(torch) measured in the same round; each sample follows
+0.3 s of untimed calls of the same variant (``settle_s``), so neither library's leftover threads
+(OpenBLAS's spin for about 0.1 s after a GEMM) run inside the other's timing. ``--threads N`` pins
 BLAS and Numba (harness.pinned_threads) and torch (``torch.set_num_threads``) to N. Before timing,
 each row checks that both sides compute the same numbers (``checks``: max relative differences).
 torch, transformers and peft are optional: without them the module says so and exits 0.
@@ -33,10 +35,10 @@ from . import harness
 
 FULL = dict(layer=dict(D=4096, r=16, Ns=(1, 256, 2048)), mlp=dict(sizes=None, r=8, batch=None),
             decoder=dict(layers=4, d=256, heads=8, I=688, V=256 + 3, B=8, T=128, r=8),
-            rounds={1: 15, 256: 9, 2048: 5, "mlp": 15, "decoder": 7}, target_s=0.05)
+            rounds={1: 15, 256: 9, 2048: 5, "mlp": 15, "decoder": 15}, target_s=0.05, settle_s=0.3)
 QUICK = dict(layer=dict(D=64, r=4, Ns=(1, 16)), mlp=dict(sizes=(8, 32, 64, 32, 1), r=4, batch=16),
              decoder=dict(layers=2, d=32, heads=4, I=88, V=256 + 3, B=2, T=16, r=4),
-             rounds={1: 3, 16: 3, "mlp": 3, "decoder": 3}, target_s=0.002)
+             rounds={1: 3, 16: 3, "mlp": 3, "decoder": 3}, target_s=0.002, settle_s=0.001)
 ROWS = ("layer", "mlp", "decoder")
 
 
@@ -256,7 +258,7 @@ def run(cfg, rows=ROWS, log=print, check_threads=lambda: None):
             groups, checks[f"layer N={N}"] = layer_variants(ours, theirs, N, c["D"])
             log(f"checks layer N={N}: {checks[f'layer N={N}']}")
             for mode, variants in groups.items():
-                res = harness.interleaved(variants, cfg["rounds"][N], "torch", cfg["target_s"])
+                res = harness.interleaved(variants, cfg["rounds"][N], "torch", cfg["target_s"], cfg["settle_s"])
                 record("layer", res, "torch", mode=mode, N=N, D=c["D"], r=c["r"])
     if "mlp" in rows:
         from lowrank.app.experiment import DemoConfig
@@ -264,13 +266,14 @@ def run(cfg, rows=ROWS, log=print, check_threads=lambda: None):
         sizes, batch = tuple(c["sizes"] or demo.sizes), c["batch"] or demo.batch_size
         variants, checks["mlp"] = mlp_variants(sizes, c["r"], batch, demo.peft_lr)
         log(f"checks mlp: {checks['mlp']}")
-        res = harness.interleaved(variants, cfg["rounds"]["mlp"], "torch", cfg["target_s"])
+        res = harness.interleaved(variants, cfg["rounds"]["mlp"], "torch", cfg["target_s"], cfg["settle_s"])
         record("mlp", res, "torch", mode="adam_step", sizes=list(sizes), r=c["r"], batch=batch)
     if "decoder" in rows:
         c = cfg["decoder"]
         variants, checks["decoder"] = decoder_variants(**c)
         log(f"checks decoder: {checks['decoder']}")
-        res = harness.interleaved(variants, cfg["rounds"]["decoder"], "torch_sdpa", cfg["target_s"])
+        res = harness.interleaved(variants, cfg["rounds"]["decoder"], "torch_sdpa", cfg["target_s"],
+                                   cfg["settle_s"])
         record("decoder", res, "torch_sdpa", mode="train_step", **c)
     return out, checks
 
