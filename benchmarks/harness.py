@@ -4,9 +4,10 @@ On shared, noisy machines a single timing means little; what holds up is a *rati
 things measured in the same moment. So every benchmark here runs its variants interleaved
 (A, B, C, A, B, C, ... with the order rotated each round), takes each variant's median over
 rounds, and divides per round by the reference variant (the bare base product) before
-taking the median of those ratios. BLAS and Numba threads are pinned and printed, and the
-machine's floors (BLAS GEMM peak in GFLOP/s, copy bandwidth in GB/s) are measured in the
-same run so "achieved / possible" needs no datasheet.
+taking the median of those ratios (with ``settle_s``, each timed sample follows untimed calls of
+its own variant, so one library's leftover threads stay out of another's timing). BLAS and
+Numba threads are pinned and printed, and the machine's floors (BLAS GEMM peak in GFLOP/s,
+copy bandwidth in GB/s) are measured in the same run so "achieved / possible" needs no datasheet.
 """
 from __future__ import annotations
 
