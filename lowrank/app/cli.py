@@ -9,6 +9,8 @@ import signal
 import sys
 from importlib import import_module
 
+from . import allocator
+
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("lowrank.app.demo", "pretrain an MLP, fine-tune it every way, write lowrank-out/report.md"),
@@ -31,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    if hasattr(signal, "SIGPIPE") and argv is None:     # `lowrank inspect ... | head` ends quietly
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if argv is None:                                     # the command itself, not a call from Python
+        if hasattr(signal, "SIGPIPE"):                   # `lowrank inspect ... | head` ends quietly
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        allocator.keep_freed_memory()                    # steps reuse freed memory (app/allocator.py)
     args = build_parser().parse_args(argv)
     try:
         return int(import_module(args._module).run(args) or 0)
