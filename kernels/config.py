@@ -17,7 +17,7 @@ NUMBA_FASTMATH = {"reassoc", "contract"}
 # The error model of the loops that divide (numba_cpu/attention.py, activations.py): IEEE, x / 0 = ±inf
 # or NaN as NumPy gives. Numba's default ("python") checks every division for a zero to raise
 # ZeroDivisionError, a branch that kept LLVM from vectorizing SwiGLU's loop (forward 1.16 -> 0.74 ms at
-# 1024 x 688, of which NumPy's exp is 0.45).
+# 1024 x 688, measured when NumPy still made its exp; numba_cpu/vexp.py's exp needs the same model).
 NUMBA_ERROR_MODEL = "numpy"
 # prange over rows / column blocks. Off: on the 2 shared cores Numba's workers fight OpenBLAS's
 # spinning threads right after each GEMM (measured 8-12 ms per parallel call vs 0.01-2 ms serial).

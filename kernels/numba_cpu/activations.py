@@ -9,15 +9,11 @@ import numpy as np
 from numba import njit, prange
 
 from .. import config, validate
-from .blas import half_to_reference
+from .blas import c, half_to_reference
 from .vexp import exp
 
 _JIT = dict(cache=True, fastmath=config.NUMBA_FASTMATH, parallel=config.NUMBA_PARALLEL,
             error_model=config.NUMBA_ERROR_MODEL)
-
-
-def _flat(a):
-    return np.ascontiguousarray(a).reshape(-1)
 
 
 @njit(**_JIT)
@@ -41,7 +37,7 @@ def silu_and_mul(g, u):
     """One loop: y = g u / (1 + e^−g)."""
     validate.silu_and_mul(g, u)
     y = np.empty(g.shape, g.dtype)
-    _forward(_flat(g), _flat(u), g.dtype.type(1), y.reshape(-1))
+    _forward(c(g).reshape(-1), c(u).reshape(-1), g.dtype.type(1), y.reshape(-1))
     return y
 
 
@@ -50,5 +46,6 @@ def silu_and_mul_backward(dy, g, u):
     """One loop writing dg and du."""
     validate.silu_and_mul(g, u, dy)
     dg, du = np.empty(g.shape, g.dtype), np.empty(g.shape, g.dtype)
-    _backward(_flat(dy), _flat(g), _flat(u), g.dtype.type(1), dg.reshape(-1), du.reshape(-1))
+    _backward(c(dy).reshape(-1), c(g).reshape(-1), c(u).reshape(-1), g.dtype.type(1), dg.reshape(-1),
+              du.reshape(-1))
     return dg, du
