@@ -50,10 +50,10 @@ def main(argv=None) -> int:
         return _fail(args.command, f"out of memory{f': {e}' if str(e) else ''}", 1)
 
 
-def printable(text) -> str:
-    """``text`` with control characters escaped (ESC -> \\x1b, newline -> \\n), other characters kept:
-    names read from a file can't move the cursor, recolour the terminal or fake an output line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+def printable(text, keep: str = "") -> str:
+    """``text`` with control characters escaped (ESC -> \\x1b, newline -> \\n) except those in ``keep``, other
+    characters kept: names read from a file can't move the cursor, recolour the terminal or fake an output line."""
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def _fail(command: str, error, code: int) -> int:

@@ -119,4 +119,5 @@ def _left_padded(rows, pad_id):
 
 def _shown(text: str) -> str:
     """``text`` with control characters other than newline and tab escaped (model output can hold any byte)."""
-    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii") for c in text)
+    from .cli import printable
+    return printable(text, keep="\n\t")

@@ -87,11 +87,11 @@ class Data:
     """The code domain's windows: training (n, T+1), the fixed validation and curve sets."""
 
     def __init__(self, cfg: LMDemoConfig):
-        from ..training.text import corpus_info, cut_windows, load_splits, spaced_windows, token_stream
+        from ..training.text import corpus_info, load_splits, spaced_windows, windows
         from .lm_finetune import CORPUS
         splits = load_splits(CORPUS, cfg.seed)
-        self.train = cut_windows(token_stream(splits.train), cfg.seq_len)
-        all_val = cut_windows(token_stream(splits.validation), cfg.seq_len)
+        self.train = windows(splits.train, cfg.seq_len)
+        all_val = windows(splits.validation, cfg.seq_len)
         self.val = spaced_windows(all_val, cfg.eval_windows)
         self.curve = spaced_windows(all_val, cfg.curve_windows)
         self.info = corpus_info(cfg.seed)
@@ -107,14 +107,9 @@ def load_base(dtype: str = "float32"):
 def build(method: str, target, r, adapter_name: str = "default"):
     """The shipped base set up for ``method`` (``lm_finetune.build_model``; adapters under ``adapter_name``)."""
     from types import SimpleNamespace
-    from ..tuners.lora.model import get_lora_model
-    from ..tuners.lora.qlora import quantize_model
-    from .lm_finetune import build_model, lora_config
-    base = load_base()
-    if method not in ("lora", "qlora", "dora"):
-        return build_model(SimpleNamespace(method=method), base)
-    config = lora_config(SimpleNamespace(method=method, target=target, r=r, alpha=None, dropout=0.0, model="shipped"))
-    return get_lora_model(quantize_model(base) if method == "qlora" else base, config, adapter_name=adapter_name)
+    from .lm_finetune import build_model
+    args = SimpleNamespace(method=method, target=target, r=r, alpha=None, dropout=0.0, model="shipped")
+    return build_model(args, load_base(), adapter_name)
 
 
 def memory(model, batch) -> dict:

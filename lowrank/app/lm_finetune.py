@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 from .lm import add_training_arguments, command_line, evaluate_loss, resolve, shipped_checkpoint, stage_printer, \
@@ -89,14 +88,15 @@ def check_flags(args):
     check_out(args.out)
 
 
-def build_model(args, base):
-    """``base`` (modified in place) set up for ``args.method``: a LoraModel, or the Llama with the right weights trainable."""
+def build_model(args, base, adapter_name: str = "default"):
+    """``base`` (modified in place) set up for ``args.method``: a LoraModel (its adapter named ``adapter_name``),
+    or the Llama with the right weights trainable."""
     from ..tuners.lora.model import get_lora_model
     from ..tuners.lora.qlora import quantize_model
     if args.method in ("lora", "dora"):
-        return get_lora_model(base, lora_config(args))
+        return get_lora_model(base, lora_config(args), adapter_name=adapter_name)
     if args.method == "qlora":
-        return get_lora_model(quantize_model(base), lora_config(args))
+        return get_lora_model(quantize_model(base), lora_config(args), adapter_name=adapter_name)
     if args.method == "full":
         return base.requires_grad_(True)
     untie_head(base)
@@ -118,14 +118,12 @@ def untie_head(model):
 
 
 def run(args) -> int:
-    comm = None
-    if args.distributed:
-        from ..training.distributed import world
-        comm = world()
+    from ..training.distributed import abort_on_error, world
+    comm = world() if args.distributed else None
     root = comm is None or comm.Get_rank() == 0
     check_flags(args)                              # every rank refuses the same bad flags, before any collective
     say = stage_printer("finetune", args.quiet, root)
-    with _abort_on_error(comm):
+    with abort_on_error(comm):
         summary, model = finetune(args, comm, say)
         if root:
             write_outputs(args, summary, model)
@@ -135,21 +133,13 @@ def run(args) -> int:
     return 0
 
 
-def _abort_on_error(comm):
-    """``lowrank.training.distributed.abort_on_error`` over the ranks; nothing on one process."""
-    if comm is None:
-        return nullcontext()
-    from ..training.distributed import abort_on_error
-    return abort_on_error(comm)
-
-
 def finetune(args, comm, say) -> tuple[dict, object]:
     """Load, evaluate, adapt, train; returns (summary, the fine-tuned model)."""
     from ..models.llama import LlamaForCausalLM
-    from ..training.text import Batcher, corpus_info, cut_windows, load_splits, spaced_windows, token_stream
+    from ..training.text import Batcher, corpus_info, load_splits, windows
     splits = load_splits(CORPUS, args.seed)
-    train = cut_windows(token_stream(splits.train), args.seq_len)
-    val = spaced_windows(cut_windows(token_stream(splits.validation), args.seq_len), args.eval_windows)
+    train = windows(splits.train, args.seq_len)
+    val = windows(splits.validation, args.seq_len, args.eval_windows)
     base = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     before = evaluate_loss(base, val)
     say(f"{args.model}: validation loss {before:.4f} (perplexity {math.exp(before):.3f}) on {CORPUS} code "

@@ -67,11 +67,11 @@ def build_model(args):
 
 def run(args) -> int:
     check_flags(args)
-    from ..training.text import Batcher, corpus_info, cut_windows, load_splits, spaced_windows, token_stream
+    from ..training.text import Batcher, corpus_info, load_splits, windows
     say = stage_printer("pretrain", args.quiet)
     splits = load_splits(CORPUS, args.seed)
-    train = cut_windows(token_stream(splits.train), args.seq_len)
-    val = spaced_windows(cut_windows(token_stream(splits.validation), args.seq_len), args.eval_windows)
+    train = windows(splits.train, args.seq_len)
+    val = windows(splits.validation, args.seq_len, args.eval_windows)
     model = build_model(args)
     say(f"{args.layers} layers, d={args.hidden}, {args.heads} heads, {model.num_parameters():,d} parameters; "
         f"{len(train)} training windows of {args.seq_len + 1} tokens, {len(val)} validation windows")

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from ..training.data import make_task
@@ -164,13 +163,11 @@ def build_model(args, base, cfg: DemoConfig):
 
 
 def run(args) -> int:
-    comm = None
-    if args.distributed:
-        from ..training.distributed import abort_on_error, world
-        comm = world()
+    from ..training.distributed import abort_on_error, world
+    comm = world() if args.distributed else None
     root = comm is None or comm.Get_rank() == 0
     check_flags(args)
-    with abort_on_error(comm) if comm is not None else nullcontext():
+    with abort_on_error(comm):
         summary, model, base = train(args, comm)
         if root:
             write_outputs(args, summary, model, base if args.base is None else None)

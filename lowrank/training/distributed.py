@@ -226,7 +226,11 @@ class DataParallel:
 def abort_on_error(comm):
     """Around a rank's whole run. A DistributedError passes (every rank raised it together); any
     other exception is printed with the rank and ends every rank with ``comm.Abort(1)`` rather
-    than leaving the others waiting forever in a collective."""
+    than leaving the others waiting forever in a collective. ``comm`` None (one process): nothing
+    to abort, exceptions pass."""
+    if comm is None:
+        yield
+        return
     try:
         yield
     except DistributedError:

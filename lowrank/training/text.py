@@ -187,6 +187,11 @@ def spaced_windows(windows: np.ndarray, limit: int | None) -> np.ndarray:
     return windows[np.linspace(0, len(windows) - 1, limit).round().astype(int)]
 
 
+def windows(docs: list, seq_len: int, limit: int | None = None) -> np.ndarray:
+    """The documents' token stream cut into windows (n, T+1), at most ``limit`` of them, evenly spaced."""
+    return spaced_windows(cut_windows(token_stream(docs), seq_len), limit)
+
+
 class Batcher:
     """Global batches (B, T+1) of ``windows`` forever: every window once per epoch, in an order drawn
     from ``seed`` (a new order each epoch). Every rank of a data-parallel run draws the same batches."""
