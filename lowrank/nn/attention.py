@@ -97,14 +97,16 @@ class LlamaAttention(Module):
                              f"got values {xp.unique(attention_mask)[:8].tolist()}")
 
     def _qkv(self, kern, x, cos, sin):
-        """x (B, T, d) -> rotated q (B, H_kv, G, T, h), rotated k (B, H_kv, T, h), v (B, H_kv, T, h)."""
+        """x (B, T, d) -> rotated q / sqrt(h) (B, H_kv, G, T, h), rotated k (B, H_kv, T, h), v (B, H_kv, T, h)."""
         B, T, d = x.shape
         H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         x2 = x.reshape(B * T, d)                                               # (B·T, d)
         q = self.q_proj.forward(x2).reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)   # (B, H_kv, G, T, h)
         k = self.k_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
         v = self.v_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
-        return kern.rope_forward(q, cos, sin), kern.rope_forward(k, cos, sin), v
+        q = kern.rope_forward(q, cos, sin)
+        q *= self.scaling                                                      # q / sqrt(h): on q, not on S
+        return q, kern.rope_forward(k, cos, sin), v
 
     def forward(self, x, attention_mask=None):
         if not hasattr(x, "shape") or x.ndim != 3 or x.shape[-1] != self.hidden_size:
@@ -117,7 +119,6 @@ class LlamaAttention(Module):
         kern = kernels_for(x, self.backend)
         cos, sin = self.rotary.tables(T, x.dtype, xp)                          # (T, h) each
         q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
-        q *= self.scaling                                                      # q / sqrt(h): on q, not on S
         S = q @ k[:, :, None].swapaxes(-1, -2)                                 # (B, H_kv, G, T, T)
         P = kern.causal_softmax(S, attention_mask)                             # (B, H_kv, G, T, T)
         O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
@@ -158,7 +159,7 @@ class LlamaAttention(Module):
         cos, sin = cos[P0:], sin[P0:]                                          # (T, h): the new positions
         q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
         k, v, mask = kv_cache.update(layer, k, v)                              # (B, H_kv, P0 + T, h), (B, P0 + T)
-        S = (q @ k[:, :, None].swapaxes(-1, -2)) * self.scaling                # (B, H_kv, G, T, P0 + T)
+        S = q @ k[:, :, None].swapaxes(-1, -2)                                 # (B, H_kv, G, T, P0 + T)
         P = kern.causal_softmax(S, mask, P0)                                   # (B, H_kv, G, T, P0 + T)
         O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)

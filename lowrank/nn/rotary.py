@@ -79,8 +79,11 @@ class RotaryEmbedding(Module):
             raise ValueError(f"{self.label}: sequence length {T} exceeds max_position_embeddings="
                              f"{self.max_position_embeddings}")
         key = (np.dtype(dtype), xp.__name__)
-        if key not in self._tables or len(self._tables[key][0]) < T:
-            self._tables[key] = rope_tables(T, self.head_dim, self.rope_theta, dtype, xp)
+        have = len(self._tables[key][0]) if key in self._tables else 0
+        if have < T:                      # grown geometrically: decoding asks for one more position per step
+            n = max(T, 2 * have) if self.max_position_embeddings is None else min(max(T, 2 * have),
+                                                                                 self.max_position_embeddings)
+            self._tables[key] = rope_tables(n, self.head_dim, self.rope_theta, dtype, xp)
         cos, sin = self._tables[key]
         return cos[:T], sin[:T]
 

@@ -23,7 +23,8 @@ import numbers
 
 import numpy as np
 
-from ...nn.device import get_array_module, to_device
+from ...kernels.common import host as _host
+from ...nn.device import get_array_module
 from ...nn.kv_cache import KVCache
 
 
@@ -33,7 +34,8 @@ def generate(model, input_ids, max_new_tokens: int = 20, do_sample: bool = False
     """Continue each prompt of ``input_ids`` (B, T) by up to ``max_new_tokens`` tokens -> ids (B, T + n).
 
     ``model``: a LlamaForCausalLM (its config, dtype and device); ``forward(ids, attention_mask,
-    kv_cache) -> logits`` defaults to ``model.forward`` (a LoraModel passes its own, with adapter names).
+    kv_cache) -> logits`` defaults to ``model.forward`` (benchmarks/serving.py passes its own; LoRA
+    generation sets the adapters on the layers instead, ``tuners.lora.generation``).
     ``seed``: the numpy Generator's seed for sampling. ``eos_token_id``: an int or a list of ints;
     ``pad_token_id`` defaults to the (first) eos id. ``attention_mask`` (B, T): 1 for tokens, 0 for
     left padding; None: every position is a token.
@@ -70,7 +72,7 @@ def pick(logits, do_sample: bool, temperature: float = 1.0, top_k=None, top_p=No
     scores = logits.astype(np.float64) / temperature                              # (B, V)
     V = scores.shape[-1]
     if top_k is not None and top_k < V:
-        kth = np.sort(scores, axis=-1)[:, V - top_k][:, None]                      # (B, 1) the k-th largest
+        kth = np.partition(scores, V - top_k, axis=-1)[:, V - top_k][:, None]      # (B, 1) the k-th largest
         scores = np.where(scores >= kth, scores, -np.inf)
     probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)                                    # (B, V)
@@ -85,10 +87,6 @@ def pick(logits, do_sample: bool, temperature: float = 1.0, top_k=None, top_p=No
     cdf /= cdf[:, -1:]                                                            # (B, V), ends at exactly 1
     u = 1.0 - rng.random(len(cdf))                                                # (B,) in (0, 1]
     return (cdf < u[:, None]).sum(axis=-1)                                        # first token with cdf >= u
-
-
-def _host(a):
-    return np.asarray(to_device(a, "cpu"))
 
 
 def _check_prompt(input_ids, attention_mask, config, max_new_tokens):

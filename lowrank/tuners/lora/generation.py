@@ -12,21 +12,19 @@ needs nothing per adapter: row b's keys and values come from row b's own adapted
 
 ``adapter_names=None``: the active adapter for every row, through the single-adapter (fused) kernel.
 
-The names are checked once and handed to the layers once for the whole generation (``mixed.row_adapters``)
+The names are checked once and handed to the layers once for the whole generation (``mixed.mixed_batch``)
 rather than per forward as ``LoraModel.forward(..., adapter_names=)`` does: a decode step's model is
 small, and two walks of the module tree per step cost it ~8% of its throughput (benchmarks/serving.py).
 """
 from __future__ import annotations
 
 from ...models.llama.generation import generate as generate_ids
-from .mixed import check_names, frozen_stacks, row_adapters
+from .mixed import frozen_stacks, mixed_batch
 
 
 def generate(lora_model, input_ids, adapter_names=None, **kwargs):
     """``LoraModel.generate``: prompt ids (B, T) -> ids (B, T + n); ``kwargs`` as the decoder's ``generate``."""
     if adapter_names is None:
         return generate_ids(lora_model.model, input_ids, **kwargs)
-    check_names(lora_model, adapter_names, len(input_ids), "prompts")
-    lora_layers = [layer for _, layer in lora_model.lora_layers()]
-    with row_adapters(lora_layers + lora_model._wrappers(), adapter_names), frozen_stacks(lora_layers):
+    with mixed_batch(lora_model, adapter_names, len(input_ids), "prompts") as lora_layers, frozen_stacks(lora_layers):
         return generate_ids(lora_model.model, input_ids, **kwargs)     # row b -> adapter_names[b] at every step

@@ -8,7 +8,7 @@ How the layers learn the assignment, without the model code (attention, MLP, dec
    sets ``row_adapters`` = those B names on every LoRA layer (``LoraModel.lora_layers``: LoRALinear,
    LoRAEmbedding) and ModulesToSave layer for this one call, runs the wrapped model's own forward (with its keyword arguments, e.g. a decoder's
    ``attention_mask``) and clears ``row_adapters`` again, also when the forward raises.
-2. Each LoRALinear spreads the B names over the N rows it actually sees (``layer.rows_for``):
+2. Each LoRALinear spreads the B names over the N rows it actually sees (``batches.rows_for``):
    N = B in an MLP; N = B·T in a decoder, whose Dense layers take (B·T, d) sequence-major rows
    (row b·T + t is token t of sequence b), so each name is repeated T times. A LoRAEmbedding,
    whose input is the (B, T) ids themselves, spreads them over each sequence's tokens likewise.
@@ -27,28 +27,36 @@ from .batches import BASE
 
 
 @contextmanager
-def row_adapters(layers, names):
-    """Give every layer in ``layers`` the per-sequence ``names`` for the duration of the block."""
+def _per_layer(layers, attribute: str, make):
+    """``layer.<attribute> = make()`` on every layer for the duration of the block, None again after (also on error)."""
     for layer in layers:
-        layer.row_adapters = list(names)
+        setattr(layer, attribute, make())
     try:
         yield
     finally:
         for layer in layers:
-            layer.row_adapters = None
+            setattr(layer, attribute, None)
 
 
-@contextmanager
+def row_adapters(layers, names):
+    """Give every layer in ``layers`` the per-sequence ``names`` for the duration of the block."""
+    return _per_layer(layers, "row_adapters", lambda: list(names))
+
+
 def frozen_stacks(layers):
     """While the weights can't change (generation), each LoRA layer builds its stacked, zero-padded
     factors once per set of adapters and reuses them at every step."""
-    for layer in layers:
-        layer.stack_cache = {}
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.stack_cache = None
+    return _per_layer(layers, "stack_cache", dict)
+
+
+@contextmanager
+def mixed_batch(lora_model, adapter_names, B: int, what: str = "rows"):
+    """Names checked model-wide, then set on every LoRA layer and ModulesToSave wrapper for the block;
+    yields the LoRA layers."""
+    check_names(lora_model, adapter_names, B, what)
+    lora_layers = [layer for _, layer in lora_model.lora_layers()]
+    with row_adapters(lora_layers + lora_model._wrappers(), adapter_names):
+        yield lora_layers
 
 
 def check_names(lora_model, adapter_names, B: int, what: str = "rows"):
@@ -65,7 +73,5 @@ def check_names(lora_model, adapter_names, B: int, what: str = "rows"):
 
 def forward_mixed(lora_model, x, adapter_names, **kwargs):
     """``lora_model.model.forward(x, **kwargs)`` with sequence b on adapter ``adapter_names[b]``."""
-    check_names(lora_model, adapter_names, x.shape[0])
-    wrappers = lora_model._wrappers()
-    with row_adapters([l for _, l in lora_model.lora_layers()] + wrappers, adapter_names):
+    with mixed_batch(lora_model, adapter_names, x.shape[0]):
         return lora_model.model.forward(x, **kwargs)
