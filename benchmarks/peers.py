@@ -315,8 +315,8 @@ def main(argv=None):
     torch_threads, seen = torch.get_num_threads(), set()
 
     def pinned_run(c):
-        # Pin torch *inside* harness's pinning: entering it raised torch's OpenMP pool to os.cpu_count()
-        # (measured: torch.get_num_threads() 1 -> 2, with two threads busy in a "1-thread" torch step).
+        # harness pins torch's OpenMP pool through threadpoolctl (after Numba, whose start used to reset it);
+        # torch's own setting is pinned here as well, and what torch really used is recorded (check_threads).
         torch.set_num_threads(a.threads)
         return run(c, a.rows, check_threads=lambda: seen.add(torch.get_num_threads()))
     try:
@@ -330,8 +330,8 @@ def main(argv=None):
         print(f"{t['row']:8s} {t['mode']:10s} N={t.get('N', '-')!s:5s} lowrank {t['lowrank_ms']:10.3f} ms  "
               f"{t['torch']:11s} {t['torch_ms']:10.3f} ms  lowrank/torch {t['ratio']:.3f} "
               f"(rounds {t['ratio_min']:.2f}..{t['ratio_max']:.2f})")
-    payload = dict(command="python -m benchmarks.peers" + (" --quick" if a.quick else ""), argv=sys.argv[1:],
-                   machine=mach, config={k: v for k, v in cfg.items()}, rows=rows, summary=table, checks=checks,
+    payload = dict(command="python -m benchmarks.peers" + (" --quick" if a.quick else ""), argv=sys.argv[1:] if argv is None else list(argv),
+                   machine=mach, config=cfg, rows=rows, summary=table, checks=checks,
                    wall_s=time.time() - t0)
     harness.write_json(a.out, payload)
     print(f"wrote {a.out} in {time.time() - t0:.1f} s")

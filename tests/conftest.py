@@ -2,6 +2,8 @@
 import importlib
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +28,27 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 # Python would put first on sys.path, so that the installed package (lowrank.kernels included)
 # is the one imported, as for a user, and not the source folder beside kernels/.
 OUTSIDE_REPO = tempfile.gettempdir()
+
+
+def _mpiexec():
+    """The mpiexec of this environment (next to python), else the one on PATH, else None."""
+    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return local if os.access(local, os.X_OK) else shutil.which("mpiexec")
+
+
+MPIEXEC = _mpiexec()
+needs_mpi = pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
+    reason="MPI tests need mpi4py and an mpiexec: pip install 'lowrank[mpi]' (mpi4py + mpich)")
+
+
+def mpirun(*args, ranks=2, timeout=60):
+    """Run ``args`` under mpiexec -n ranks, outside the repository; a hang fails after ``timeout`` s."""
+    env = {**os.environ, "HYDRA_LAUNCHER": "fork", "OMPI_ALLOW_RUN_AS_ROOT": "1",
+           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "NUMBA_NUM_THREADS": "1"}
+    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *args], cwd=OUTSIDE_REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import pytest
 
 from lowrank import kernels
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
+from lowrank.nn import LlamaAttention, LlamaMLP, RMSNorm
 
 BACKENDS = ("numpy", "numba")
 
@@ -69,11 +70,12 @@ def test_cached_decoding_agrees_across_backends(dtype):
     ids = np.random.default_rng(1).integers(0, 31, (3, 5))
     mask = np.ones((3, 5), np.int64)
     mask[1, :2] = 0                                                      # a left-padded row
+    kernel_layers = [m for _, m in model.named_modules() if isinstance(m, (LlamaAttention, LlamaMLP, RMSNorm))]
+    assert len(kernel_layers) == 2 * 4 + 1                          # per layer: attention, MLP, 2 norms; the final norm
     out = {}
     for backend in BACKENDS:
-        for _, m in model.named_modules():
-            if hasattr(m, "rotary") or type(m).__name__ in ("LlamaMLP", "RMSNorm"):
-                m.backend = backend
+        for m in kernel_layers:
+            m.backend = backend
         out[backend] = model.generate(ids, max_new_tokens=6, attention_mask=mask), model.forward(ids, mask)
     np.testing.assert_array_equal(out["numpy"][0], out["numba"][0])
     tol = 1e-5 if dtype == "float32" else 1e-12

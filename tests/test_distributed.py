@@ -11,7 +11,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -20,7 +19,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 import lowrank as lr
-from conftest import OUTSIDE_REPO
+from conftest import OUTSIDE_REPO, needs_mpi
+from conftest import mpirun as conftest_mpirun
 from lowrank.training.distributed import DataParallel, shard_bounds, allreduce_nbytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,25 +40,9 @@ def _load_worker():
 worker = _load_worker()
 
 
-def _mpiexec():
-    """The mpiexec of this environment (next to python), else the one on PATH, else None."""
-    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return local if os.access(local, os.X_OK) else shutil.which("mpiexec")
-
-
-MPIEXEC = _mpiexec()
-needs_mpi = pytest.mark.skipif(
-    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
-    reason="MPI tests need mpi4py and an mpiexec: pip install 'lowrank[mpi]' (mpi4py + mpich)")
-
-
 def mpirun(*args, ranks=RANKS):
-    """Run ``args`` under mpiexec -n ranks, outside the repository; a hang fails after TIMEOUT_S."""
-    env = {**os.environ, "HYDRA_LAUNCHER": "fork", "OMPI_ALLOW_RUN_AS_ROOT": "1",
-           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "NUMBA_NUM_THREADS": "1"}
-    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *args], cwd=OUTSIDE_REPO, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    """conftest.mpirun with this file's rank count and TIMEOUT_S."""
+    return conftest_mpirun(*args, ranks=ranks, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

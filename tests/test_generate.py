@@ -309,7 +309,9 @@ def test_stacked_factors_are_reused_only_within_one_generation():
         layer.lora_B["a"].data *= 3                                       # in place, as an optimizer would
     changed = model.forward(ids, adapter_names=names)
     assert np.abs(changed[0] - logits[0]).max() > 1e-6 and np.allclose(changed[1], logits[1])
-    assert model.generate(ids, max_new_tokens=3, adapter_names=names).shape == before.shape
+    after = model.generate(ids, max_new_tokens=3, adapter_names=names)            # built from the new weights
+    assert after.shape == before.shape
+    np.testing.assert_array_equal(after, greedy_without_cache(lambda x: model.forward(x, adapter_names=names), ids, 3))
 
 
 def test_stacked_B_factors_are_laid_out_as_the_kernels_read_them():
@@ -321,6 +323,6 @@ def test_stacked_B_factors_are_laid_out_as_the_kernels_read_them():
     name, layer = next(iter(model.lora_layers()))
     plan = mixed_plan(layer, ("a", "b", "__base__"), True, np.float32, np)
     Bt = plan.B_stack.transpose(0, 2, 1)
-    assert Bt.flags.c_contiguous and np.ascontiguousarray(Bt) is Bt, name
+    assert Bt.flags.c_contiguous, name
     for i, n in enumerate(plan.names):
         np.testing.assert_array_equal(plan.B_stack[i, :, :layer.r[n]], layer.lora_B[n].data)

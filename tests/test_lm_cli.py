@@ -9,8 +9,6 @@
 """
 import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -18,10 +16,10 @@ import pytest
 from safetensors import safe_open
 
 import lowrank as lr
-from conftest import OUTSIDE_REPO
+from conftest import mpirun, needs_mpi
 from lowrank.app.cli import main
 from lowrank.app.lm import evaluate_loss, shipped_checkpoint
-from lowrank.training.text import cut_windows, load_splits, spaced_windows, token_stream
+from lowrank.training.text import load_splits, windows
 
 UNIFORM = math.log(259)                          # nats per byte of a model that knows nothing
 # Validation perplexity of the shipped checkpoint (bfloat16 file, loaded as float32) on pydoc's validation split
@@ -35,7 +33,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.f
 
 
 def val_windows(corpus, seq_len, limit, seed=0):
-    return spaced_windows(cut_windows(token_stream(load_splits(corpus, seed).validation), seq_len), limit)
+    return windows(load_splits(corpus, seed).validation, seq_len, limit)
 
 
 def one_line_error(capsys) -> str:
@@ -180,21 +178,13 @@ def test_pretrain_refuses_a_bad_size_before_training(tmp_path, capsys):
 
 
 # -- distributed ---------------------------------------------------------------------------------------
-def _mpiexec():
-    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return local if os.access(local, os.X_OK) else None
-
-
-@pytest.mark.skipif(_mpiexec() is None or __import__("importlib").util.find_spec("mpi4py") is None,
-                    reason="needs mpi4py and mpiexec: pip install 'lowrank[mpi]'")
+@needs_mpi
 def test_two_ranks_train_the_adapter_one_rank_trains(tmp_path):
     from safetensors.numpy import load_file
     flags = ["--method", "lora", "--dtype", "float64", "--steps", "3", "--batch-size", "5", "--seq-len", "32",
              "--eval-windows", "2", "--eval-every", "3", "--warmup", "1", "--lr", "1e-2", "--threads", "1"]
-    env = {**os.environ, "HYDRA_LAUNCHER": "fork", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    done = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-m", "lowrank.app.cli", "lm", "finetune",
-                           "--distributed", "--quiet", "--out", str(tmp_path / "two"), *flags], cwd=OUTSIDE_REPO,
-                          env=env, capture_output=True, text=True, timeout=240)
+    done = mpirun("-m", "lowrank.app.cli", "lm", "finetune", "--distributed", "--quiet",
+                  "--out", str(tmp_path / "two"), *flags, ranks=2, timeout=240)
     assert done.returncode == 0, done.stderr
     s1 = finetune(tmp_path / "one", *flags)
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
