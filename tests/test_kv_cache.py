@@ -100,3 +100,17 @@ def test_positions_past_the_context_are_refused_with_a_cache():
     model.forward(np.zeros((1, 6), np.int64), kv_cache=cache)
     with pytest.raises(ValueError, match="T=7 exceeds max_position_embeddings=6"):
         model.forward(np.zeros((1, 1), np.int64), kv_cache=cache)
+
+
+def test_decoding_does_not_rebuild_the_rope_tables_every_step(monkeypatch):
+    """Each step asks for one more position; the tables grow geometrically instead of being rebuilt
+    one row longer per step in every layer (they were: 20 builds per layer for 20 tokens)."""
+    import lowrank.nn.rotary as rotary
+    built = []
+    real = rotary.rope_tables
+    monkeypatch.setattr(rotary, "rope_tables", lambda T, *a, **k: built.append(T) or real(T, *a, **k))
+    model = tiny_llama(max_position_embeddings=64)
+    ids = np.random.default_rng(0).integers(0, V, (2, 4))
+    model.generate(ids, max_new_tokens=20)
+    per_layer = len(built) / model.config.num_hidden_layers
+    assert per_layer <= 4, built                       # 4 -> 8 -> 16 -> 32 positions, not 4, 5, 6, ..., 23
