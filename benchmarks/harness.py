@@ -23,27 +23,16 @@ import numpy as np
 
 @contextmanager
 def pinned_threads(n: int):
-    """Pin Numba, then BLAS and every OpenMP pool threadpoolctl sees, to ``n`` threads; yields the
-    settings. Numba first: starting its OpenMP layer resets other OpenMP pools (torch's), so
-    threadpoolctl must come after it to leave them pinned."""
-    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, used by Numba's np.dot, so it is pinned too)
-    from threadpoolctl import threadpool_info, threadpool_limits
-    info = {"blas": [], "numba_threads": None}
-    try:
-        import numba
-        old = numba.get_num_threads()
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-        info["numba_threads"] = numba.get_num_threads()
-    except ImportError:
-        numba = None
-    try:
-        with threadpool_limits(limits=n):
-            info["blas"] = [{"library": d["internal_api"], "version": d.get("version"), "threads": d["num_threads"],
-                             "path": os.path.basename(d["filepath"])} for d in threadpool_info()]
-            yield info
-    finally:
-        if numba is not None:
-            numba.set_num_threads(old)
+    """Pin Numba, BLAS and every OpenMP pool threadpoolctl sees to ``n`` threads (``pool.limit``: SciPy's
+    BLAS stays at one, numba_cpu's GEMM tasks run on it one per Numba thread); yields the settings."""
+    import numba
+    from threadpoolctl import threadpool_info
+    from lowrank.kernels.numba_cpu import pool
+    with pool.limit(n):
+        info = {"numba_threads": numba.get_num_threads(), "numba_layer": pool.layer(),
+                "blas": [{"library": d["internal_api"], "version": d.get("version"), "threads": d["num_threads"],
+                          "path": os.path.basename(d["filepath"])} for d in threadpool_info()]}
+        yield info
 
 
 def time_call(fn, inner: int = 1) -> float:

@@ -1,8 +1,8 @@
 """An example kernel backend written with PyTorch ops: what bringing your own kernels looks like.
 
 Not part of the library. It implements the dense, single-adapter and multi-adapter (BGMV, SGMV)
-functions of ``lowrank.kernels.API`` with the reference's signatures; the NF4 functions and the
-decoder's elementwise ones (RoPE, causal softmax, SwiGLU, RMSNorm) are left out, so the registry
+functions of ``lowrank.kernels.API`` and attention's batched ``matmul``, with the reference's
+signatures; the NF4 functions and the decoder's elementwise ones (RoPE, causal softmax, SwiGLU, RMSNorm) are left out, so the registry
 runs the reference's for them (``lowrank.kernels.describe("torch")`` says so).
 Semantics: the reference's (``lowrank/kernels/reference``); here only how.
 
@@ -57,6 +57,12 @@ def dense_backward(dy, x, W, need_dx=True, need_dW=True, need_db=True):
     dW = (dy_.T @ x_).numpy() if need_dW else None               # (D_out, N) @ (N, D_in)
     db = dy_.sum(0).numpy() if need_db else None
     return dx, dW, db
+
+
+# -- attention's batched products ------------------------------------------------------------------
+def matmul(a, b):
+    validate.matmul(a, b)
+    return torch.matmul(_t(a), _t(b)).numpy()                        # broadcast batch axes, as NumPy's
 
 
 # -- LoRA, one adapter -----------------------------------------------------------------------

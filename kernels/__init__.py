@@ -6,7 +6,7 @@ files in each.
     cupy_gpu/   CuPy: cuBLAS for the big product, hand-written CUDA where it pays
 
     each backend   lora.py (dense, one adapter)  multi.py (BGMV, SGMV)  nf4.py (4-bit W)
-                   attention.py (RoPE, causal softmax)  activations.py (SwiGLU's gate)  norm.py (RMSNorm)
+                   attention.py (batched products, RoPE, causal softmax)  activations.py (SwiGLU's gate)  norm.py (RMSNorm)
     shared         validate.py (input checks)  config.py (tunables, tolerances)  common.py (helpers)
     your own       register_backend / describe (here), conformance.py (the public test suite)
 
@@ -39,7 +39,7 @@ API = (
     "lora_forward_multi", "lora_backward_multi",
     "lora_forward_sgmv", "lora_backward_sgmv",
     "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
-    "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
+    "matmul", "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
     "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward",
 )
 

@@ -19,13 +19,18 @@ NUMBA_FASTMATH = {"reassoc", "contract"}
 # ZeroDivisionError, a branch that kept LLVM from vectorizing SwiGLU's loop (forward 1.16 -> 0.74 ms at
 # 1024 x 688, measured when NumPy still made its exp; numba_cpu/vexp.py's exp needs the same model).
 NUMBA_ERROR_MODEL = "numpy"
-# prange over rows / column blocks. Off: on the 2 shared cores Numba's workers fight OpenBLAS's
-# spinning threads right after each GEMM (measured 8-12 ms per parallel call vs 0.01-2 ms serial).
-NUMBA_PARALLEL = False
+# One thread pool for numba_cpu's products and loops: Numba's (numba_cpu/pool.py says when it is usable).
+# Off: NumPy's BLAS threads for the products, serial loops. Mixing the two pools costs 8-12 ms per parallel
+# call on the 2 shared cores (Numba's workers fight OpenBLAS's spinning ones), so it is all or nothing.
+NUMBA_PARALLEL = True
+# Products smaller than this many multiply-adds in all are NumPy's (one thread: OpenBLAS threads only
+# products above 4 · 65536), and a product below it per thread is one task, not cut in blocks: a Numba
+# call with its planning costs about 13 us, NumPy's about 2 us for an 8 x 8 product.
+NUMBA_POOL_MIN_MACS = 1 << 16
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
 # Threads of the BLAS that SciPy bundles (used for the in-place rank-r GEMMs): 1 keeps it from
-# fighting NumPy's own BLAS thread pool (see numba_cpu/blas.py, pin_scipy_blas).
+# fighting NumPy's own BLAS thread pool (see numba_cpu/pool.py, pin_scipy_blas).
 SCIPY_BLAS_THREADS = 1
 
 # --- cupy_gpu -------------------------------------------------------------------------

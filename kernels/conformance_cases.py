@@ -10,6 +10,7 @@ mean something. What the cases cover, on purpose:
     LoRA        dropout masks (scaled by 1/keep), W=None (the LoRA term alone), bias or none, need_dx
     BGMV        index with repeats, gaps and −1 (base only), ranks zero-padded to the largest
     SGMV        sorted segments, empty ones included, an adapter or −1 per segment
+    products    batched matmul with broadcast batch axes (a repeated matrix), K = 0, transposed views
     attention   RoPE on 2- to 5-axis inputs, T = 0 included; the causal softmax with a KV-cache offset
                 (past > 0), padding masks and rows that see no key, any number of head axes
     SwiGLU      1 to 3 axes, empty ones included; gates of ±hundreds, where e^−g overflows
@@ -201,12 +202,26 @@ def nf4_matmul_dx(c, dtype, oracle):
     return _normal(rng, dtype, c["layout"])(c["N"], shape[0]), packed, absmax, shape, blocksize
 
 
-# -- attention: RoPE and the causal softmax ---------------------------------------------------
+# -- attention: the products, RoPE and the causal softmax -----------------------------------------
+MATMUL = st.fixed_dictionaries(dict(lead=st.lists(st.integers(1, 3), max_size=3),
+                                    repeat=st.lists(st.integers(0, 2), min_size=3, max_size=3), drop=st.integers(0, 3),
+                                    M=N_, K=N_, N=N_, layout=LAYOUT, seed=SEED))
 ROPE = st.fixed_dictionaries(dict(lead=st.lists(st.integers(0, 3), max_size=3), T=st.integers(0, 6),
                                   half=st.integers(1, 4), layout=LAYOUT, seed=SEED))
 SOFTMAX = st.fixed_dictionaries(dict(B=st.integers(0, 3), heads=st.lists(st.integers(1, 3), max_size=2),
                                      T=st.integers(0, 6), past=st.integers(0, 4), key_mask=st.booleans(),
                                      layout=LAYOUT, seed=SEED))
+
+
+def matmul(c, dtype, oracle):
+    """a (*lead_a, M, K) and b (*lead_b, K, N) whose batch axes broadcast: per axis of ``lead``, both have
+    it (repeat 0), b has 1 (1: b's matrix repeats, as k over a query group in GQA) or a has 1 (2); b
+    drops its first ``drop`` axes. Empty axes and K = 0 come from M, K, N = 0."""
+    lead, rep = c["lead"], c["repeat"]
+    lead_a = [1 if rep[i] == 2 else n for i, n in enumerate(lead)]
+    lead_b = [1 if rep[i] == 1 else n for i, n in enumerate(lead)][c["drop"]:]
+    f = _normal(np.random.default_rng(c["seed"]), dtype, c["layout"])
+    return f(*lead_a, c["M"], c["K"]), f(*lead_b, c["K"], c["N"])
 
 
 def rope_forward(c, dtype, oracle):
@@ -284,6 +299,10 @@ _EDGE_SGMV = [dict(N=0, D_in=1, D_out=1, K=1, ranks=[1], indptr=[0, 0], seg_inde
 _EDGE_NF4 = [dict(N=0, D_out=1, D_in=1, blocksize=2, double_quant=False), dict(N=3, D_out=3, D_in=5, blocksize=4,
              double_quant=True), dict(N=2, D_out=5, D_in=64, blocksize=64, double_quant=True)]
 
+_EDGE_MATMUL = [dict(lead=[], repeat=[0, 0, 0], drop=0, M=1, K=0, N=3),
+                dict(lead=[2, 3, 2], repeat=[0, 0, 1], drop=0, M=5, K=4, N=1),
+                dict(lead=[3, 2], repeat=[2, 1, 0], drop=1, M=1, K=2, N=2),
+                dict(lead=[3, 2], repeat=[0, 0, 0], drop=2, M=0, K=2, N=2)]
 _EDGE_ROPE = [dict(lead=[], T=1, half=1), dict(lead=[0, 2], T=3, half=2), dict(lead=[2, 3, 1], T=6, half=4)]
 _EDGE_SOFTMAX = [dict(B=1, heads=[], T=1, past=0, key_mask=False), dict(B=0, heads=[2], T=3, past=1, key_mask=True),
                  dict(B=3, heads=[2, 3], T=6, past=4, key_mask=True), dict(B=2, heads=[1], T=0, past=2, key_mask=True)]
@@ -316,6 +335,7 @@ CASES = {
     "nf4_dequantize": (NF4, nf4_dequantize, _edges(_EDGE_NF4, bias=False, layout="C", seed=0)),
     "nf4_matmul": (NF4, nf4_matmul, _edges(_EDGE_NF4, bias=True, layout="F", seed=0)),
     "nf4_matmul_dx": (NF4, nf4_matmul_dx, _edges(_EDGE_NF4, bias=False, layout="strided", seed=0)),
+    "matmul": (MATMUL, matmul, _edges(_EDGE_MATMUL, layout="strided", seed=0)),
     "rope_forward": (ROPE, rope_forward, _edges(_EDGE_ROPE, layout="strided", seed=0)),
     "rope_backward": (ROPE, rope_backward, _edges(_EDGE_ROPE, layout="F", seed=0)),
     "causal_softmax": (SOFTMAX, causal_softmax, _edges(_EDGE_SOFTMAX, layout="strided", seed=0)),

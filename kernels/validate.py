@@ -146,6 +146,24 @@ def rope(x, cos, sin):
     return T, h
 
 
+def matmul(a, b):
+    """a (..., M, K) and b (..., K, N) float of one dtype, batch axes that broadcast; returns the batch shape."""
+    for name, arr in (("a", a), ("b", b)):
+        if arr.ndim < 2:
+            raise ValueError(f"matmul: {name} must have at least 2 axes (..., rows, cols), got shape {tuple(arr.shape)}")
+    _float("a", a, a.dtype)
+    _float("b", b, b.dtype)
+    if b.dtype != a.dtype:
+        raise TypeError(f"matmul: b has dtype {b.dtype}, expected {a.dtype} (the dtype of a)")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: a (..., M, K) and b (..., K, N) must share K, got a {tuple(a.shape)} "
+                         f"and b {tuple(b.shape)}")
+    try:
+        return np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ValueError(f"matmul: the batch axes of a {tuple(a.shape)} and b {tuple(b.shape)} do not broadcast") from None
+
+
 def causal_softmax(S, key_mask, past):
     """S (B, ..., T, K) float with K = past + T; key_mask (B, K) or None; returns (B, T, K)."""
     if S.ndim < 3:

@@ -14,7 +14,7 @@ from lowrank.kernels import validate
 
 import numba  # noqa: F401  (a required dependency: a broken install fails here, it is never skipped)
 from lowrank.kernels import numba_cpu as nb  # noqa: E402
-from lowrank.kernels.numba_cpu import blas, loops  # noqa: E402
+from lowrank.kernels.numba_cpu import blas, loops, pool  # noqa: E402
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
@@ -94,15 +94,15 @@ def test_bad_input_raises_before_any_kernel(case, error, match, rng):
 
 
 def test_scipy_own_blas_is_pinned_to_one_thread():
-    """gemm_acc's BLAS must not run a second spinning thread pool beside NumPy's (numba_cpu/blas.py)."""
+    """SciPy's BLAS (gemm_acc, the pool's GEMM tasks) must not run a spinning thread pool of its own (numba_cpu/pool.py)."""
     from threadpoolctl import threadpool_info
 
     threads = {info["filepath"]: info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
     if len(threads) < 2:
         pytest.skip(f"one BLAS shared by NumPy and SciPy ({list(threads)}): nothing of SciPy's own to pin")
-    assert blas.PINNED_BLAS, f"two BLAS libraries are loaded ({list(threads)}) but none was pinned"
-    assert set(blas.PINNED_BLAS) < set(threads)                 # SciPy's copy, never NumPy's too
-    for path in blas.PINNED_BLAS:
+    assert pool.PINNED_BLAS, f"two BLAS libraries are loaded ({list(threads)}) but none was pinned"
+    assert set(pool.PINNED_BLAS) < set(threads)                 # SciPy's copy, never NumPy's too
+    for path in pool.PINNED_BLAS:
         assert threads[path] == 1
 
 

@@ -59,4 +59,6 @@ def test_numba_fastmath_flags_keep_nan_and_inf_and_live_in_config():
     assert isinstance(config.NUMBA_FASTMATH, set)
     assert not config.NUMBA_FASTMATH & {"fast", "nnan", "ninf"}
     for name in ("_gemv", "_gemv_aligned", "_gemv_t_aligned"):
-        assert getattr(numba_nf4, name).targetoptions.get("fastmath") == config.NUMBA_FASTMATH, name
+        kernel = getattr(numba_nf4, name)                      # compiled twice, serial and parallel (pool.jit)
+        for compiled in (kernel.serial, kernel.parallel):
+            assert compiled.targetoptions.get("fastmath") == config.NUMBA_FASTMATH, name

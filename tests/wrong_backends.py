@@ -66,5 +66,5 @@ class NoKernels:
     """Not a backend: no API function at all."""
 
     @staticmethod
-    def matmul(a, b):
-        return a @ b
+    def einsum(spec, *operands):
+        return np.einsum(spec, *operands)

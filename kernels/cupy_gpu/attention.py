@@ -1,4 +1,4 @@
-"""CuPy attention kernels: ``reference/attention.py``'s RoPE and causal softmax (the semantics are there).
+"""CuPy attention kernels: ``reference/attention.py``'s products, RoPE and causal softmax (the semantics are there).
 
 No hand-written CUDA here yet: each function checks that its inputs live on the device and runs
 the reference's array code there, every step a CuPy elementwise kernel or reduction (memory-bound
@@ -7,6 +7,13 @@ can measure it against this.
 """
 from .. import reference
 from .device import gpu
+
+
+# -- the products -----------------------------------------------------------------------------
+def matmul(a, b):
+    """The reference's a @ b on the device (cuBLAS, batched over the leading axes)."""
+    a, b = gpu(a=a, b=b)
+    return reference.matmul(a, b)
 
 
 # -- rotary position embedding ----------------------------------------------------------------

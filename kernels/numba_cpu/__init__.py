@@ -1,8 +1,8 @@
 """Numba CPU kernels: BLAS for the big products, in-place accumulation for the LoRA term.
 
 The semantics are ``reference``'s, file for file (lora.py, multi.py, nf4.py, attention.py,
-activations.py, norm.py); the files here say how they compute it. Backend-private: ``blas.py`` (GEMM calls, SciPy's BLAS pinned to one
-thread, the float16 fallback), ``loops.py`` (the Numba loops of the rank-r parts),
+activations.py, norm.py); the files here say how they compute it. Backend-private: ``blas.py`` (GEMM calls, the float16 fallback),
+``pool.py`` (the one thread pool, SciPy's BLAS pinned to one thread), ``loops.py`` (the Numba loops of the rank-r parts),
 ``nf4_avx2.py`` (NF4 decode by AVX2 byte shuffles), ``vexp.py`` (an e^x that vectorizes, for the softmax
 and SwiGLU loops).
 
@@ -26,8 +26,12 @@ step (B changes) and merged weights W + s·B·A cost a full (D_out, D_in) pass p
 are in the benchmark table for contrast. The shrink h = x Aᵀ is a BLAS call too (0.45 ms vs a
 Numba dot loop's 1.8 ms at N = 256); the loops of ``loops.py`` carry what BLAS cannot do in
 place: the dropout mask folded into h, dA and dx without an (N, D_in) x ⊙ mask temporary,
-and the per-row adapter gather of multi-adapter batches. ``parallel`` is off (see
-``config.NUMBA_PARALLEL``): BLAS supplies the threads.
+and the per-row adapter gather of multi-adapter batches.
+
+Threads: one pool for everything, Numba's (``pool.py``): the products are GEMM tasks on it, each
+on SciPy's single-threaded BLAS (``blas.matmul``), and the loops' ``prange`` runs on it, so no
+second pool spins against it. Without a usable pool (``config.NUMBA_PARALLEL`` off, one thread,
+Numba's 'workqueue' layer, a forked child) the products are NumPy's and the loops serial.
 
 Inputs of any layout are accepted: BLAS takes strided/F-ordered operands, and the Numba loops
 get ``np.ascontiguousarray`` copies (a no-op for C-ordered inputs).
@@ -38,7 +42,7 @@ the reference. NF4 takes float32/64.
 """
 from .. import API
 from .activations import silu_and_mul, silu_and_mul_backward
-from .attention import causal_softmax, causal_softmax_backward, rope_backward, rope_forward
+from .attention import causal_softmax, causal_softmax_backward, matmul, rope_backward, rope_forward
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx

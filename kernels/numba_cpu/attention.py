@@ -13,14 +13,14 @@ layouts LLVM can vectorize are read in place: C-ordered rows, and the head-major
 vectorizes as gathers). Outputs are C-ordered.
 """
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .. import config, validate
+from . import blas, pool
 from .blas import c, half_to_reference
 from .vexp import exp
 
-_JIT = dict(cache=True, fastmath=config.NUMBA_FASTMATH, parallel=config.NUMBA_PARALLEL,
-            error_model=config.NUMBA_ERROR_MODEL)
+_JIT = dict(cache=True, fastmath=config.NUMBA_FASTMATH, error_model=config.NUMBA_ERROR_MODEL)
 
 
 def _blocks(a):
@@ -31,8 +31,16 @@ def _blocks(a):
     return a.reshape(a.shape[0], int(np.prod(a.shape[1:-2])), a.shape[-2], a.shape[-1])
 
 
+# -- the products -----------------------------------------------------------------------------
+@half_to_reference
+def matmul(a, b):
+    """GEMM tasks on the pool, a (batch) matrix or a block of one each (``blas.matmul``)."""
+    validate.matmul(a, b)
+    return blas.matmul(a, b)
+
+
 # -- rotary position embedding ----------------------------------------------------------------
-@njit(**_JIT)
+@pool.jit(**_JIT)
 def _rotate(x, token_major, c, s, sign, y):
     """y1 = x1 c − sign·x2 s, y2 = x2 c + sign·x1 s per (a, m, t); y (A, M, T, h), c, s (T, h/2);
     x (A, M, T, h), or (A, T, M, h) when ``token_major``. Both C-ordered: rows LLVM vectorizes."""
@@ -82,7 +90,7 @@ def rope_backward(dy, cos, sin):
 
 
 # -- causal softmax ---------------------------------------------------------------------------
-@njit(**_JIT)
+@pool.jit(**_JIT)
 def _softmax(S, key_mask, past, zero, ninf, P):
     """Per row i: the max over the keys it sees (j <= past + i, and key_mask[b, j] when given), then
     e = exp(s − max) and its sum in one loop, then e / sum; 0 on the keys it does not see and on a
@@ -118,7 +126,7 @@ def _softmax(S, key_mask, past, zero, ninf, P):
                 p[sees:] = zero                                # (a loop here vectorized as a scatter)
 
 
-@njit(**_JIT)
+@pool.jit(**_JIT)
 def _softmax_grad(dP, P, dS):
     """dS = P (dP − Σ dP P) per row, one read of each input."""
     B, M, T, K = P.shape

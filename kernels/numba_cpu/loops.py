@@ -11,15 +11,16 @@ They carry the dropout mask folded into h, dA and dx without an (N, D_in) x ⊙ 
 temporary, and the per-row adapter gather of BGMV batches without a gather of x.
 """
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .. import config
+from . import pool
 
-_JIT = dict(cache=True, fastmath=config.NUMBA_FASTMATH, parallel=config.NUMBA_PARALLEL)
+_JIT = dict(cache=True, fastmath=config.NUMBA_FASTMATH)
 BLOCK = config.NUMBA_COL_BLOCK
 
 
-@njit(**_JIT)
+@pool.jit(**_JIT)
 def shrink(G, mask, M, coef, index, out):
     """out[i, t] = coef[k] Σ_j G[i, j]·mask[i, j]·M[k, t, j], k = index[i]; 0 where k = −1."""
     N, D = G.shape
@@ -43,7 +44,7 @@ def shrink(G, mask, M, coef, index, out):
             out[i, t] = acc
 
 
-@njit(**_JIT)
+@pool.jit(**_JIT)
 def expand(out, H, M, coef, index, mask):
     """out[i, j] += mask[i, j]·coef[k] Σ_t H[i, t]·M[k, t, j], k = index[i]; rows with k = −1 untouched."""
     N, D = out.shape
@@ -66,7 +67,7 @@ def expand(out, H, M, coef, index, mask):
                 oi[j] += mi[j] * row[j]
 
 
-@njit(**_JIT)
+@pool.jit(**_JIT)
 def outer(G, H, mask, coef, index, out):
     """out[k, t, j] += coef[k] Σ_{i: index[i]=k} H[i, t]·G[i, j]·mask[i, j]; column blocks never race."""
     N, D = G.shape

@@ -29,8 +29,8 @@ def dense_forward(x, W, bias=None):
 def dense_backward(dy, x, W, need_dx=True, need_dW=True, need_db=True):
     """BLAS for dx and dW (skipped when not needed), a NumPy sum for db."""
     validate.dense_grad(dy, x, W, need_dW)
-    dx = c(dy @ W) if need_dx else None            # (N, D_out) @ (D_out, D_in)
-    dW = c(dy.T @ x) if need_dW else None          # (D_out, N) @ (N, D_in)
+    dx = blas.matmul(dy, W) if need_dx else None       # (N, D_out) @ (D_out, D_in)
+    dW = blas.matmul(dy.T, x) if need_dW else None     # (D_out, N) @ (N, D_in)
     db = dy.sum(axis=0) if need_db else None       # (D_out,)
     return dx, dW, db
 
@@ -41,7 +41,7 @@ def lora_forward(x, W, A, B, scaling, bias=None, mask=None):
     """h by BLAS (masked: the shrink loop), y = x Wᵀ + b by BLAS, then y += s · h Bᵀ in place (beta = 1)."""
     N, D_in, D_out, r = validate.lora(x, W, A, B, bias, mask)
     if mask is None:
-        h = c(x @ A.T)                             # (N, D_in) @ (D_in, r)
+        h = blas.matmul(x, A.T)                    # (N, D_in) @ (D_in, r)
     else:                                          # (x ⊙ mask) Aᵀ without the (N, D_in) temporary
         index, one = _single(N, x.dtype)
         h = np.empty((N, r), x.dtype)
@@ -59,19 +59,17 @@ def lora_backward(dy, x, h, W, A, B, scaling, need_dx=True, mask=None):
     """BLAS for dh, dB and dA (masked: the outer loop); dx = dy W, then dx += (dh A) ⊙ mask in place."""
     N, D_in, D_out, r = validate.lora(x, W, A, B, mask=mask, dy=dy, h=h)
     index, one = _single(N, x.dtype)
-    dh = c(dy @ B)                                 # (N, D_out) @ (D_out, r)
-    dh *= scaling
-    dB = c(dy.T @ h)                               # (D_out, N) @ (N, r)
-    dB *= scaling
+    dh = blas.matmul(dy, B, scaling)               # s (N, D_out) @ (D_out, r)
+    dB = blas.matmul(dy.T, h, scaling)             # s (D_out, N) @ (N, r)
     if mask is None:
-        dA = c(dh.T @ x)                           # (r, N) @ (N, D_in)
+        dA = blas.matmul(dh.T, x)                  # (r, N) @ (N, D_in)
     else:
         dA = np.zeros((1, r, D_in), x.dtype)
         loops.outer(c(x), dh, c(mask), one, index, dA)   # dhᵀ (x ⊙ mask) without the temporary
         dA = dA[0]
     dx = None
     if need_dx:
-        dx = c(dy @ W) if W is not None else np.zeros((N, D_in), x.dtype)   # (N, D_out) @ (D_out, D_in)
+        dx = blas.matmul(dy, W) if W is not None else np.zeros((N, D_in), x.dtype)   # (N, D_out) @ (D_out, D_in)
         if mask is None:
             blas.gemm_acc(dx, dh, A, 1.0)          # dx += (N, r) @ (r, D_in), in place
         else:

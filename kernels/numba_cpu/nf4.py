@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from .. import config, validate
 from ..common import NF4_CODE
-from . import nf4_avx2
+from . import blas, nf4_avx2, pool
 
 
 # -- NF4 (QLoRA): a 4-bit frozen W ----------------------------------------------------------
@@ -48,7 +48,7 @@ def _dequantize_row(packed, absmax, code, k0, blocksize, out):
             i += 1
 
 
-@njit(cache=True, parallel=True)
+@pool.jit(cache=True)
 def _dequantize_rows(packed, absmax, code, D_in, blocksize, o0, out):
     """out[t, :] = row o0 + t of W, for t < out.shape[0]."""
     for t in prange(out.shape[0]):
@@ -63,7 +63,7 @@ def _dequantize_tile(packed, absmax, code, D_in, blocksize, o0, out):
         _dequantize_row(packed, absmax, code, (o0 + t) * D_in, blocksize, out[t])
 
 
-@njit(cache=True, parallel=True, fastmath=config.NUMBA_FASTMATH)
+@pool.jit(cache=True, fastmath=config.NUMBA_FASTMATH)
 def _gemv(packed, absmax, code, x, blocksize, zero, y):
     """y[o] = Σ_i x[i]·W[o, i] (x (D_in,), y (D_out,)), any layout: element by element."""
     D_in = x.shape[0]
@@ -82,7 +82,7 @@ def _gemv(packed, absmax, code, x, blocksize, zero, y):
         y[o] = total
 
 
-@njit(cache=True, parallel=True, fastmath=config.NUMBA_FASTMATH)
+@pool.jit(cache=True, fastmath=config.NUMBA_FASTMATH)
 def _gemv_aligned(packed, absmax, code, x, blocksize, zero, y, chunks):
     """As _gemv when every row is whole blocks of whole 4-byte groups (D_in % blocksize == 0,
     blocksize % 8 == 0): decode a block's codes 8 at a time into a small buffer, then a SIMD dot."""
@@ -107,7 +107,7 @@ def _gemv_aligned(packed, absmax, code, x, blocksize, zero, y, chunks):
             y[o] = total
 
 
-@njit(cache=True, parallel=True, fastmath=config.NUMBA_FASTMATH)
+@pool.jit(cache=True, fastmath=config.NUMBA_FASTMATH)
 def _gemv_t_aligned(packed, absmax, code, dy, blocksize, partial):
     """partial[c] = Σ_{o in chunk c} dy[o]·W[o, :] (dy (D_out,), partial (chunks, D_in)), same layout
     as _gemv_aligned; dx = Σ_c partial[c]."""
@@ -167,7 +167,7 @@ def nf4_matmul(x, packed, absmax, shape, blocksize=64, bias=None):
         for o0 in range(0, D_out, T):
             t = min(T, D_out - o0)
             _tile(avx2, packed, absmax, code, D_in, bs, o0, buf[:t])
-            y[:, o0:o0 + t] = x @ buf[:t].T                 # (N, D_in) @ (D_in, t)
+            y[:, o0:o0 + t] = blas.matmul(x, buf[:t].T)      # (N, D_in) @ (D_in, t)
     if bias is not None:
         y += bias
     return y
@@ -195,5 +195,5 @@ def nf4_matmul_dx(dy, packed, absmax, shape, blocksize=64):
         for o0 in range(0, D_out, T):
             t = min(T, D_out - o0)
             _tile(avx2, packed, absmax, code, D_in, bs, o0, buf[:t])
-            dx += dy[:, o0:o0 + t] @ buf[:t]                # (N, t) @ (t, D_in)
+            dx += blas.matmul(dy[:, o0:o0 + t], buf[:t])     # (N, t) @ (t, D_in)
     return nf4_avx2.unpermute(dx) if avx2 else dx

@@ -36,6 +36,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..common import NF4_CODE
+from . import pool
 
 
 def _available(cpu_name, features, disable_jit=False):
@@ -201,7 +202,7 @@ def dequantize_tile(packed, absmax, D_in, blocksize, o0, out):
         _row_dequantize(packed, (o * D_in) >> 1, out[t], absmax, o * per_row, per_row, steps)
 
 
-@njit(cache=True, parallel=True)
+@pool.jit(cache=True)
 def gemv(packed, absmax, x, blocksize, y, chunks):
     """y[o] = Σ_i x[i]·W[o, i] (x (D_in,) permuted, y (D_out,)); rows split into ``chunks`` for threads."""
     D_out, D_in = y.shape[0], x.shape[0]
@@ -211,7 +212,7 @@ def gemv(packed, absmax, x, blocksize, y, chunks):
             y[o] = _row_dot(packed, (o * D_in) >> 1, x, absmax, o * per_row, per_row, steps)
 
 
-@njit(cache=True, parallel=True)
+@pool.jit(cache=True)
 def gemv_t(packed, absmax, dy, blocksize, partial):
     """partial[c] = Σ_{o in chunk c} dy[o]·W[o, :] (permuted; partial (chunks, D_in)); dx = Σ_c partial[c]."""
     chunks, D_in = partial.shape

@@ -22,7 +22,7 @@ from ..validate import nf4 as check_nf4
 from ..validate import nf4_blocksize as check_blocksize
 from ..validate import nf4_operand as check_operand
 from .activations import silu_and_mul, silu_and_mul_backward
-from .attention import causal_softmax, causal_softmax_backward, rope_backward, rope_forward
+from .attention import causal_softmax, causal_softmax_backward, matmul, rope_backward, rope_forward
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx

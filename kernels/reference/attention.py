@@ -1,5 +1,5 @@
-"""NumPy reference attention kernels: the elementwise parts of causal self-attention, forward and
-backward. The products around them (q kᵀ, P v and their gradients) are BLAS's, in the layer.
+"""NumPy reference attention kernels: causal self-attention's parts, forward and backward: RoPE, the
+causal softmax, and the batched products around it (q kᵀ, P v and their gradients, ``matmul``).
 
 Letters: B batch, T queries (new positions), K = past + T keys (past = positions already cached),
 h = head_dim (even); "..." any axes between (heads, the query group of GQA).
@@ -16,6 +16,13 @@ import numpy as np
 
 from .. import validate
 from ..common import xp as array_module
+
+
+# -- the products -----------------------------------------------------------------------------
+def matmul(a, b):
+    """Semantics: y = a @ b, NumPy's matmul over broadcast batch axes; a (..., M, K), b (..., K, N) -> (..., M, N)."""
+    validate.matmul(a, b)
+    return a @ b
 
 
 # -- rotary position embedding ----------------------------------------------------------------

@@ -67,7 +67,7 @@ def add_training_arguments(parser, defaults: dict):
                         f"split (default {d['eval_windows']})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, the init and the batch order (default 0)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's own; 1 is "
+    parser.add_argument("--threads", type=int, default=None, help="BLAS and kernel threads (default: all cores; 1 is "
                         "much faster on a machine other jobs load)")
     parser.add_argument("--out", default=d["out"], help=f"output directory (default {d['out']})")
     parser.add_argument("--quiet", action="store_true", help="print nothing (files are still written)")
@@ -77,13 +77,13 @@ TRAINING_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every"
 
 
 def blas_threads(threads: int | None):
-    """A context limiting BLAS to ``threads`` (threadpoolctl); no limit when None."""
+    """A context limiting the kernels' thread pools (BLAS, Numba's) to ``threads``; no limit when None."""
     if threads is None:
         return nullcontext()
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(threads)
+    from ..kernels.numba_cpu import pool
+    return pool.limit(threads)
 
 
 def resolve(args, defaults: dict, names=TRAINING_FLAGS):

@@ -12,8 +12,9 @@ group" is a sum over that G axis.
     backward:  dP = dO vᵀ,  dv = Σ_G Pᵀ dO,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),
                dq = dS k / sqrt(h),  dk = Σ_G dSᵀ q / sqrt(h),  then RoPE by −angle.
 
-RoPE and the softmax, forward and backward, are kernels (``lowrank.kernels``: ``rope_forward``,
-``causal_softmax`` and their backwards, one pass per row in numba_cpu); the products are matmul's (BLAS).
+RoPE, the softmax and the products, forward and backward, are kernels (``lowrank.kernels``: ``matmul``,
+``rope_forward``, ``causal_softmax`` and their backwards; in numba_cpu one pass per row, the products GEMM
+tasks on one thread pool with the loops).
 
 A query row with no visible key (a left-padding position) gets P = 0, so its output is 0
 (transformers' eager path spreads it uniformly over all keys instead, or gives NaN in a float64
@@ -63,7 +64,7 @@ class AttentionCache(NamedTuple):
 class LlamaAttention(Module):
     """Causal self-attention with GQA; q/k/v/o projections are Dense layers LoRA can wrap by name."""
 
-    backend = None         # the kernel backend of RoPE and the softmax (None: the global setting; see nn.dispatch)
+    backend = None         # the kernel backend of its products, RoPE and the softmax (None: the global setting; see nn.dispatch)
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  *, rope_theta: float = 10000.0, max_position_embeddings: int | None = None, bias: bool = False,
@@ -119,9 +120,9 @@ class LlamaAttention(Module):
         kern = kernels_for(x, self.backend)
         cos, sin = self.rotary.tables(T, x.dtype, xp)                          # (T, h) each
         q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
-        S = q @ k[:, :, None].swapaxes(-1, -2)                                 # (B, H_kv, G, T, T)
+        S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                     # (B, H_kv, G, T, T)
         P = kern.causal_softmax(S, attention_mask)                             # (B, H_kv, G, T, T)
-        O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
+        O = kern.matmul(P, v[:, :, None])                                      # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
         self._cache = AttentionCache(q, k, v, P, cos, sin, x.shape)            # q already scaled
         return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)
@@ -134,13 +135,13 @@ class LlamaAttention(Module):
         H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         dO2 = self.o_proj.backward(dy.reshape(B * T, d))                       # (B·T, H·h)
         dO = dO2.reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)           # (B, H_kv, G, T, h)
-        dP = dO @ v[:, :, None].swapaxes(-1, -2)                               # (B, H_kv, G, T, T)
-        dv = _sum_group(P.swapaxes(-1, -2) @ dO)                               # (B, H_kv, T, h), Σ over G
         kern = kernels_for(dy, self.backend)
+        dP = kern.matmul(dO, v[:, :, None].swapaxes(-1, -2))                   # (B, H_kv, G, T, T)
+        dv = _sum_group(kern.matmul(P.swapaxes(-1, -2), dO))                   # (B, H_kv, T, h), Σ over G
         dS = kern.causal_softmax_backward(dP, P)                               # P ⊙ (dP − rowsum(dP ⊙ P))
-        dq = dS @ k[:, :, None]                                                # (B, H_kv, G, T, h)
+        dq = kern.matmul(dS, k[:, :, None])                                    # (B, H_kv, G, T, h)
         dq *= self.scaling
-        dk = _sum_group(dS.swapaxes(-1, -2) @ q)                               # (B, H_kv, T, h), Σ over G (q scaled)
+        dk = _sum_group(kern.matmul(dS.swapaxes(-1, -2), q))                   # (B, H_kv, T, h), Σ over G (q scaled)
         dq, dk = kern.rope_backward(dq, cos, sin), kern.rope_backward(dk, cos, sin)
         dx = self.q_proj.backward(dq.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h))   # (B·T, d)
         dx = dx + self.k_proj.backward(dk.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))
@@ -159,9 +160,9 @@ class LlamaAttention(Module):
         cos, sin = cos[P0:], sin[P0:]                                          # (T, h): the new positions
         q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
         k, v, mask = kv_cache.update(layer, k, v)                              # (B, H_kv, P0 + T, h), (B, P0 + T)
-        S = q @ k[:, :, None].swapaxes(-1, -2)                                 # (B, H_kv, G, T, P0 + T)
+        S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                     # (B, H_kv, G, T, P0 + T)
         P = kern.causal_softmax(S, mask, P0)                                   # (B, H_kv, G, T, P0 + T)
-        O = P @ v[:, :, None]                                                  # (B, H_kv, G, T, h)
+        O = kern.matmul(P, v[:, :, None])                                      # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
         self._cache = None                                                     # nothing for a backward
         return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ...nn.dispatch import kernels_for
 from ...nn.layers import Dense, check_dtype
 from ...nn.module import Module, Sequential
 from ...nn import Embedding, LlamaAttention, LlamaMLP, RMSNorm
@@ -105,6 +106,8 @@ class TiedLMHeadCache(NamedTuple):
 class TiedLMHead(Module):
     """logits = h Wᵀ with W = the embedding's weight (V, d); owns no Parameter, so nothing is listed twice."""
 
+    backend = None         # the kernel backend of its products (None: the global setting; see nn.dispatch)
+
     def __init__(self, embedding: Embedding):
         super().__init__()
         object.__setattr__(self, "embedding", embedding)          # a reference, not a child: no second name
@@ -117,16 +120,17 @@ class TiedLMHead(Module):
         W = self.weight
         self._check_input(h, W.shape[1], W.dtype)
         self._cache = TiedLMHeadCache(h if W.trainable else None, h.shape[0])
-        return h @ W.data.T                                                    # (N, d) @ (d, V)
+        return kernels_for(h, self.backend).dense_forward(h, W.data)          # (N, d) @ (d, V)
 
     def backward(self, dy):
         h, rows = self._need_cache()
         W = self.weight
         self._check_dy(dy, (rows, W.shape[0]))
         self._cache = None
-        if h is not None:
-            W.accumulate(dy.T @ h)                                             # (V, N) @ (N, d)
-        return dy @ W.data                                                     # (N, V) @ (V, d)
+        dx, dW, _ = kernels_for(dy, self.backend).dense_backward(dy, h, W.data, need_dW=h is not None, need_db=False)
+        if dW is not None:
+            W.accumulate(dW)                                                   # (V, N) @ (N, d)
+        return dx                                                              # (N, V) @ (V, d)
 
     def extra_repr(self):
         return f"tied to {self.embedding.label}"
