@@ -13,6 +13,7 @@ any strides with one unit stride per matrix go in as they are (a transposed or h
 not copied), broadcast batch axes by their offsets.
 """
 import math
+from typing import NamedTuple
 
 import llvmlite.binding
 import numba
@@ -171,33 +172,73 @@ def _plan(batch, sa, sb, M, N, K, a_row, b_col, threads, min_macs):
     return tasks
 
 
+_PLANS: dict = {}        # (shapes, strides, dtypes, threads, threshold) -> _Plan, or None for NumPy's product
+_MAX_PLANS = 512
+
+
+class _Plan(NamedTuple):
+    shape: tuple           # the output's (..., M, N)
+    K: int
+    ta: int                # how BLAS reads A and B (``_blas_view``)
+    lda: int
+    tb: int
+    ldb: int
+    tasks: object          # ``_plan``'s tasks; None for an empty product or K = 0
+
+
 def matmul(a, b, alpha=1.0):
     """alpha · a @ b (NumPy's matmul: broadcast batch axes): a (..., M, K), b (..., K, N) -> (..., M, N), C-contiguous.
     Shapes are the caller's to check (``validate.matmul``).
 
     On the pool, GEMM tasks (``_plan``): a matrix each, or blocks of one when there are fewer
-    matrices than threads. Without a usable pool, or for float16 and mixed dtypes: NumPy's ``a @ b``.
+    matrices than threads. Without a usable pool, for float16 and mixed dtypes, and below
+    ``config.NUMBA_POOL_MIN_MACS``: NumPy's ``a @ b``. A layer calls the same shapes every step, so the
+    plan of a (shapes, strides, dtypes, threads) is kept (``_PLANS``).
     """
+    n_threads = pool.threads()
+    key = (a.shape, a.strides, b.shape, b.strides, a.dtype.char, b.dtype.char, n_threads, config.NUMBA_POOL_MIN_MACS)
+    plan = _PLANS.get(key, False)
+    if plan is False:
+        plan = _make_plan(a, b, n_threads)
+        if plan is not False:                          # False: operands that must be copied, planned per call
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    if plan is None:
+        y = np.matmul(a, b)
+        return y if alpha == 1.0 else np.multiply(y, a.dtype.type(alpha), out=y)
+    if plan is False:
+        a, b = _blas_view(a)[0], _blas_view(b)[0]      # copies BLAS can read
+        plan = _make_plan(a, b, n_threads)
+    out = np.empty(plan.shape, a.dtype)
+    if plan.tasks is None:
+        out[...] = 0
+        return out
+    run = _gemm_tasks.parallel if plan.tasks.shape[0] > 1 else _gemm_tasks.serial
+    run(a.ctypes.data, b.ctypes.data, out.ctypes.data, plan.tasks, plan.K, plan.ta, plan.lda, plan.tb, plan.ldb,
+        plan.shape[-1], float(alpha), a.dtype == np.float64)
+    return out
+
+
+def _make_plan(a, b, n_threads):
+    """The ``_Plan`` of a @ b; None where NumPy's product runs; False where an operand needs a copy first."""
     M, K = a.shape[-2:]
     N = b.shape[-1]
     batch = a.shape[:-2] if a.shape[:-2] == b.shape[:-2] else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     dtype = a.dtype
-    n_threads = pool.threads()
     if (n_threads < 2 or dtype != b.dtype or dtype not in (np.float32, np.float64)
             or math.prod(batch) * M * N * K < config.NUMBA_POOL_MIN_MACS):
-        y = np.matmul(a, b)
-        return y if alpha == 1.0 else np.multiply(y, dtype.type(alpha), out=y)
-    out = np.empty(batch + (M, N), dtype)
-    if out.size == 0 or K == 0:
-        out[...] = 0
-        return out
-    a, ta, lda = _blas_view(a)
-    b, tb, ldb = _blas_view(b)
-    if max(M, N, K, lda, ldb) >= 2**31:                        # BLAS's int is 32 bits
-        return np.matmul(a, b) * dtype.type(alpha)
+        return None
+    if math.prod(batch) * M * N == 0 or K == 0:
+        return _Plan(batch + (M, N), K, _N, 1, _N, 1, None)
+    a2, ta, lda = _blas_view(a)
+    b2, tb, ldb = _blas_view(b)
+    if a2 is not a or b2 is not b:
+        return False
+    if max(M, N, K, lda, ldb) >= 2**31:                # BLAS's int is 32 bits
+        return None
     tasks = _plan(np.array(batch, np.int64), np.array(_batch_strides(a, batch), np.int64),
                   np.array(_batch_strides(b, batch), np.int64), M, N, K,
                   lda if ta == _N else 1, 1 if tb == _N else ldb, n_threads, config.NUMBA_POOL_MIN_MACS)
-    run = _gemm_tasks.parallel if tasks.shape[0] > 1 else _gemm_tasks.serial
-    run(a.ctypes.data, b.ctypes.data, out.ctypes.data, tasks, K, ta, lda, tb, ldb, N, float(alpha), dtype == np.float64)
-    return out
+    return _Plan(batch + (M, N), K, ta, lda, tb, ldb, tasks)
+

@@ -44,6 +44,7 @@ so DoRA and plain adapters share one batch, which PEFT refuses.
 """
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 from ...nn.device import get_array_module
@@ -64,12 +65,13 @@ def rowdot(P, Q):
     return (P[:, None, :] @ Q[:, :, None])[:, 0, 0]
 
 
-def dora_norm(W, A, B, scaling) -> DoraNorm:
-    """‖W + s·B·A‖ per row without forming W + s·B·A; W (D_out, D_in), A (r, D_in), B (D_out, r)."""
+def dora_norm(W, A, B, scaling, matmul=operator.matmul) -> DoraNorm:
+    """‖W + s·B·A‖ per row without forming W + s·B·A; W (D_out, D_in), A (r, D_in), B (D_out, r).
+    ``matmul``: the layer's kernel backend's (so its products run where its other products do)."""
     xp = get_array_module(W)
-    WA = W @ A.T                                    # (D_out, D_in) @ (D_in, r)
-    AA = A @ A.T                                    # (r, D_in) @ (D_in, r)
-    sq = rowdot(W, W) + (2 * scaling) * rowdot(WA, B) + scaling**2 * rowdot(B @ AA, B)   # (D_out,)
+    WA = matmul(W, A.T)                             # (D_out, D_in) @ (D_in, r)
+    AA = matmul(A, A.T)                             # (r, D_in) @ (D_in, r)
+    sq = rowdot(W, W) + (2 * scaling) * rowdot(WA, B) + scaling**2 * rowdot(matmul(B, AA), B)   # (D_out,)
     return DoraNorm(xp.sqrt(xp.maximum(sq, 0)), WA, AA)
 
 
@@ -172,7 +174,9 @@ class DoraLinear(LoRALinear):
 
     def _norm(self, name: str) -> DoraNorm:
         """n and its parts; a row with n = 0 would make c = m / n = 0 / 0 (PEFT returns NaN): an error."""
-        norm = dora_norm(self.weight.data, self.lora_A[name].data, self.lora_B[name].data, self.scaling[name])
+        W = self.weight.data
+        norm = dora_norm(W, self.lora_A[name].data, self.lora_B[name].data, self.scaling[name],
+                         kernels_for(W, self.backend).matmul)
         if not norm.n.all():
             rows = [int(i) for i in get_array_module(norm.n).flatnonzero(norm.n == 0)[:10]]
             raise ValueError(f"{self.label} adapter {name!r}: rows {rows} of W + s·B·A have norm 0 (an all-zero "
@@ -248,9 +252,10 @@ class DoraLinear(LoRALinear):
     def _norm_backward(self, name: str, kappa, norm: DoraNorm):
         """dA += s·(κ⊙B)ᵀ V, dB += s·κ ⊙ (V Aᵀ), dW += κ ⊙ V, without forming V = W + s·B·A for dA, dB."""
         W, A, B, s = self.weight.data, self.lora_A[name].data, self.lora_B[name].data, self.scaling[name]
+        mm = kernels_for(W, self.backend).matmul
         kB = kappa[:, None] * B                                          # (D_out, r)
-        self.lora_A[name].accumulate(s * (kB.T @ W) + s * s * ((kB.T @ B) @ A))   # (r, D_out) @ (D_out, D_in)
-        self.lora_B[name].accumulate(s * kappa[:, None] * (norm.WA + s * (B @ norm.AA)))   # (D_out, r)
+        self.lora_A[name].accumulate(s * mm(kB.T, W) + s * s * mm(mm(kB.T, B), A))   # (r, D_out) @ (D_out, D_in)
+        self.lora_B[name].accumulate(s * kappa[:, None] * (norm.WA + s * mm(B, norm.AA)))   # (D_out, r)
         if self.weight.trainable:
             self.weight.accumulate(kappa[:, None] * (W + self.delta_weight(name)))    # (D_out, D_in)
 

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...nn.device import get_array_module
+from ...nn.dispatch import kernels_for
 from ...nn.embedding import Embedding
 from ...nn.module import Module, ParameterDict
 from .batches import BASE, rows_for
@@ -55,6 +56,7 @@ class LoRAEmbedding(AdapterTables, Module):
 
     row_adapters = None    # set by LoraModel.forward for a mixed batch: one name per sequence or per token
     tied_to: tuple = ()    # other layers sharing W (a tied lm_head), set at injection: merging is refused
+    backend = None         # the kernel backend of its rank-r products (None: the global setting; see nn.dispatch)
 
     def __init__(self, base: Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights=True, *, adapter_name: str = "default", seed=None):
@@ -133,6 +135,7 @@ class LoRAEmbedding(AdapterTables, Module):
         y = self.base_layer.forward(ids)                     # W[ids], merged adapters included; checks ids
         flat = ids.reshape(-1)                               # (N,)
         y2, groups = y.reshape(-1, self.embedding_dim).copy(), []     # (N, d), ours to add into
+        k = kernels_for(y2, self.backend)
         for name, rows in self._token_groups(ids):
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             merged = name in self.merged_adapters
@@ -142,7 +145,7 @@ class LoRAEmbedding(AdapterTables, Module):
             t = flat if rows is None else flat[rows]         # (n,) the ids of this adapter's tokens
             h = A.data.T[t]                                  # (n, r) = A[:, ids]ᵀ
             if not merged:
-                y2[slice(None) if rows is None else rows] += self.scaling[name] * (h @ B.data.T)  # (n, r) @ (r, d)
+                y2[slice(None) if rows is None else rows] += self.scaling[name] * k.matmul(h, B.data.T)   # (n, r) @ (r, d)
             if learns:
                 groups.append(AdapterTokens(name, rows, t, h))
         self._cache = LoraEmbeddingCache(groups, y.shape)
@@ -154,13 +157,14 @@ class LoRAEmbedding(AdapterTables, Module):
         self._cache = None
         self.base_layer.backward(dy)                         # dW only if the base was made trainable
         xp, dy2 = get_array_module(dy), dy.reshape(-1, self.embedding_dim)   # (N, d)
+        k = kernels_for(dy2, self.backend)
         for name, rows, t, h in groups:
             A, B, s = self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]
             g = dy2 if rows is None else dy2[rows]           # (n, d)
             if B.trainable:
-                B.accumulate(s * (g.T @ h))                  # dB = s · dyᵀ h: (d, n) @ (n, r)
+                B.accumulate(s * k.matmul(g.T, h))           # dB = s · dyᵀ h: (d, n) @ (n, r)
             if A.trainable:
-                dh = s * (g @ B.data)                        # (n, d) @ (d, r)
+                dh = s * k.matmul(g, B.data)                 # (n, d) @ (d, r)
                 dAT = xp.zeros((self.num_embeddings, dh.shape[1]), dh.dtype)   # (V, r)
                 xp.add.at(dAT, t, dh)                        # row ids_i += dh_i: every repeat counts
                 A.accumulate(dAT.T)                          # (r, V)

@@ -207,7 +207,7 @@ class LoRALinear(AdapterTables, Module):
         h = mask = None
         if a is not None and a in self.merged_adapters:
             if self.training and (self.lora_A[a].trainable or self.lora_B[a].trainable):
-                h = x @ self.lora_A[a].data.T           # (N, D_in) @ (D_in, r), for dA and dB only
+                h = k.matmul(x, self.lora_A[a].data.T)   # (N, D_in) @ (D_in, r), for dA and dB only
         elif a is not None:
             mask = self._dropout_mask(x, a)
             y_lora, h = k.lora_forward(x, None, self.lora_A[a].data, self.lora_B[a].data, self.scaling[a],
