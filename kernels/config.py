@@ -27,6 +27,9 @@ NUMBA_PARALLEL = True
 # products above 4 · 65536), and a product below it per thread is one task, not cut in blocks: a Numba
 # call with its planning costs about 13 us, NumPy's about 2 us for an 8 x 8 product.
 NUMBA_POOL_MIN_MACS = 1 << 16
+# A loop whose first array has fewer elements than this runs serial (pool.jit): starting the pool's
+# threads costs more than a few microseconds of work (the quick decoder step: 1.29x slower on the pool).
+NUMBA_POOL_MIN_ELEMENTS = 1 << 14
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
 # Threads of the BLAS that SciPy bundles (used for the in-place rank-r GEMMs): 1 keeps it from

@@ -103,3 +103,24 @@ def test_quick_elementwise_benchmark_times_every_decoder_kernel(tmp_path, backen
     assert {r["kernel"] for r in rows} == {n for n in kernels.API if n.split("_")[0] in ("rope", "causal", "silu", "rms")}
     for r in rows:
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("reference_ms", "backend_ms", "ratio")), r
+
+
+def test_quick_pool_benchmark_times_both_sides_and_every_kernel_of_the_step(tmp_path):
+    """The decoder step with numba_cpu's pool on and off, and the per-kernel breakdown of each (no timing
+    assertion); the pool setting is restored after."""
+    from benchmarks import pool as bench
+    from lowrank import kernels
+    from lowrank.kernels import config
+    before = config.NUMBA_PARALLEL
+    out = tmp_path / "pool_quick.json"
+    result = bench.main(["--quick", "--threads", "2", "--out", str(out)])
+    assert config.NUMBA_PARALLEL == before
+    assert json.loads(out.read_text())["breakdown"] == result["breakdown"]
+    assert set(result["timing"]) == set(result["breakdown"]) == {"pool_on", "pool_off"}
+    used = {"matmul", "dense_forward", "dense_backward", "lora_forward", "lora_backward", "rope_forward",
+            "rope_backward", "causal_softmax", "causal_softmax_backward", "silu_and_mul", "silu_and_mul_backward",
+            "rms_norm", "rms_norm_backward"}
+    for side in result["breakdown"].values():
+        assert used <= set(side) <= used | {"step_ms", "outside_kernels_ms"} | set(kernels.API)
+        assert all(math.isfinite(v) and v > 0 for k, v in side.items() if k != "outside_kernels_ms"), side
+        assert sum(v for k, v in side.items() if k not in ("step_ms", "outside_kernels_ms")) < side["step_ms"]

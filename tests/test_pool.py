@@ -22,10 +22,12 @@ needs_pool = pytest.mark.skipif(pool.layer() not in ("omp", "tbb") or numba.conf
 
 @pytest.fixture
 def every_product_on_the_pool(monkeypatch):
-    """Tiny products go on the pool too (they are NumPy's below NUMBA_POOL_MIN_MACS), cut in blocks.
+    """Tiny products and loops go on the pool too (below NUMBA_POOL_MIN_MACS / _ELEMENTS they are NumPy's
+    products and serial loops), products cut in blocks.
     Set once for all of a test's examples: nothing here changes between them."""
     monkeypatch.setattr(config, "NUMBA_PARALLEL", True)
     monkeypatch.setattr(config, "NUMBA_POOL_MIN_MACS", 1)
+    monkeypatch.setattr(config, "NUMBA_POOL_MIN_ELEMENTS", 1)
     old = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     yield
@@ -76,6 +78,16 @@ def test_gemv_and_split_cases_on_the_real_threshold(M, K, N):
     rng = np.random.default_rng(M * N)
     a, b = rng.standard_normal((K, M)).astype(np.float32).T, rng.standard_normal((N, K)).astype(np.float32).T
     np.testing.assert_allclose(blas.matmul(a, b), a.astype(np.float64) @ b, rtol=1e-5, atol=1e-4)
+
+
+@needs_pool
+def test_every_numba_kernel_conforms_with_its_loops_and_products_on_the_pool(every_product_on_the_pool):
+    """The conformance suite's small cases with every loop's parallel twin and every product's GEMM tasks
+    (by default they are below the thresholds and run serial): the threads' blocks meet correctly."""
+    from lowrank.kernels.conformance import check_backend
+    assert pool.threads() == 2
+    report = check_backend("numba", max_examples=15)
+    assert report.passed, f"\n{report}"
 
 
 def test_the_serial_and_parallel_twins_are_compiled_apart():

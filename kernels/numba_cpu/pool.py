@@ -102,7 +102,8 @@ def limit(n: int):
 
 def jit(**options):
     """Decorator: ``f`` compiled twice by Numba, serial and with its ``prange`` loops on the pool; a call
-    runs the parallel one while the pool is usable (``threads()`` > 1), else the serial one. The two
+    runs the parallel one while the pool is usable (``threads()`` > 1) and its first argument, the array
+    the loop walks, has ``config.NUMBA_POOL_MIN_ELEMENTS`` elements or more; else the serial one. The two
     are compiled from copies of ``f`` under different names: Numba's on-disk cache keys a function by
     its name, line and code, not by its options, and would hand one the other's machine code."""
     def decorate(f):
@@ -110,7 +111,8 @@ def jit(**options):
         parallel = numba.njit(parallel=True, **options)(_renamed(f, "_parallel"))
 
         def run(*args):
-            return (parallel if threads() > 1 else serial)(*args)
+            big = getattr(args[0], "size", 0) >= config.NUMBA_POOL_MIN_ELEMENTS
+            return (parallel if big and threads() > 1 else serial)(*args)
         functools.update_wrapper(run, f)
         run.serial, run.parallel = serial, parallel
         return run
