@@ -22,7 +22,9 @@ Groups (float32, no bias, like an LLM projection; every variant interleaved with
             the reference's (``lowrank.kernels.describe``, printed first); a backend with its own thread
             pool pins it to --threads through an optional ``set_num_threads(n)`` function
 Ratios are per-round t(variant) / t(base), medians over rounds (a target "a/b" between two
-variants is ratio(a) / ratio(b)); GF/s and GB/s count the
+variants is ratio(a) / ratio(b)); each timed sample follows ``settle_s`` of untimed calls of the same
+variant, because the variants use two thread pools (NumPy's BLAS for the NumPy ones, numba_cpu's pool
+for the Numba ones) and one's spinning workers must not run inside the other's timing. GF/s and GB/s count the
 minimum FLOPs and bytes (each operand touched once) against this run's measured floors.
 """
 from __future__ import annotations
@@ -52,13 +54,13 @@ FULL = dict(
     multi=[(SQUARE, 16, N, K) for N in (16, 256) for K in (4, 16)],
     skip={2048: {"backward", "forward:concat", "forward:merged", "forward:merged_cached", "train:lora_numpy"}},
     target_s=0.05, rounds={1: 9, 16: 7, 256: 5, 2048: 3}, target_shape=SQUARE, target_r=16,
-    target_Ns=(1, 256, 2048), step_N=2048, multi_N=256)
+    target_Ns=(1, 256, 2048), step_N=2048, multi_N=256, settle_s=0.3)
 QUICK = dict(
     forward=[((96, 64), r, N) for N in (1, 16) for r in (1, 4)],
     step=[((96, 64), 4, N) for N in (1, 16)],
     multi=[((96, 64), 4, 16, K) for K in (4, 16)],
     skip={16: {"backward", "forward:merged"}}, target_s=0.002, rounds={1: 3, 16: 3}, target_shape=(96, 64), target_r=4,
-    target_Ns=(1, 16), step_N=16, multi_N=16)
+    target_Ns=(1, 16), step_N=16, multi_N=16, settle_s=0.001)
 
 
 def _data(D_out, D_in, r, N, seed=0):
@@ -175,7 +177,7 @@ def run(cfg, log=print, backends=None):
         """Interleave ``variants`` minus those cfg["skip"][N] names as "group" or "group:variant"."""
         skip = cfg["skip"].get(N, set())
         keep = {k: v for k, v in variants.items() if f"{group}:{k}" not in skip}
-        return harness.interleaved(keep, cfg["rounds"][N], "base", cfg["target_s"])
+        return harness.interleaved(keep, cfg["rounds"][N], "base", cfg["target_s"], cfg["settle_s"])
 
     def record(group, shape, r, N, K, res):
         D_out, D_in = shape

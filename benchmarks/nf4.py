@@ -24,8 +24,8 @@ from lowrank.nn.quant import quantize_nf4
 
 from . import harness
 
-FULL = dict(shape=(4096, 4096), Ns=(1, 16, 256), rounds=7)
-QUICK = dict(shape=(512, 1024), Ns=(1, 16), rounds=3)
+FULL = dict(shape=(4096, 4096), Ns=(1, 16, 256), rounds=7, settle_s=0.3)
+QUICK = dict(shape=(512, 1024), Ns=(1, 16), rounds=3, settle_s=0.001)
 
 
 def storage(shape) -> dict:
@@ -57,7 +57,7 @@ def run(cfg) -> list[dict]:
             forward["numpy"] = lambda: ref.nf4_matmul(x, packed, absmax, shape)
         backward = {"base_dx": lambda: dy @ W, "numba_dx": lambda: nb.nf4_matmul_dx(dy, packed, absmax, shape)}
         for group, variants, base in (("forward", forward, "base"), ("backward", backward, "base_dx")):
-            res = harness.interleaved(variants, cfg["rounds"], base)
+            res = harness.interleaved(variants, cfg["rounds"], base, settle_s=cfg["settle_s"])
             for name, r in res.items():
                 rows.append(dict(group=group, N=N, D_out=D_out, D_in=D_in, variant=name, **r))
                 print(f"{group:8s} N={N:4d} {name:9s} median {r['median_s'] * 1e3:9.3f} ms   ratio {r['ratio']:.3f}")

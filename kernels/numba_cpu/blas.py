@@ -6,9 +6,9 @@ NumPy and SciPy wheels each bundle their own OpenBLAS. SciPy's is pinned to one 
 tasks that Numba's pool runs on it, one task per thread (see ``pool.py``). Without a usable pool
 the products are NumPy's (``a @ b``, its BLAS threads).
 
-``matmul`` calls SciPy's ``sgemm``/``dgemm`` from compiled code through their addresses
-(``scipy.linalg.cython_blas``), registered once as the symbols ``lowrank_sgemm``/``lowrank_dgemm``
-so that the cached machine code names a symbol, not an address of one process. Operands of
+``matmul`` calls SciPy's ``sgemm``/``dgemm`` (``sgemv``/``dgemv`` for a row or column vector) from
+compiled code through their addresses (``scipy.linalg.cython_blas``), registered once as the symbols
+``lowrank_sgemm`` ... so that the cached machine code names a symbol, not an address of one process. Operands of
 any strides with one unit stride per matrix go in as they are (a transposed or head-major view is
 not copied), broadcast batch axes by their offsets.
 """

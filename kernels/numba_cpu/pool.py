@@ -7,7 +7,9 @@ then a parallel scaling then q kᵀ over 64 heads took 16.0 ms with NumPy's BLAS
 mixed, 3.2 ms with both on Numba's pool, 3.4 ms on NumPy's BLAS alone with the scaling serial.
 So when the pool is usable, every product of this backend runs on it (``blas.matmul``: GEMM
 tasks, each on SciPy's single-threaded BLAS, one Numba thread each) and so do the row loops
-(``parallel``); NumPy's BLAS is then never woken by a kernel, and nothing spins against the pool.
+(``jit``: each compiled serial and parallel); NumPy's BLAS is then never woken by a kernel, and
+nothing spins against the pool. Tiny work stays off it (``config.NUMBA_POOL_MIN_MACS`` and
+``NUMBA_POOL_MIN_ELEMENTS``): starting the threads would cost more.
 
 Usable means (``threads()`` > 1):
     config.NUMBA_PARALLEL is on, Numba may use more than one thread (``numba.set_num_threads``),
