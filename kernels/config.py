@@ -55,6 +55,9 @@ CUPY_CUBLAS_SHRINK_MIN_N = 256
 # --- NF4 (QLoRA) ----------------------------------------------------------------------
 NF4_TILE_ROWS = 256       # output rows of W dequantized at a time by nf4_matmul / nf4_matmul_dx:
                           # the full float W never exists; 256 x 4096 float32 = 4 MiB per tile
+NF4_POOL_TILE_ROWS = 1024 # numba, on its thread pool: each tile's product is cut over the threads, and each
+                          # thread reads the other operand whole, so bigger tiles (16 MiB at D_in = 4096): at
+                          # 256 rows N = 256 took 1.42-1.63x the float32 product, at 1024 1.02-1.16x (2 threads)
 NF4_GEMV_MAX_N = 1        # numba: nf4_matmul with N <= this uses the fused dequant-GEMV (reads 4-bit
                           # codes directly); larger N dequantizes a tile and calls BLAS
 NF4_AVX2 = True           # numba: that GEMV decodes codes with AVX2 byte shuffles (nf4_avx2) where the CPU,

@@ -1,5 +1,5 @@
 """NF4 kernels: the NumPy reference against a slow per-element float64 definition, and
-Numba against the reference. Tiles are shrunk (config.NF4_TILE_ROWS) so tiny inputs
+Numba against the reference. Tiles are shrunk (config.NF4_TILE_ROWS, NF4_POOL_TILE_ROWS) so tiny inputs
 cross tile borders, and the fused GEMV is switched on for N > 1 to cover its row loop."""
 import inspect
 from unittest import mock
@@ -76,7 +76,7 @@ def test_numba_equals_the_reference(N, D_out, D_in, blocksize, seed, dtype, gemv
     dy = rng.standard_normal((N, D_out)).astype(dtype)
     b = rng.standard_normal(D_out).astype(dtype) if bias else None
     tol = config.RTOL[dtype] if dtype == "float32" else 1e-13
-    with mock.patch.multiple(config, NF4_TILE_ROWS=tile, NF4_GEMV_MAX_N=gemv_max_n):
+    with mock.patch.multiple(config, NF4_TILE_ROWS=tile, NF4_POOL_TILE_ROWS=tile, NF4_GEMV_MAX_N=gemv_max_n):
         W = reference_nf4.nf4_dequantize(packed, absmax, shape, blocksize, dtype)
         np.testing.assert_array_equal(numba_nf4.nf4_dequantize(packed, absmax, shape, blocksize, dtype), W)
         y_ref = reference_nf4.nf4_matmul(x, packed, absmax, shape, blocksize, b)
@@ -122,7 +122,7 @@ def test_avx2_kernels_equal_the_reference(N, D_out, blocks, blocksize, gemv, bia
     W = reference_nf4.nf4_dequantize(packed, absmax, (D_out, D_in), blocksize, "float64")
     spies = [mock.patch.object(nf4_avx2, name, wraps=getattr(nf4_avx2, name))
              for name in ("gemv", "gemv_t", "dequantize_tile")]
-    with mock.patch.multiple(config, NF4_GEMV_MAX_N=3 if gemv else 0, NF4_TILE_ROWS=2), \
+    with mock.patch.multiple(config, NF4_GEMV_MAX_N=3 if gemv else 0, NF4_TILE_ROWS=2, NF4_POOL_TILE_ROWS=2), \
             spies[0] as dot, spies[1] as dot_t, spies[2] as tile:
         y = numba_nf4.nf4_matmul(x, packed, absmax, (D_out, D_in), blocksize, b)
         dx = numba_nf4.nf4_matmul_dx(dy, packed, absmax, (D_out, D_in), blocksize)

@@ -43,7 +43,8 @@ def test_nonfinite_inputs_come_out_as_ieee_says(D_in, blocksize, avx2, N, gemv_m
     x, dy = rng.standard_normal((N, D_in)).astype(dtype), rng.standard_normal((N, D_out)).astype(dtype)
     x[0, 1], dy[0, 2] = bad, bad                            # row 0 non-finite, the other rows finite
     shape = (D_out, D_in)
-    with mock.patch.multiple(config, NF4_AVX2=avx2, NF4_GEMV_MAX_N=gemv_max_n, NF4_TILE_ROWS=2):
+    with mock.patch.multiple(config, NF4_AVX2=avx2, NF4_GEMV_MAX_N=gemv_max_n, NF4_TILE_ROWS=2,
+                             NF4_POOL_TILE_ROWS=2):
         y = numba_nf4.nf4_matmul(x, packed, absmax, shape, blocksize)
         dx = numba_nf4.nf4_matmul_dx(dy, packed, absmax, shape, blocksize)
     y_ref = reference_nf4.nf4_matmul(x, packed, absmax, shape, blocksize)

@@ -7,7 +7,8 @@
                                  Otherwise, rows of whole blocks of whole 4-byte groups decode a
                                  block 8 codes at a time into a small buffer and dot it with x;
                                  other layouts go element by element (dx: through the tile path).
-    larger N                     dequantize NF4_TILE_ROWS rows of W into one buffer (one thread;
+    larger N                     dequantize NF4_TILE_ROWS rows of W (NF4_POOL_TILE_ROWS on the
+                                 pool) into one buffer (rows on the pool;
                                  AVX2 shuffles where the GEMV above takes them, x's columns put in
                                  the decoder's order), then BLAS on it; the full float W never exists
 
@@ -52,14 +53,6 @@ def _dequantize_row(packed, absmax, code, k0, blocksize, out):
 def _dequantize_rows(packed, absmax, code, D_in, blocksize, o0, out):
     """out[t, :] = row o0 + t of W, for t < out.shape[0]."""
     for t in prange(out.shape[0]):
-        _dequantize_row(packed, absmax, code, (o0 + t) * D_in, blocksize, out[t])
-
-
-@njit(cache=True)
-def _dequantize_tile(packed, absmax, code, D_in, blocksize, o0, out):
-    """_dequantize_rows on one thread, for the tile loops: between tiles the cores belong to
-    BLAS (Numba's and BLAS's thread pools, both spinning, starve each other on few cores)."""
-    for t in range(out.shape[0]):
         _dequantize_row(packed, absmax, code, (o0 + t) * D_in, blocksize, out[t])
 
 
@@ -137,11 +130,13 @@ def nf4_dequantize(packed, absmax, shape, blocksize=64, dtype="float32"):
 
 
 def _tile(avx2, packed, absmax, code, D_in, blocksize, o0, out):
-    """Rows o0 .. o0 + len(out) of W into out, on one thread: AVX2 shuffles (columns permuted) or lookups."""
+    """Rows o0 .. o0 + len(out) of W into out, rows in parallel on the pool: AVX2 shuffles (columns
+    permuted) or lookups. (Serial while the tiles' products ran on NumPy's BLAS threads, which spin
+    between products: a parallel dequantize then starved them.)"""
     if avx2:
         nf4_avx2.dequantize_tile(packed, absmax, D_in, blocksize, o0, out)
     else:
-        _dequantize_tile(packed, absmax, code, D_in, blocksize, o0, out)
+        _dequantize_rows(packed, absmax, code, D_in, blocksize, o0, out)
 
 
 def nf4_matmul(x, packed, absmax, shape, blocksize=64, bias=None):
@@ -162,7 +157,7 @@ def nf4_matmul(x, packed, absmax, shape, blocksize=64, bias=None):
             else:
                 _gemv(packed, absmax, code, x[n], bs, zero, y[n])
     else:
-        T = min(config.NF4_TILE_ROWS, D_out)
+        T = min(config.NF4_POOL_TILE_ROWS if pool.threads() > 1 else config.NF4_TILE_ROWS, D_out)
         buf = np.empty((T, D_in), x.dtype)                 # the only float copy of W: one tile
         for o0 in range(0, D_out, T):
             t = min(T, D_out - o0)
@@ -190,7 +185,7 @@ def nf4_matmul_dx(dy, packed, absmax, shape, blocksize=64):
                 _gemv_t_aligned(packed, absmax, code, dy[n], bs, partial)
             dx[n] = partial.sum(axis=0)
     else:
-        T = min(config.NF4_TILE_ROWS, D_out)
+        T = min(config.NF4_POOL_TILE_ROWS if pool.threads() > 1 else config.NF4_TILE_ROWS, D_out)
         buf = np.empty((T, D_in), dy.dtype)
         for o0 in range(0, D_out, T):
             t = min(T, D_out - o0)

@@ -192,12 +192,11 @@ def _row_dequantize(typingctx, packed, p0, out, absmax, a0, n_blocks, steps):
     return sig, codegen
 
 
-@njit(cache=True)
+@pool.jit(cache=True)
 def dequantize_tile(packed, absmax, D_in, blocksize, o0, out):
-    """out[t, :] = row o0 + t of W, columns permuted, for t < out.shape[0] (one thread: BLAS owns
-    the cores between tiles)."""
+    """out[t, :] = row o0 + t of W, columns permuted, for t < out.shape[0] (rows in parallel on the pool)."""
     per_row, steps = D_in // blocksize, blocksize // STEP
-    for t in range(out.shape[0]):
+    for t in prange(out.shape[0]):
         o = o0 + t
         _row_dequantize(packed, (o * D_in) >> 1, out[t], absmax, o * per_row, per_row, steps)
 
