@@ -140,7 +140,7 @@ def _batch_strides(a, batch):
 
 
 @numba.njit(cache=True)
-def _plan(batch, sa, sb, M, N, K, a_row, b_col, threads, min_macs):
+def _split_tasks(batch, sa, sb, M, N, K, a_row, b_col, threads, min_macs):
     """The GEMM tasks (a offset, b offset, c offset, m, n) in items: one per matrix of the batch (C order),
     each cut in blocks when there are fewer matrices than threads and the product is big enough: blocks
     of rows of A and C (``a_row`` items apart) or, when N > M, of columns of B and C (``b_col`` apart),
@@ -183,14 +183,14 @@ class _Plan(NamedTuple):
     lda: int
     tb: int
     ldb: int
-    tasks: object          # ``_plan``'s tasks; None for an empty product or K = 0
+    tasks: object          # ``_split_tasks``'s tasks; None for an empty product or K = 0
 
 
 def matmul(a, b, alpha=1.0):
     """alpha · a @ b (NumPy's matmul: broadcast batch axes): a (..., M, K), b (..., K, N) -> (..., M, N), C-contiguous.
     Shapes are the caller's to check (``validate.matmul``).
 
-    On the pool, GEMM tasks (``_plan``): a matrix each, or blocks of one when there are fewer
+    On the pool, GEMM tasks (``_split_tasks``): a matrix each, or blocks of one when there are fewer
     matrices than threads. Without a usable pool, for float16 and mixed dtypes, and below
     ``config.NUMBA_POOL_MIN_MACS``: NumPy's ``a @ b``. A layer calls the same shapes every step, so the
     plan of a (shapes, strides, dtypes, threads) is kept (``_PLANS``).
@@ -237,8 +237,8 @@ def _make_plan(a, b, n_threads):
         return False
     if max(M, N, K, lda, ldb) >= 2**31:                # BLAS's int is 32 bits
         return None
-    tasks = _plan(np.array(batch, np.int64), np.array(_batch_strides(a, batch), np.int64),
-                  np.array(_batch_strides(b, batch), np.int64), M, N, K,
-                  lda if ta == _N else 1, 1 if tb == _N else ldb, n_threads, config.NUMBA_POOL_MIN_MACS)
+    tasks = _split_tasks(np.array(batch, np.int64), np.array(_batch_strides(a, batch), np.int64),
+                         np.array(_batch_strides(b, batch), np.int64), M, N, K,
+                         lda if ta == _N else 1, 1 if tb == _N else ldb, n_threads, config.NUMBA_POOL_MIN_MACS)
     return _Plan(batch + (M, N), K, ta, lda, tb, ldb, tasks)
 
