@@ -97,7 +97,7 @@ def run(c):
             print(f"{key:28s} {parts['pool_off'][key]:8.2f} {parts['pool_on'].get(key, 0.0):8.2f}")
     finally:
         config.NUMBA_PARALLEL = old
-    return {"timing": {n: {k: v for k, v in m.items()} for n, m in res.items()}, "breakdown": parts}
+    return {"timing": res, "breakdown": parts}
 
 
 def main(argv=None):

@@ -32,8 +32,8 @@ NUMBA_POOL_MIN_MACS = 1 << 16
 NUMBA_POOL_MIN_ELEMENTS = 1 << 14
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
-# Threads of the BLAS that SciPy bundles (used for the in-place rank-r GEMMs): 1 keeps it from
-# fighting NumPy's own BLAS thread pool (see numba_cpu/pool.py, pin_scipy_blas).
+# Threads of the BLAS that SciPy bundles: numba_cpu's own (the in-place rank-r GEMMs, and the pool's GEMM
+# tasks, one per pool thread); 1, so that it never starts threads of its own (numba_cpu/pool.py, pin_scipy_blas).
 SCIPY_BLAS_THREADS = 1
 
 # --- cupy_gpu -------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def lora_backward_multi(dy, x, h, W, A_stack, B_stack, scalings, index, need_dx=
     loops.outer(x, dh, none, ones, idx, dA_stack)                        # dA_k = Σ dh_iᵀ x_i
     dx = None
     if need_dx:
-        dx = blas.matmul(dy, W)                                                   # (N, D_out) @ (D_out, D_in)
+        dx = blas.matmul(dy, W)                                          # (N, D_out) @ (D_out, D_in)
         loops.expand(dx, dh, c(A_stack), ones, idx, none)                # dx[i] += dh_i A_k
     return dx, dA_stack, c(dBt.transpose(0, 2, 1))
 
@@ -72,7 +72,7 @@ def lora_backward_sgmv(dy, x, h, W, A_stack, B_stack, scalings, indptr, seg_inde
     """Per segment, GEMMs on row slices accumulated in place into dA_stack[k], dB_stack[k] and dx."""
     N, D_in, D_out, K, r = validate.multi(x, W, A_stack, B_stack, scalings, dy=dy, h=h)
     validate.segments(indptr, seg_index, N, K)
-    dx = blas.matmul(dy, W) if need_dx else None                                 # (N, D_out) @ (D_out, D_in)
+    dx = blas.matmul(dy, W) if need_dx else None                        # (N, D_out) @ (D_out, D_in)
     dA_stack, dB_stack = np.zeros_like(A_stack, order="C"), np.zeros_like(B_stack, order="C")
     for k, a, b in _segments(indptr, seg_index):
         s = float(scalings[k])

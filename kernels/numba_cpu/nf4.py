@@ -129,6 +129,12 @@ def nf4_dequantize(packed, absmax, shape, blocksize=64, dtype="float32"):
     return W
 
 
+def _tile_rows(D_out):
+    """Rows of W per tile: config.NF4_POOL_TILE_ROWS on the pool (each tile's product is cut over the
+    threads), config.NF4_TILE_ROWS otherwise; at most D_out."""
+    return min(config.NF4_POOL_TILE_ROWS if pool.threads() > 1 else config.NF4_TILE_ROWS, D_out)
+
+
 def _tile(avx2, packed, absmax, code, D_in, blocksize, o0, out):
     """Rows o0 .. o0 + len(out) of W into out, rows in parallel on the pool: AVX2 shuffles (columns
     permuted) or lookups. (Serial while the tiles' products ran on NumPy's BLAS threads, which spin
@@ -157,7 +163,7 @@ def nf4_matmul(x, packed, absmax, shape, blocksize=64, bias=None):
             else:
                 _gemv(packed, absmax, code, x[n], bs, zero, y[n])
     else:
-        T = min(config.NF4_POOL_TILE_ROWS if pool.threads() > 1 else config.NF4_TILE_ROWS, D_out)
+        T = _tile_rows(D_out)
         buf = np.empty((T, D_in), x.dtype)                 # the only float copy of W: one tile
         for o0 in range(0, D_out, T):
             t = min(T, D_out - o0)
@@ -185,7 +191,7 @@ def nf4_matmul_dx(dy, packed, absmax, shape, blocksize=64):
                 _gemv_t_aligned(packed, absmax, code, dy[n], bs, partial)
             dx[n] = partial.sum(axis=0)
     else:
-        T = min(config.NF4_POOL_TILE_ROWS if pool.threads() > 1 else config.NF4_TILE_ROWS, D_out)
+        T = _tile_rows(D_out)
         buf = np.empty((T, D_in), dy.dtype)
         for o0 in range(0, D_out, T):
             t = min(T, D_out - o0)

@@ -32,20 +32,21 @@ from threadpoolctl import ThreadpoolController
 
 from .. import config
 
-_layer = {}                  # pid -> the threading layer Numba started in that process
+_started = None              # (pid, threading layer) of the process that started Numba's pool here
 
 
 def layer() -> str:
-    """Numba's threading layer in this process, starting its pool on the first call ('' if it cannot)."""
-    pid = os.getpid()
-    if pid not in _layer:
+    """Numba's threading layer, starting its pool on the first call ('' if it cannot start)."""
+    global _started
+    if _started is None:
         try:
             from numba.np.ufunc import parallel
             parallel._launch_threads()
-            _layer[pid] = numba.threading_layer()
+            name = numba.threading_layer()
         except Exception:        # no threading layer at all: serial
-            _layer[pid] = ""
-    return _layer[pid]
+            name = ""
+        _started = (os.getpid(), name)
+    return _started[1]
 
 
 def threads() -> int:
@@ -55,8 +56,7 @@ def threads() -> int:
     n = numba.get_num_threads()
     if n < 2:
         return 1
-    started = next(iter(_layer), None)
-    if started is not None and started != os.getpid():       # a forked child of the process that started it
+    if _started is not None and _started[0] != os.getpid():  # a forked child of the process that started it
         return 1
     return n if layer() in ("omp", "tbb") else 1
 

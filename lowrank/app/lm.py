@@ -47,7 +47,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    with blas_threads(args.threads):
+    with limit_threads(args.threads):
         return import_module(args._lm_module).run(args)
 
 
@@ -76,7 +76,7 @@ def add_training_arguments(parser, defaults: dict):
 TRAINING_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_windows")
 
 
-def blas_threads(threads: int | None):
+def limit_threads(threads: int | None):
     """A context limiting the kernels' thread pools (BLAS, Numba's) to ``threads``; no limit when None."""
     if threads is None:
         return nullcontext()
