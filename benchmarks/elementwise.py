@@ -39,10 +39,10 @@ def inputs(c, seed=0):
 
 
 def run(c, backend="numba"):
-    """``backend``: a built-in or registered name, an import path or a .py file (``kernels.resolve``);
+    """``backend``: a built-in or registered name, an import path or a .py file (``backends.resolve``);
     a function it lacks runs the reference's (its row then reads about 1)."""
-    from lowrank import kernels
-    ref, other = kernels.load("numpy"), kernels.resolve(backend)
+    from lowrank.kernels import api, backends
+    ref, other = backends.load("numpy"), backends.resolve(backend)
     rows = []
     for name, args in inputs(c).items():
         variants = {"reference": lambda: getattr(ref, name)(*args), backend: lambda: getattr(other, name)(*args)}

@@ -19,7 +19,7 @@ Groups (float32, no bias, like an LLM projection; every variant interleaved with
             (a separate fused forward per adapter's rows)
   --backend NAME adds NAME (forward, backward), lora_NAME (train), bgmv_NAME and sgmv_NAME (multi)
             beside the built-in variants, in the same rounds; its native functions run, the rest are
-            the reference's (``lowrank.kernels.describe``, printed first); a backend with its own thread
+            the reference's (``lowrank.kernels.backends.describe``, printed first); a backend with its own thread
             pool pins it to --threads through an optional ``set_num_threads(n)`` function
 Ratios are per-round t(variant) / t(base), medians over rounds (a target "a/b" between two
 variants is ratio(a) / ratio(b)); each timed sample follows ``settle_s`` of untimed calls of the same
@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from lowrank import kernels
+from lowrank.kernels import api, backends
 from lowrank.kernels import numba_cpu as nb
 from lowrank.kernels import reference as ref
 from lowrank.kernels.numba_cpu.blas import gemm_acc
@@ -248,11 +248,11 @@ def extra_backends(specs) -> dict:
     """{name: backend} for ``--backend`` specs; a module's ``NAME`` (else its file's) names its variants."""
     out = {}
     for spec in specs:
-        b = kernels.resolve(spec)
-        name = spec if kernels.is_backend(spec) else getattr(b.module, "NAME", b.name)
+        b = backends.resolve(spec)
+        name = spec if backends.is_backend(spec) else getattr(b.module, "NAME", b.name)
         if name in ("numpy", "numba") or name in out:
             continue                                     # already in the table
-        print(kernels.describe(b).replace(repr(b.name), repr(name), 1))
+        print(backends.describe(b).replace(repr(b.name), repr(name), 1))
         out[name] = b
     return out
 
@@ -276,7 +276,7 @@ def main(argv=None):
         print(f"target  {name:45s} {'-' if v is None else f'{v:.3f}'}")
     payload = dict(command="python -m benchmarks.kernels" + (" --quick" if a.quick else ""), argv=sys.argv[1:],
                    machine=mach, config=cfg, rows=rows, targets=tg, wall_s=time.time() - t0,
-                   backends={name: kernels.describe(k) for name, k in backends.items()})
+                   backends={name: backends.describe(k) for name, k in backends.items()})
     harness.write_json(out, payload)
     plot(rows, out[:-5] + ".png", cfg["target_r"])
     print(f"wrote {out} and {out[:-5]}.png in {time.time() - t0:.1f} s")

@@ -51,10 +51,10 @@ def with_pool(step, on: bool):
 
 def breakdown(step, steps: int) -> dict:
     """{API function: ms per step} over ``steps`` steps, every numba_cpu kernel call timed."""
-    from lowrank import kernels
+    from lowrank.kernels import api, backends
     from lowrank.kernels import numba_cpu
     spent = collections.defaultdict(float)
-    originals = {name: getattr(numba_cpu, name) for name in kernels.API}
+    originals = {name: getattr(numba_cpu, name) for name in api.API}
 
     def timed(name, fn):
         @functools.wraps(fn)

@@ -1,13 +1,13 @@
 """An example kernel backend written with PyTorch ops: what bringing your own kernels looks like.
 
 Not part of the library. It implements the dense, single-adapter and multi-adapter (BGMV, SGMV)
-functions of ``lowrank.kernels.API`` and attention's batched ``matmul``, with the reference's
+functions of ``lowrank.kernels.api.API`` and attention's batched ``matmul``, with the reference's
 signatures; the NF4 functions and the decoder's elementwise ones (RoPE, causal softmax, SwiGLU, RMSNorm) are left out, so the registry
-runs the reference's for them (``lowrank.kernels.describe("torch")`` says so).
+runs the reference's for them (``lowrank.kernels.backends.describe("torch")`` says so).
 Semantics: the reference's (``lowrank/kernels/reference``); here only how.
 
     import lowrank as lr
-    lr.kernels.register_backend("torch", "examples.torch_backend")   # or the .py file's path
+    lr.register_backend("torch", "examples.torch_backend")   # or the .py file's path
     lr.set_backend("torch")                                          # every layer now runs here
 
     python -m lowrank.kernels.conformance examples/torch_backend.py  # the conformance suite

@@ -24,8 +24,9 @@ from unittest import mock
 import numpy as np
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 
-from . import API, config, describe, resolve
-from . import reference
+from . import config, reference
+from .api import API
+from .backends import describe, resolve
 from .common import host
 from .conformance_cases import CASES
 

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(session, config, items):
     spec = config.getoption("--lowrank-backend")
     if spec is None:
         return
-    from . import resolve
+    from .backends import resolve
     for name in resolve(spec).native:
         items.append(ConformanceItem.from_parent(session, name=f"conformance[{spec}]::{name}",
                                                  spec=spec, function=name))

@@ -6,6 +6,7 @@
 """
 from .nn.device import get_array_module, to_device
 from .nn.dispatch import get_backend, kernels_for, set_backend, use_backend
+from .kernels.backends import register_backend
 from .nn.gradcheck import check_module, gradcheck, numerical_gradient
 from .nn.layers import GELU, MLP, Dense, ReLU, Sigmoid, Tanh
 from .tuners.lora.layer import LoRALinear
@@ -24,7 +25,7 @@ from .models.llama import LlamaConfig, LlamaForCausalLM
 __version__ = "0.1.0"
 
 __all__ = [
-    "get_array_module", "to_device", "get_backend", "kernels_for", "set_backend", "use_backend",
+    "get_array_module", "to_device", "get_backend", "kernels_for", "set_backend", "use_backend", "register_backend",
     "check_module", "gradcheck", "numerical_gradient",
     "GELU", "MLP", "Dense", "ReLU", "Sigmoid", "Tanh", "LoRALinear", "LoRAEmbedding",
     "LoraConfig", "LoraModel", "ModulesToSave", "get_lora_model",

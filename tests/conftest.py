@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,9 @@ settings.register_profile("dev", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# The benchmarks (not installed) are importable from the repository root; appended, so the
+# The benchmarks (not installed) are importable from the repository root; appended, so an
 # installed lowrank package still comes first and is the one under test.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-# Where a test starts a Python subprocess that imports lowrank: not the repository root, which
-# Python would put first on sys.path, so that the installed package (lowrank.kernels included)
-# is the one imported, as for a user, and not the source folder beside kernels/.
-OUTSIDE_REPO = tempfile.gettempdir()
 
 
 def _mpiexec():
@@ -43,11 +37,11 @@ needs_mpi = pytest.mark.skipif(
 
 
 def mpirun(*args, ranks=2, timeout=60):
-    """Run ``args`` under mpiexec -n ranks, outside the repository; a hang fails after ``timeout`` s."""
+    """Run ``args`` under mpiexec -n ranks; a hang fails after ``timeout`` s."""
     env = {**os.environ, "HYDRA_LAUNCHER": "fork", "OMPI_ALLOW_RUN_AS_ROOT": "1",
            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "NUMBA_NUM_THREADS": "1"}
-    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *args], cwd=OUTSIDE_REPO, env=env,
+    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -64,8 +58,8 @@ def cuda_launch():
     try:
         return importlib.import_module(name)
     except ImportError:
-        import lowrank.kernels
-        path = Path(lowrank.kernels.__file__).parent / "cupy_gpu" / "launch.py"
+        from lowrank.kernels import api
+        path = Path(api.__file__).parent / "cupy_gpu" / "launch.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from conftest import OUTSIDE_REPO
 from lowrank.app import allocator, cli
 
 STEP = """
@@ -33,7 +32,7 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
 
 def faults_per_step(mode):
     """Run STEP in a fresh interpreter, away from the checkout, so it imports the installed lowrank."""
-    out = subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True, cwd=OUTSIDE_REPO)
+    out = subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

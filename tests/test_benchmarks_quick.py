@@ -95,12 +95,12 @@ def test_quick_elementwise_benchmark_times_every_decoder_kernel(tmp_path, backen
     """One row per elementwise kernel of the API, each timed on both sides (no timing assertion)."""
     from pathlib import Path
     from benchmarks import elementwise
-    from lowrank import kernels
+    from lowrank.kernels import api, backends
     out = tmp_path / "elementwise_quick.json"
     backend = backend if backend == "numba" else str(Path(__file__).resolve().parents[1] / backend)
     rows = elementwise.main(["--quick", "--threads", "1", "--backend", backend, "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == rows
-    assert {r["kernel"] for r in rows} == {n for n in kernels.API if n.split("_")[0] in ("rope", "causal", "silu", "rms")}
+    assert {r["kernel"] for r in rows} == {n for n in api.API if n.split("_")[0] in ("rope", "causal", "silu", "rms")}
     for r in rows:
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("reference_ms", "backend_ms", "ratio")), r
 
@@ -109,7 +109,7 @@ def test_quick_pool_benchmark_times_both_sides_and_every_kernel_of_the_step(tmp_
     """The decoder step with numba_cpu's pool on and off, and the per-kernel breakdown of each (no timing
     assertion); the pool setting is restored after."""
     from benchmarks import pool as bench
-    from lowrank import kernels
+    from lowrank.kernels import api, backends
     from lowrank.kernels import config
     before = config.NUMBA_PARALLEL
     out = tmp_path / "pool_quick.json"
@@ -121,6 +121,6 @@ def test_quick_pool_benchmark_times_both_sides_and_every_kernel_of_the_step(tmp_
             "rope_backward", "causal_softmax", "causal_softmax_backward", "silu_and_mul", "silu_and_mul_backward",
             "rms_norm", "rms_norm_backward"}
     for side in result["breakdown"].values():
-        assert used <= set(side) <= used | {"step_ms", "outside_kernels_ms"} | set(kernels.API)
+        assert used <= set(side) <= used | {"step_ms", "outside_kernels_ms"} | set(api.API)
         assert all(math.isfinite(v) and v > 0 for k, v in side.items() if k != "outside_kernels_ms"), side
         assert sum(v for k, v in side.items() if k not in ("step_ms", "outside_kernels_ms")) < side["step_ms"]

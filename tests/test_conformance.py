@@ -16,7 +16,7 @@ import pytest
 import naive
 import wrong_backends as wb
 import lowrank as lr
-from lowrank import kernels
+from lowrank.kernels import api, backends
 from lowrank.kernels import conformance, reference
 from lowrank.kernels.conformance import check_backend
 
@@ -62,7 +62,7 @@ def registered():
     yield names
     lr.set_backend(old)
     for name in names:
-        kernels.unregister_backend(name)
+        backends.unregister_backend(name)
 
 
 # -- the built-in backends -------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_reference_matches_the_naive_loops():
 
 
 def test_numba_conforms():
-    assert_passes(check_backend("numba", functions=[n for n in kernels.API if n not in NF4_PRODUCTS]))
+    assert_passes(check_backend("numba", functions=[n for n in api.API if n not in NF4_PRODUCTS]))
 
 
 NF4_PRODUCTS = ("nf4_matmul", "nf4_matmul_dx")
@@ -89,7 +89,7 @@ def test_cupy_conforms():
     cupy = pytest.importorskip("cupy", reason="no CuPy here: the GPU backend is checked on GPU machines only")
     if not cupy.is_available():
         pytest.skip("CuPy without a usable GPU")
-    assert_passes(check_backend("cupy", dtypes=kernels.FLOATS, to_device=cupy.asarray))
+    assert_passes(check_backend("cupy", dtypes=api.FLOATS, to_device=cupy.asarray))
 
 
 # -- planted bugs: each fails, naming the function and a small case ------------------------------
@@ -129,9 +129,9 @@ def test_the_pytest_plugin_runs_the_suite_on_a_backend(tmp_path):
 # -- the registry: register, describe, fall back, refuse -------------------------------------
 def test_a_missing_function_falls_back_to_the_reference_and_says_so(registered):
     registered.append("dense_only")
-    b = kernels.register_backend("dense_only", wb.DenseOnly)
+    b = backends.register_backend("dense_only", wb.DenseOnly)
     assert b.native == ("dense_forward",) and b.lora_forward is reference.lora_forward
-    text = kernels.describe("dense_only")
+    text = backends.describe("dense_only")
     assert "native     dense_forward" in text and "reference  lora_backward_sgmv" in text
     assert "reference  every float16 call" in text
     assert [row.function for row in check_backend("dense_only", max_examples=3)] == ["dense_forward"] * 2
@@ -139,23 +139,23 @@ def test_a_missing_function_falls_back_to_the_reference_and_says_so(registered):
 
 def test_a_wrong_signature_is_refused_listing_every_mismatch():
     with pytest.raises(TypeError) as e:
-        kernels.register_backend("wrong", wb.WrongSignatures)
+        backends.register_backend("wrong", wb.WrongSignatures)
     message = str(e.value)
     assert "dense_forward(x, W, b=None)  !=  reference dense_forward(x, W, bias=None)" in message
     assert "lora_forward(x, W, A, B, bias=None)  !=  reference lora_forward(x, W, A, B, scaling" in message
-    assert not kernels.is_backend("wrong")
+    assert not backends.is_backend("wrong")
     with pytest.raises(TypeError, match="defines none of dense_forward"):
-        kernels.register_backend("none", wb.NoKernels)
+        backends.register_backend("none", wb.NoKernels)
 
 
 def test_names_are_guarded(registered):
     with pytest.raises(ValueError, match="taken by a built-in"):
-        kernels.register_backend("numba", wb.DenseOnly)
+        backends.register_backend("numba", wb.DenseOnly)
     registered.append("twice")
-    kernels.register_backend("twice", wb.DenseOnly)
+    backends.register_backend("twice", wb.DenseOnly)
     with pytest.raises(ValueError, match="already registered"):
-        kernels.register_backend("twice", wb.NoScaling)
-    assert kernels.register_backend("twice", wb.NoScaling, replace=True).native == ("lora_forward", "lora_backward")
+        backends.register_backend("twice", wb.NoScaling)
+    assert backends.register_backend("twice", wb.NoScaling, replace=True).native == ("lora_forward", "lora_backward")
     with pytest.raises(ValueError, match="or a name registered"):
         lr.set_backend("fortran")
 
@@ -173,7 +173,7 @@ class Spy:
 
 def test_a_registered_backend_runs_every_layer_set_globally_per_layer_or_in_a_block(registered, rng):
     registered.append("spy")
-    kernels.register_backend("spy", Spy)
+    backends.register_backend("spy", Spy)
     layer = lr.LoRALinear(lr.Dense(4, 3, dtype="float32", seed=0), r=2, lora_alpha=4, init_lora_weights=False, seed=1)
     x = rng.standard_normal((5, 4)).astype(np.float32)
     with lr.use_backend("numpy"):
@@ -189,14 +189,14 @@ def test_a_registered_backend_runs_every_layer_set_globally_per_layer_or_in_a_bl
     layer.backward(np.ones((5, 3), np.float32))              # the rest of the API: the reference's
     assert Spy.calls == 3
     d = naive.lora_inputs(rng, 2, 4, 3, 2, np.float64)
-    kernels.resolve("spy").lora_forward(d["x"], d["W"], d["A"], d["B"], d["s"])
+    backends.resolve("spy").lora_forward(d["x"], d["W"], d["A"], d["B"], d["s"])
     assert Spy.calls == 3                                    # float64: not claimed, the reference ran
 
 
 def test_an_installed_entry_point_is_found_and_loaded_lazily(registered, monkeypatch):
-    ep = EntryPoint(name="planted", value="wrong_backends:DenseOnly", group=kernels.ENTRY_POINTS)
-    monkeypatch.setattr(kernels, "entry_points", lambda group: [ep] if group == kernels.ENTRY_POINTS else [])
+    ep = EntryPoint(name="planted", value="wrong_backends:DenseOnly", group=backends.ENTRY_POINTS)
+    monkeypatch.setattr(backends, "entry_points", lambda group: [ep] if group == backends.ENTRY_POINTS else [])
     registered.append("planted")
-    assert "planted" in kernels.names() and kernels.is_backend("planted")
+    assert "planted" in backends.names() and backends.is_backend("planted")
     lr.set_backend("planted")                                  # accepted before it is loaded
-    assert kernels.load("planted").native == ("dense_forward",)
+    assert backends.load("planted").native == ("dense_forward",)

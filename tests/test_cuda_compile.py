@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import lowrank.kernels as kernels
+from lowrank.kernels import api, backends
 
-CUDA_DIR = Path(kernels.__file__).parent / "cupy_gpu" / "cuda"
+CUDA_DIR = Path(api.__file__).parent / "cupy_gpu" / "cuda"
 KERNELS = {"lora.cu": ("lora_shrink", "lora_expand", "lora_gemv"), "nf4.cu": ("nf4_dequant", "nf4_gemv")}
 SOURCES = [CUDA_DIR / name for name in KERNELS]           # common.cu is included by both, not built alone
 ARCHS = ("80", "90")

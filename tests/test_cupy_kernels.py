@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 import lowrank as lr
 from lowrank.nn.device import cupy_module
-from conftest import OUTSIDE_REPO
-from lowrank import kernels
+from lowrank.kernels import api, backends
 from lowrank.kernels import config, reference
 from lowrank.kernels.common import NF4_CODE
 
@@ -52,8 +51,7 @@ def _config(**values):
 # -- without a GPU ---------------------------------------------------------------------------------
 def _python(code, **env):
     import os
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
-                         cwd=OUTSIDE_REPO)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
     return run.returncode, run.stdout + run.stderr
 
 
@@ -91,7 +89,7 @@ def test_defines_follow_config(cuda_launch):
 
 
 def _cuda(name):
-    return (Path(kernels.__file__).parent / "cupy_gpu" / "cuda" / name).read_text()
+    return (Path(api.__file__).parent / "cupy_gpu" / "cuda" / name).read_text()
 
 
 HELPER = re.compile(r"__device__ __forceinline__ (?:int|long long) (\w+)\(([^)]*)\) \{ return (.+); \}")

@@ -4,7 +4,7 @@ backends."""
 import numpy as np
 import pytest
 
-from lowrank import kernels
+from lowrank.kernels import api, backends
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 from lowrank.nn import LlamaAttention, LlamaMLP, RMSNorm
 
@@ -57,7 +57,7 @@ CASES = {
 def test_bad_input_is_a_clear_error(backend, case):
     call, error, match = CASES[case]
     with pytest.raises(error, match=match):
-        call(kernels.load(backend))
+        call(backends.load(backend))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

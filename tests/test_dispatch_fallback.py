@@ -5,21 +5,21 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank import kernels
+from lowrank.kernels import api, backends
 from lowrank.nn import dispatch
 
 
 @pytest.fixture
 def broken_numba(monkeypatch):
-    """kernels.load('numba') raises ImportError, with the dispatch cache emptied before and after."""
-    real = kernels.load
+    """backends.load('numba') raises ImportError, with the dispatch cache emptied before and after."""
+    real = backends.load
 
     def load(name):
         if name == "numba":
             raise ImportError("numba: simulated broken install")
         return real(name)
 
-    monkeypatch.setattr(kernels, "load", load)
+    monkeypatch.setattr(backends, "load", load)
     monkeypatch.setattr(dispatch, "_loaded", {})
     monkeypatch.setattr(dispatch, "_warned", set())
     yield
@@ -29,10 +29,10 @@ def broken_numba(monkeypatch):
 def test_auto_falls_back_to_numpy_with_one_runtime_warning(broken_numba):
     x = np.zeros((2, 3))
     with pytest.warns(RuntimeWarning, match=r"Numba failed to import .*simulated broken install.*slower"):
-        assert dispatch.kernels_for(x) is kernels.load("numpy")
+        assert dispatch.kernels_for(x) is backends.load("numpy")
     with warnings.catch_warnings():
         warnings.simplefilter("error")                        # a second call must not warn again
-        assert dispatch.kernels_for(x) is kernels.load("numpy")
+        assert dispatch.kernels_for(x) is backends.load("numpy")
         assert not dispatch.available("numba")
 
 
@@ -52,4 +52,4 @@ def test_a_layer_still_computes_under_the_fallback(broken_numba):
 def test_choosing_numpy_does_not_warn(broken_numba):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert dispatch.kernels_for(np.zeros(2), "numpy") is kernels.load("numpy")
+        assert dispatch.kernels_for(np.zeros(2), "numpy") is backends.load("numpy")

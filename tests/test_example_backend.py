@@ -7,8 +7,8 @@ import pytest
 import torch  # noqa: F401  (a required test dependency: the example is written with it)
 
 import lowrank as lr
-from lowrank import kernels
-from lowrank.kernels import reference
+from lowrank.kernels import api, backends
+from lowrank.kernels import config, reference
 from lowrank.kernels.conformance import check_backend
 
 from benchmarks import kernels as bench
@@ -17,7 +17,7 @@ FILE = Path(__file__).resolve().parents[1] / "examples" / "torch_backend.py"
 LEFT_OUT = ("nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",            # what the example does not implement
             "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
             "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward")
-NATIVE = tuple(n for n in kernels.API if n not in LEFT_OUT)
+NATIVE = tuple(n for n in api.API if n not in LEFT_OUT)
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*exceeds min\(D_in, D_out\):UserWarning")
 
@@ -25,9 +25,9 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:.*exceeds min\(D_in, D_out\):Us
 @pytest.fixture
 def torch_backend():
     old = lr.get_backend()
-    yield kernels.register_backend("torch", str(FILE), replace=True)
+    yield backends.register_backend("torch", str(FILE), replace=True)
     lr.set_backend(old)
-    kernels.unregister_backend("torch")
+    backends.unregister_backend("torch")
 
 
 def test_the_torch_backend_passes_the_conformance_suite():
@@ -41,8 +41,8 @@ def test_nf4_and_attention_fall_back_to_the_reference_declared_once(torch_backen
     assert torch_backend.native == NATIVE
     assert torch_backend.fallback == LEFT_OUT
     assert torch_backend.nf4_matmul is reference.nf4_matmul
-    assert "reference  nf4_matmul_dx" in kernels.describe("torch")
-    assert kernels.resolve("examples.torch_backend").native == NATIVE      # the import path works too
+    assert "reference  nf4_matmul_dx" in backends.describe("torch")
+    assert backends.resolve("examples.torch_backend").native == NATIVE      # the import path works too
 
 
 def _grads(layer, x, dy, **kw):
@@ -63,7 +63,7 @@ def _layer(dtype, backend, dropout):
 def test_layers_train_the_same_through_torch(torch_backend, dtype, rng):
     x, dy = rng.standard_normal((7, 6)).astype(dtype), rng.standard_normal((7, 5)).astype(dtype)
     names = ["b", "__base__", "default", "b", "default", "__base__", "b"]
-    tol = dict(rtol=kernels.config.RTOL[dtype], atol=kernels.config.ATOL[dtype])
+    tol = dict(rtol=config.RTOL[dtype], atol=config.ATOL[dtype])
     for dropout, kw in ((0.3, {}), (0.0, {"adapter_names": names})):      # mixed batches take no dropout
         want = _grads(_layer(dtype, "numpy", dropout), x, dy, **kw)
         with lr.use_backend("torch"):                            # the global switch reaches every layer

@@ -1,4 +1,4 @@
-"""Every kernel backend is a folder with the same files, and exposes kernels.API with exactly the
+"""Every kernel backend is a folder with the same files, and exposes api.API with exactly the
 NumPy reference's signatures, each function in the file of the same name."""
 import ast
 import inspect
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from lowrank import kernels
+from lowrank.kernels import api, backends
 from lowrank.kernels import reference
 
-ROOT = Path(kernels.__file__).parent
-BACKENDS = sorted(kernels.MODULES.values())
+ROOT = Path(api.__file__).parent
+BACKENDS = sorted(backends.MODULES.values())
 
 
 def _public_functions(module):
@@ -26,15 +26,15 @@ def _home(name):
 
 
 def test_reference_exposes_exactly_the_api():
-    api = set().union(*(_public_functions(getattr(reference, f)) for f in kernels.FILES))
-    assert api == set(kernels.API)
-    assert set(kernels.API) <= set(reference.__all__)
+    functions = set().union(*(_public_functions(getattr(reference, f)) for f in api.FILES))
+    assert functions == set(api.API)
+    assert set(api.API) <= set(reference.__all__)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_folder_has_the_same_files(backend):
     files = {p.stem for p in (ROOT / backend).glob("*.py")}
-    assert set(kernels.FILES) | {"__init__"} <= files, f"{backend}/ lacks {set(kernels.FILES) - files}"
+    assert set(api.FILES) | {"__init__"} <= files, f"{backend}/ lacks {set(api.FILES) - files}"
     for legacy in ("reference_nf4", "numba_multi", "numba_nf4", "nf4_avx2", "cuda_launch", "cupy_gpu"):
         assert not (ROOT / f"{legacy}.py").exists(), f"kernels/{legacy}.py is back beside the backend folders"
 
@@ -44,19 +44,19 @@ def test_each_file_has_the_reference_banners_in_order(backend):
     """numba_cpu/multi.py reads line for line against cupy_gpu/multi.py: the same banners, same order."""
     def banners(path):
         return [re.sub(r"-+$", "", line).strip() for line in path.read_text().splitlines() if line.startswith("# -- ")]
-    for f in kernels.FILES:
+    for f in api.FILES:
         assert banners(ROOT / backend / f"{f}.py") == banners(ROOT / "reference" / f"{f}.py"), f"{backend}/{f}.py"
 
 
-@pytest.mark.parametrize("backend", sorted(kernels.MODULES))
+@pytest.mark.parametrize("backend", sorted(backends.MODULES))
 def test_backend_signatures_equal_the_reference(backend):
     try:
-        module = kernels.load(backend)
+        module = backends.load(backend)
     except ImportError as e:                  # only CuPy is optional; Numba is required and must import
         if backend != "cupy":
             raise
         pytest.skip(f"{backend}: no CuPy here ({e})")
-    for name in kernels.API:
+    for name in api.API:
         fn = getattr(module, name, None)
         assert callable(fn), f"{module.__name__} lacks {name}"
         assert inspect.signature(fn) == inspect.signature(getattr(reference, name)), \
@@ -67,14 +67,7 @@ def test_backend_signatures_equal_the_reference(backend):
 
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown kernel backend 'fortran'"):
-        kernels.load("fortran")
-
-
-def test_reference_keeps_the_nf4_format_names():
-    """lowrank's quantizer and older callers import these from lowrank.kernels.reference."""
-    for name in ("NF4_CODE", "OUT_DTYPES", "check_blocksize", "check_nf4", "check_operand", "nf4_dequantize"):
-        assert hasattr(reference, name), name
-    assert reference.check_blocksize(64) == 64
+        backends.load("fortran")
 
 
 def test_no_backend_imports_another_backends_private_names():
@@ -90,7 +83,7 @@ def test_no_backend_imports_another_backends_private_names():
 def test_cupy_backend_signatures_from_its_source():
     """Without CuPy the package can't be imported, but its source still states its signatures:
     parse each file, so a drifted GPU signature (or a function in the wrong file) fails CI too."""
-    for name in kernels.API:
+    for name in api.API:
         path = ROOT / "cupy_gpu" / f"{_home(name)}.py"
         defs = {n.name: n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
         assert name in defs, f"cupy_gpu/{path.name} lacks {name}"
@@ -104,16 +97,16 @@ def test_cupy_backend_signatures_from_its_source():
         assert not a.kwonlyargs and a.vararg is None and a.kwarg is None
     init = ast.parse((ROOT / "cupy_gpu" / "__init__.py").read_text())
     exported = {a.name for n in init.body if isinstance(n, ast.ImportFrom) for a in n.names}
-    assert set(kernels.API) <= exported
+    assert set(api.API) <= exported
 
 
 def test_the_reference_states_each_equation_once():
     """Each API function of the reference opens with its ``Semantics:`` line; the other backends say
     only how they compute it (a second copy of an equation is one that can drift)."""
-    for name in kernels.API:
+    for name in api.API:
         assert getattr(reference, name).__doc__.startswith("Semantics: "), f"reference.{name}"
     for backend in ("numba_cpu", "cupy_gpu"):
-        for f in kernels.FILES:
+        for f in api.FILES:
             tree = ast.parse((ROOT / backend / f"{f}.py").read_text())
             for node in ast.walk(tree):
                 if isinstance(node, (ast.Module, ast.FunctionDef)):

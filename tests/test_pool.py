@@ -182,11 +182,11 @@ class _Spy:
 
 @pytest.fixture
 def spy_backend():
-    lr.kernels.register_backend("spy", _Spy, replace=True)
+    lr.register_backend("spy", _Spy, replace=True)
     _Spy.calls.clear()
     with lr.use_backend("spy"):
         yield _Spy.calls
-    lr.kernels.unregister_backend("spy")
+    lr.kernels.backends.unregister_backend("spy")
 
 
 def test_dora_and_lora_embedding_products_run_on_the_layers_backend(spy_backend):

@@ -17,7 +17,7 @@ except ImportError as e:                         # dispatch reads ImportError as
     raise ImportError("lowrank.kernels.cupy_gpu needs CuPy: pip install 'lowrank[gpu]' "
                       "(cupy-cuda12x) on a machine with an NVIDIA GPU") from e
 
-from .. import API  # noqa: E402
+from ..api import API  # noqa: E402
 from .activations import silu_and_mul, silu_and_mul_backward  # noqa: E402
 from .attention import causal_softmax, causal_softmax_backward, matmul, rope_backward, rope_forward  # noqa: E402
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward  # noqa: E402
@@ -25,4 +25,4 @@ from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, 
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx  # noqa: E402
 from .norm import rms_norm, rms_norm_backward  # noqa: E402
 
-__all__ = list(API)                        # the kernel API, listed once in lowrank.kernels
+__all__ = list(API)                        # the kernel API, listed once in lowrank.kernels.api

@@ -40,7 +40,7 @@ Fallback, declared once (``blas.half_to_reference``): float16 has neither BLAS n
 arithmetic here, so float16 dense/LoRA/BGMV/SGMV/attention/activation/norm calls run
 the reference. NF4 takes float32/64.
 """
-from .. import API
+from ..api import API
 from .activations import silu_and_mul, silu_and_mul_backward
 from .attention import causal_softmax, causal_softmax_backward, matmul, rope_backward, rope_forward
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
@@ -48,4 +48,4 @@ from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, 
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx
 from .norm import rms_norm, rms_norm_backward
 
-__all__ = list(API)                        # the kernel API, listed once in lowrank.kernels
+__all__ = list(API)                        # the kernel API, listed once in lowrank.kernels.api

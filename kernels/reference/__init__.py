@@ -15,12 +15,7 @@ Each function opens with a one-line ``Semantics:``, the equation every backend c
 other backends' files of the same names say only how they compute it. These functions also
 run on CuPy arrays (the cupy_gpu backend sends float64 here).
 """
-from .. import API
-from ..common import NF4_CODE
-from ..validate import NF4_FLOATS as OUT_DTYPES
-from ..validate import nf4 as check_nf4
-from ..validate import nf4_blocksize as check_blocksize
-from ..validate import nf4_operand as check_operand
+from ..api import API
 from .activations import silu_and_mul, silu_and_mul_backward
 from .attention import causal_softmax, causal_softmax_backward, matmul, rope_backward, rope_forward
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
@@ -28,8 +23,4 @@ from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, 
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx
 from .norm import rms_norm, rms_norm_backward
 
-__all__ = [
-    *API,                                   # the kernel API, listed once in lowrank.kernels
-    # the NF4 format and its checks, by the names lowrank's quantizer and older callers use
-    "NF4_CODE", "OUT_DTYPES", "check_blocksize", "check_nf4", "check_operand",
-]
+__all__ = list(API)                        # the kernel API, listed once in lowrank.kernels.api

@@ -1,7 +1,7 @@
 """The one dispatch point between layers and kernels.
 
 Layers call ``kernels_for(x, layer.backend)`` and get a module with the kernel API
-(``lowrank.kernels.API``). The backend is chosen per layer (``layer.backend``), else
+(``lowrank.kernels.api.API``). The backend is chosen per layer (``layer.backend``), else
 globally (``set_backend``), else automatically: the fastest available for the
 input's device (Numba on the CPU when importable, CuPy on the GPU). When Numba fails to
 import, 'auto' runs the NumPy reference and says so once, with a RuntimeWarning.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 
-from .. import kernels
+from ..kernels import backends as kernels
 from .device import is_cupy_array
 
-BACKENDS = ("auto", "numpy", "numba", "cupy")
+BACKENDS = ("auto", *kernels.MODULES)          # "auto", then the built-in ones: numpy, numba, cupy
 _default = "auto"
 _loaded: dict = {}          # backend name -> kernel module, or the ImportError that kept it out
 _warned: set = set()        # backends whose absence 'auto' has already warned about
@@ -23,7 +23,7 @@ _warned: set = set()        # backends whose absence 'auto' has already warned a
 def _check(name):
     if name not in BACKENDS and not kernels.is_backend(name):        # registered or installed ones too
         raise ValueError(f"backend must be one of {BACKENDS} or a name registered with "
-                         f"lowrank.kernels.register_backend {tuple(kernels.names()[3:])}, got {name!r}")
+                         f"lowrank.register_backend {tuple(kernels.registered())}, got {name!r}")
 
 
 def set_backend(name: str):
@@ -66,8 +66,7 @@ def _load(name):
         except ImportError as e:
             _loaded[name] = e
     if isinstance(_loaded[name], ImportError):
-        raise ImportError(f"kernel backend {name!r} is not available here "
-                          f"(numba needs `pip install numba`; cupy needs lowrank[gpu] and a GPU)") from _loaded[name]
+        raise ImportError(f"kernel backend {name!r} is not available here: {_loaded[name]}") from _loaded[name]
     return _loaded[name]
 
 

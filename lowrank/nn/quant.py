@@ -30,7 +30,8 @@ import numpy as np
 
 from .device import FLOAT_DTYPES, get_array_module
 from .dispatch import kernels_for
-from ..kernels.reference import NF4_CODE, check_blocksize
+from ..kernels.common import NF4_CODE
+from ..kernels.validate import nf4_blocksize
 
 FLOATS_IN = (np.dtype(np.float16),) + FLOAT_DTYPES
 
@@ -106,7 +107,7 @@ def check_weight(w, who="quantize_nf4"):
 
 def quantize_blockwise_nf4(w, blocksize: int = 64):
     """NF4 codes and absmax of ``w`` (any shape, flattened row-major): ((n,) uint8, (n_blocks,) float32)."""
-    blocksize = check_blocksize(blocksize)
+    blocksize = nf4_blocksize(blocksize)
     check_weight(w)
     flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
     absmax = _blockwise_absmax(flat, blocksize)
@@ -115,7 +116,7 @@ def quantize_blockwise_nf4(w, blocksize: int = 64):
 
 def double_quantize(absmax, blocksize: int = 256):
     """(q (n_blocks,) uint8, scale (ceil(n_blocks/256),) float32, offset float32) of the absmax values."""
-    blocksize = check_blocksize(blocksize)
+    blocksize = nf4_blocksize(blocksize)
     offset = np.float32(absmax.mean(dtype=np.float64))
     centred = absmax - offset                                      # float32
     scale = _blockwise_absmax(centred, blocksize)
@@ -138,7 +139,7 @@ class NF4Tensor:
     def __init__(self, data, shape, dtype, blocksize: int = 64, *, absmax=None,
                  absmax_q=None, absmax_scale=None, absmax_offset=None, dq_blocksize: int = 256):
         self.data, self.shape, self.dtype = data, tuple(int(d) for d in shape), np.dtype(dtype)
-        self.blocksize, self.dq_blocksize = check_blocksize(blocksize), check_blocksize(dq_blocksize)
+        self.blocksize, self.dq_blocksize = nf4_blocksize(blocksize), nf4_blocksize(dq_blocksize)
         self.double_quant = absmax is None
         if self.double_quant and (absmax_q is None or absmax_scale is None or absmax_offset is None):
             raise ValueError("NF4Tensor: give absmax, or all of absmax_q, absmax_scale and absmax_offset")
@@ -160,12 +161,12 @@ class NF4Tensor:
     def empty(cls, shape, dtype, blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256):
         """Zero buffers of the right sizes, to be filled by load_state_dict (no quantization work)."""
         n = int(np.prod(shape))
-        n_blocks = -(-n // check_blocksize(blocksize))
+        n_blocks = -(-n // nf4_blocksize(blocksize))
         packed = np.zeros(-(-n // 2), np.uint8)
         if not double_quant:
             return cls(packed, shape, dtype, blocksize, absmax=np.zeros(n_blocks, np.float32))
         return cls(packed, shape, dtype, blocksize, absmax_q=np.zeros(n_blocks, np.uint8),
-                   absmax_scale=np.zeros(-(-n_blocks // check_blocksize(dq_blocksize)), np.float32),
+                   absmax_scale=np.zeros(-(-n_blocks // nf4_blocksize(dq_blocksize)), np.float32),
                    absmax_offset=np.zeros(1, np.float32), dq_blocksize=dq_blocksize)
 
     @property

@@ -1,22 +1,6 @@
-"""Kernels for the fused LoRA path and a decoder's elementwise parts, one folder per backend, the same
-files in each.
+"""Kernel backends by name: the built-in ones, and your own.
 
-    reference/  NumPy, the readable definition every other backend is tested against
-    numba_cpu/  Numba CPU kernels (BLAS for the big product, loops for the rank-r parts)
-    cupy_gpu/   CuPy: cuBLAS for the big product, hand-written CUDA where it pays
-
-    each backend   lora.py (dense, one adapter)  multi.py (BGMV, SGMV)  nf4.py (4-bit W)
-                   attention.py (batched products, RoPE, causal softmax)  activations.py (SwiGLU's gate)  norm.py (RMSNorm)
-    shared         validate.py (input checks)  config.py (tunables, tolerances)  common.py (helpers)
-    your own       register_backend / describe (here), conformance.py (the public test suite)
-
-Every backend package exposes the functions listed in ``API`` with the signatures of
-``reference``, each in the file of the same name (tests check both). The reference states
-each equation once (a ``Semantics:`` line per function); the other backends say how they
-compute it. Kernels are pure functions on arrays; they never import lowrank. Installed as
-``lowrank.kernels``.
-
-Bring your own backend: any module (or object) with some of the ``API`` functions, each with
+Bring your own backend: any module (or object) with some of the ``api.API`` functions, each with
 the reference's signature, registered by ``register_backend(name, module)`` or installed by a
 package under the entry-point group ``lowrank.kernel_backends`` (``name = "pkg.module"``).
 What it lacks is the reference's, declared once here (``Backend``), and so are the float
@@ -33,22 +17,11 @@ import types
 from importlib import import_module
 from importlib.metadata import entry_points
 
-API = (
-    "dense_forward", "dense_backward",
-    "lora_forward", "lora_backward",
-    "lora_forward_multi", "lora_backward_multi",
-    "lora_forward_sgmv", "lora_backward_sgmv",
-    "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
-    "matmul", "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
-    "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward",
-)
-
-FILES = ("lora", "multi", "nf4", "attention", "activations", "norm")              # the files of every backend folder, API split among them
+from .api import API, FLOATS
 
 MODULES = {"numpy": "reference", "numba": "numba_cpu", "cupy": "cupy_gpu"}
 
 ENTRY_POINTS = "lowrank.kernel_backends"      # entry-point group of installed third-party backends
-FLOATS = ("float16", "float32", "float64")
 DEFAULT_DTYPES = ("float32", "float64")       # what a backend claims when it has no DTYPES attribute
 BUILTIN_DTYPES = {"numpy": FLOATS, "numba": DEFAULT_DTYPES, "cupy": FLOATS}   # numba: float16 is the reference's
 _registry: dict = {}                          # name -> Backend, filled by register_backend / entry points
@@ -58,19 +31,24 @@ def load(backend: str):
     """The kernel package for a built-in ``backend`` ('numpy', 'numba' or 'cupy'), or the ``Backend``
     registered (or installed as an entry point) under that name; ImportError if unavailable."""
     if backend in MODULES:
-        return import_module(f"{__name__}.{MODULES[backend]}")
+        return import_module(f"{__package__}.{MODULES[backend]}")
     if backend not in _registry:
         found = _entry_points().get(backend)
         if found is None:
             raise ValueError(f"unknown kernel backend {backend!r}; choose one of {sorted(MODULES)} "
-                             f"or a registered one {sorted(names()[len(MODULES):])}")
+                             f"or a registered one {registered()}")
         register_backend(backend, found.load())
     return _registry[backend]
 
 
 def names() -> list:
     """Every backend name: the built-in ones, then those registered or installed (not loaded)."""
-    return list(MODULES) + sorted(set(_registry) | set(_entry_points()))
+    return list(MODULES) + registered()
+
+
+def registered() -> list:
+    """The names of backends registered here or installed as entry points (not loaded)."""
+    return sorted(set(_registry) | set(_entry_points()))
 
 
 def is_backend(name: str) -> bool:
