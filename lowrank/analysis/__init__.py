@@ -7,7 +7,8 @@ subspace similarity, intrinsic dimension and adapter combination (``lowrank anal
     intrinsic    θ = θ₀ + P z training (SubspaceModel), d90
     fastfood     the O(D log D) random projection for large D
     combine      add_weighted_adapter with "cat" (exact) and "svd"
-    report       the ``lowrank analyze`` subcommand and ``analyze(...)`` for the demo
+
+The ``lowrank analyze`` command that reports all of these is ``lowrank/app/analyze.py``.
 """
 from .combine import add_weighted_adapter
 from .fastfood import Fastfood, fwht

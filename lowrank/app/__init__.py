@@ -1,2 +1,2 @@
-"""The ``lowrank`` commands, one module each (demo, train, inspect, analyze; cli.py is the entry
-point), with what only they use (experiment, variants, report, plots, progress)."""
+"""The ``lowrank`` commands, one module each (cli.py is the entry point and lists them in
+``COMMANDS``), with what only they use (experiment, variants, report, plots, progress, allocator)."""

@@ -34,9 +34,8 @@ from .demo import jsonable
 from .progress import StageLog
 
 QV = "q_proj,v_proj"
-# Peak learning rates were picked by runs of 150 steps of batch 8, T = 64 (validation perplexity, seed 0):
-# LoRA r=8 on q/v 4e-3 / 1e-2 / 2e-2 -> 7.00 / 6.49 / 6.64; full 5e-4 / 1e-3 / 2e-3 -> 5.18 / 4.80 / 4.64;
-# head 4e-3 / 1e-2 / 2e-2 -> 6.22 / 5.99 / 5.95 (1e-2 kept, as LoRA). QLoRA and DoRA take LoRA's.
+# Each method's peak learning rate (LMDemoConfig.lr) is the best validation perplexity of a sweep over
+# three rates; QLoRA and DoRA take LoRA's.
 PROMPTS = ("import os\nimport ", "class Stack:\n    def __init__(self, items):\n        self.",
            "    for key, value in ")
 
@@ -46,14 +45,14 @@ class LMDemoConfig:
     """Sizes of one demo run (``quick()``: the same sections at toy sizes)."""
 
     steps: int = 120                # Adam steps per run
-    batch_size: int = 16            # windows per step (8, 150 steps: a seed range of 0.23 ppl; 16: 0.10)
+    batch_size: int = 16            # windows per step (16 halves the spread over seeds that 8 gives)
     seq_len: int = 64               # T, predicted tokens per window
     eval_windows: int = 96          # validation windows behind every reported perplexity
     curve_windows: int = 16         # validation windows behind the loss-curve points
     curve_points: int = 5           # validation points per curve (steps divisible by it: even stages)
     warmup: int = 10
     lr: dict = field(default_factory=lambda: {"lora": 1e-2, "qlora": 1e-2, "dora": 1e-2, "full": 2e-3,
-                                              "head": 1e-2})       # the probe above
+                                              "head": 1e-2})       # the sweep above
     ranks: tuple = (1, 2, 4, 8, 16)
     r: int = 8                      # the rank of QLoRA, DoRA, the seed runs and the samples
     seeds: int = 3                  # runs of LoRA r on q/v for the spread (the first is the main table's)
@@ -106,10 +105,9 @@ def load_base(dtype: str = "float32"):
 
 def build(method: str, target, r, adapter_name: str = "default"):
     """The shipped base set up for ``method`` (``lm_finetune.build_model``; adapters under ``adapter_name``)."""
-    from types import SimpleNamespace
-    from .lm_finetune import build_model
-    args = SimpleNamespace(method=method, target=target, r=r, alpha=None, dropout=0.0, model="shipped")
-    return build_model(args, load_base(), adapter_name)
+    from .lm_finetune import ADAPTER_METHODS, build_model, lora_config
+    config = lora_config(method, target, r) if method in ADAPTER_METHODS else None
+    return build_model(load_base(), method, config, adapter_name)
 
 
 def memory(model, batch) -> dict:

@@ -52,15 +52,21 @@ def add_arguments(parser):
     parser.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of mpiexec")
 
 
-def lora_config(args):
-    """The LoraConfig the flags describe (its own checks refuse a bad --r, --alpha or --dropout)."""
+def lora_config(method: str, target: str, r: int, alpha=None, dropout: float = 0.0, model="shipped"):
+    """The LoraConfig of ``--method --target --r --alpha --dropout --model`` (its own checks refuse a
+    bad r, alpha or dropout); ``target`` is "all-linear" or comma-separated module names."""
     from ..tuners.lora.config import LoraConfig
-    target = args.target if args.target == "all-linear" else [t for t in args.target.split(",") if t]
-    if not target:
-        raise ValueError(f"--target names no module: {args.target!r}")
-    return LoraConfig(r=args.r, lora_alpha=2 * args.r if args.alpha is None else args.alpha,
-                      lora_dropout=args.dropout, target_modules=target, use_dora=args.method == "dora",
-                      base_model_name_or_path=str(args.model), task_type="CAUSAL_LM")
+    modules = target if target == "all-linear" else [t for t in target.split(",") if t]
+    if not modules:
+        raise ValueError(f"--target names no module: {target!r}")
+    return LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
+                      target_modules=modules, use_dora=method == "dora", base_model_name_or_path=str(model),
+                      task_type="CAUSAL_LM")
+
+
+def flags_lora_config(args):
+    """``lora_config`` of the parsed flags."""
+    return lora_config(args.method, args.target, args.r, args.alpha, args.dropout, args.model)
 
 
 def check_flags(args):
@@ -70,7 +76,7 @@ def check_flags(args):
     resolve(args, {**DEFAULTS, "lr": LR[args.method]})
     args.model = str(shipped_checkpoint() if args.model is None else args.model)
     if args.method in ADAPTER_METHODS:
-        lora_config(args)
+        flags_lora_config(args)
     from ..models.llama.configuration import LlamaConfig
     from ..training.text import ByteTokenizer
     config_file = Path(args.model) / "config.json"
@@ -88,16 +94,16 @@ def check_flags(args):
     check_out(args.out)
 
 
-def build_model(args, base, adapter_name: str = "default"):
-    """``base`` (modified in place) set up for ``args.method``: a LoraModel (its adapter named ``adapter_name``),
-    or the Llama with the right weights trainable."""
+def build_model(base, method: str, config=None, adapter_name: str = "default"):
+    """``base`` (modified in place) set up for ``method``: a LoraModel of LoraConfig ``config`` (its adapter
+    named ``adapter_name``) for lora, qlora and dora, or the Llama with the right weights trainable."""
     from ..tuners.lora.model import get_lora_model
     from ..tuners.lora.qlora import quantize_model
-    if args.method in ("lora", "dora"):
-        return get_lora_model(base, lora_config(args), adapter_name=adapter_name)
-    if args.method == "qlora":
-        return get_lora_model(quantize_model(base), lora_config(args), adapter_name=adapter_name)
-    if args.method == "full":
+    if method in ("lora", "dora"):
+        return get_lora_model(base, config, adapter_name=adapter_name)
+    if method == "qlora":
+        return get_lora_model(quantize_model(base), config, adapter_name=adapter_name)
+    if method == "full":
         return base.requires_grad_(True)
     untie_head(base)
     base.requires_grad_(False)
@@ -144,7 +150,7 @@ def finetune(args, comm, say) -> tuple[dict, object]:
     before = evaluate_loss(base, val)
     say(f"{args.model}: validation loss {before:.4f} (perplexity {math.exp(before):.3f}) on {CORPUS} code "
         f"before fine-tuning; {len(train)} training windows")
-    model = build_model(args, base)
+    model = build_model(base, args.method, flags_lora_config(args) if args.method in ADAPTER_METHODS else None)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     say(f"--method {args.method}: {trainable:,d} of {total:,d} parameters trainable "
         f"({100 * trainable / total:.3f}%)" + (f", {comm.Get_size()} ranks" if comm is not None else ""))

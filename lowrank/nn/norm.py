@@ -1,17 +1,10 @@
 """RMSNorm (Llama's norm) with its backward, in float32 or wider as transformers computes it.
 
-Letters: x (..., d), any leading shape; w (d,). With r = 1/sqrt(mean(x², last axis) + eps)
-and x̂ = x r (computed in the wider of float32 and x's dtype, then cast back to x's dtype):
-
-    y  = w ⊙ x̂
-    dx = r (g − x̂ · mean(g ⊙ x̂)),   g = dy ⊙ w       (∂r/∂x_j = −r³ x_j / d)
-    dw = Σ_rows dy ⊙ x̂
-
-The casts are treated as the identity in the backward. transformers' LlamaRMSNorm upcasts
-to float32 only, so a float64 transformers model *narrows* here; lowrank never narrows.
-Both directions are kernels (``lowrank.kernels``: ``rms_norm``, ``rms_norm_backward``; the
-reference's ``norm.py`` computes them as above): the layer keeps x and r and the backward
-recomputes x̂.
+The equations, forward and backward, are the kernels' (``kernels/reference/norm.py``:
+``rms_norm``, ``rms_norm_backward``). The layer keeps x (..., d) and r = 1/RMS (..., 1) for its
+backward, which recomputes x̂ = x r; the weight gets its gradient only when trainable.
+transformers' LlamaRMSNorm upcasts to float32 only, so a float64 transformers model *narrows*
+there; lowrank never narrows.
 """
 from __future__ import annotations
 
