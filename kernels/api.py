@@ -6,6 +6,7 @@
 
     each backend   lora.py (dense, one adapter)  multi.py (BGMV, SGMV)  nf4.py (4-bit W)
                    attention.py (batched products, RoPE, causal softmax)  activations.py (SwiGLU's gate)  norm.py (RMSNorm)
+                   loss.py (the LM head and cross-entropy, fused)
     shared         validate.py (input checks)  config.py (tunables, tolerances)  common.py (helpers)
     your own       backends.py (register_backend, describe), conformance.py (the public test suite)
 
@@ -29,8 +30,9 @@ API = (
     "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
     "matmul", "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
     "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward",
+    "linear_cross_entropy",
 )
 
-FILES = ("lora", "multi", "nf4", "attention", "activations", "norm")   # the files of every backend folder, API split among them
+FILES = ("lora", "multi", "nf4", "attention", "activations", "norm", "loss")   # the files of every backend folder, API split among them
 
 FLOATS = ("float16", "float32", "float64")

@@ -39,6 +39,7 @@ OUTPUTS = {
     "matmul": ("y",), "rope_forward": ("y",), "rope_backward": ("dx",), "causal_softmax": ("P",), "causal_softmax_backward": ("dS",),
     "silu_and_mul": ("y",), "silu_and_mul_backward": ("dg", "du"),
     "rms_norm": ("y", "rstd"), "rms_norm_backward": ("dx", "dw"),
+    "linear_cross_entropy": ("loss_sum", "dx", "dW"),
 }
 
 

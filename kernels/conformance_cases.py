@@ -15,6 +15,7 @@ mean something. What the cases cover, on purpose:
                 (past > 0), padding masks and rows that see no key, any number of head axes
     SwiGLU      1 to 3 axes, empty ones included; gates of ±hundreds, where e^−g overflows
     RMSNorm     1 to 3 axes, d = 1, empty batches, a large eps, with and without dw
+    LM loss     N = 0, V = 1, no label ignored, some, all; with and without dx and dW
     NF4         odd weight counts (a half-used last byte), block sizes 2 … 128, zero scales, and
                 absmax with and without double quantization (an 8-bit round trip of the scales)
 
@@ -290,6 +291,22 @@ def rms_norm_backward(c, dtype, oracle):
     return dy, x, weight, relayout(rstd, c["layout"]), c["need_dw"]
 
 
+# -- the LM head and cross-entropy ---------------------------------------------------------------
+LOSS = st.fixed_dictionaries(dict(N=N_, d=D_, V=st.integers(1, 40), ignored=st.sampled_from([0.0, 0.3, 1.0]),
+                                  scale=SCALING, need_dx=st.booleans(), need_dW=st.booleans(), layout=LAYOUT,
+                                  seed=SEED))
+
+
+def linear_cross_entropy(c, dtype, oracle):
+    """x, W and labels, some ignored (none, about a third, all); rows cross ``config.LOSS_CHUNK_ROWS`` when the
+    test shrinks it."""
+    rng = np.random.default_rng(c["seed"])
+    f = _normal(rng, dtype, c["layout"])
+    labels = rng.integers(0, c["V"], c["N"])
+    labels[rng.random(c["N"]) < c["ignored"]] = -100
+    return f(c["N"], c["d"]), f(c["V"], c["d"]), labels, c["scale"], -100, c["need_dx"], c["need_dW"]
+
+
 # -- per API function: (strategy, inputs(case, dtype, oracle) -> args, explicit edge cases) --------
 _EDGE_LORA = [dict(N=0, D_in=1, D_out=1, r=1), dict(N=1, D_in=1, D_out=1, r=1), dict(N=3, D_in=6, D_out=2, r=8)]
 _EDGE_MULTI = [dict(N=1, D_in=1, D_out=1, K=1, ranks=[1], index=[-1]), dict(N=0, D_in=2, D_out=3, K=2, ranks=[1, 2],
@@ -311,6 +328,9 @@ _EDGE_SILU = [dict(shape=[1], scale=1.0), dict(shape=[0, 3], scale=4.0), dict(sh
 
 _EDGE_NORM = [dict(shape=[], d=1, eps=1e-6, need_dw=True), dict(shape=[0], d=3, eps=1e-5, need_dw=True),
               dict(shape=[3, 4], d=9, eps=0.5, need_dw=False)]
+
+_EDGE_LOSS = [dict(N=0, d=1, V=1, ignored=0.0), dict(N=1, d=1, V=1, ignored=0.0), dict(N=5, d=3, V=7, ignored=1.0),
+              dict(N=9, d=4, V=40, ignored=0.3)]
 
 
 def _edges(edges, **defaults):
@@ -344,4 +364,6 @@ CASES = {
     "silu_and_mul_backward": (SILU, silu_and_mul_backward, _edges(_EDGE_SILU, layout="F", seed=0)),
     "rms_norm": (NORM, rms_norm, _edges(_EDGE_NORM, layout="strided", seed=0)),
     "rms_norm_backward": (NORM, rms_norm_backward, _edges(_EDGE_NORM, layout="F", seed=0)),
+    "linear_cross_entropy": (LOSS, linear_cross_entropy, _edges(_EDGE_LOSS, scale=0.5, need_dx=True, need_dW=True,
+                                                                layout="strided", seed=0)),
 }

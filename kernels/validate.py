@@ -198,6 +198,26 @@ def silu_and_mul(g, u, dy=None):
         _shape("dy", dy, tuple(g.shape))
 
 
+# -- the LM head and cross-entropy ---------------------------------------------------------------
+def linear_cross_entropy(x, W, labels, ignore_index):
+    """x (N, d) float, W (V, d) of x's dtype, labels (N,) ints in [0, V) or ignore_index; returns (N, V)."""
+    if x.ndim != 2 or W.ndim != 2:
+        raise ValueError(f"linear_cross_entropy: x must be (N, d) and W (V, d), got x {tuple(x.shape)}, "
+                         f"W {tuple(W.shape)}")
+    _float("x", x, x.dtype)
+    _float("W", W, x.dtype)
+    _shape("W", W, (None, x.shape[1]))
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    _shape("labels", labels, (x.shape[0],))
+    V = W.shape[0]
+    counted = labels[labels != ignore_index]
+    if counted.size and (int(counted.min()) < 0 or int(counted.max()) >= V):
+        bad = counted[(counted < 0) | (counted >= V)][0]
+        raise ValueError(f"labels must lie in [0, {V}) or be ignore_index={ignore_index}, got {int(bad)}")
+    return x.shape[0], V
+
+
 # -- RMSNorm ----------------------------------------------------------------------------------
 def rms_norm(x, weight, dy=None, rstd=None):
     """x (..., d) float, weight (d,) of x's dtype; dy like x; rstd (..., 1) in float32 or wider."""

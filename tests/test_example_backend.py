@@ -1,5 +1,5 @@
 """examples/torch_backend.py, a backend from outside the library: it passes the conformance suite,
-trains layers the same as the built-in backends, declares its fallbacks (NF4 and the decoder's elementwise kernels), and joins the benchmark."""
+trains layers the same as the built-in backends, declares its fallbacks (NF4, the decoder's elementwise kernels and the LM loss), and joins the benchmark."""
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from benchmarks import kernels as bench
 FILE = Path(__file__).resolve().parents[1] / "examples" / "torch_backend.py"
 LEFT_OUT = ("nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",            # what the example does not implement
             "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
-            "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward")
+            "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward", "linear_cross_entropy")
 NATIVE = tuple(n for n in api.API if n not in LEFT_OUT)
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*exceeds min\(D_in, D_out\):UserWarning")

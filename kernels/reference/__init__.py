@@ -10,6 +10,7 @@ Letters: N rows, D_in, D_out, r rank, K adapters. Row-major activations.
     attention.py  RoPE and the causal softmax, the elementwise parts of attention
     activations.py  SwiGLU's gate, silu(g) ⊙ u
     norm.py   RMSNorm
+    loss.py   the LM head and cross-entropy, fused, without the (N, V) logits
 
 Each function opens with a one-line ``Semantics:``, the equation every backend computes; the
 other backends' files of the same names say only how they compute it. These functions also
@@ -18,6 +19,7 @@ run on CuPy arrays (the cupy_gpu backend sends float64 here).
 from ..api import API
 from .activations import silu_and_mul, silu_and_mul_backward
 from .attention import causal_softmax, causal_softmax_backward, matmul, rope_backward, rope_forward
+from .loss import linear_cross_entropy
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx
