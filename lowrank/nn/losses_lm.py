@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .device import get_array_module
+from .dispatch import kernels_for
 from .losses import Loss
 
 
@@ -69,3 +70,51 @@ class CausalLMLoss(Loss):
         dz = xp.zeros(shape, dtype=shifted.dtype)                 # (B, T, V); position T−1 predicts nothing
         dz[:, :-1] = d * (counted[..., None] / n)
         return dz
+
+
+class LinearCrossEntropyCache(NamedTuple):
+    dx: object         # (B, T−1, d) the gradient of the hidden states, computed with the loss
+    dW: object         # (V, d) the head weight's gradient, or None when it is frozen
+    shape: tuple       # (B, T, d)
+
+
+class LinearCrossEntropyLoss(Loss):
+    """``CausalLMLoss`` of ``hidden Wᵀ`` without those logits: the LM head (weight W (V, d), tied or not)
+    and the loss in one kernel (``linear_cross_entropy``), a chunk of rows at a time. The gradients come
+    out of the forward's pass and are kept for ``backward``; W's only when it is trainable."""
+
+    backend = None          # the kernel backend (None: the global setting; see nn.dispatch)
+
+    def __init__(self, ignore_index: int = -100):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, hidden, weight, labels, need_grad: bool = True):
+        """hidden (B, T, d), ``weight`` the head's Parameter (V, d), labels (B, T) -> the mean loss (float)."""
+        if getattr(hidden, "ndim", 0) != 3 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"LinearCrossEntropyLoss: hidden must be (B, T, {weight.shape[1]}), got "
+                             f"{tuple(getattr(hidden, 'shape', ())) or type(hidden).__name__}")
+        B, T, d = hidden.shape
+        if not np.issubdtype(np.dtype(labels.dtype), np.integer) or tuple(labels.shape) != (B, T):
+            raise TypeError(f"LinearCrossEntropyLoss: labels must be an integer array of shape ({B}, {T}) like "
+                            f"the ids, got {labels.dtype} {tuple(labels.shape)}")
+        x = hidden[:, :-1].reshape(-1, d)                                     # (B·(T−1), d), positions that predict
+        target = labels[:, 1:].reshape(-1)                                    # (B·(T−1),)
+        n = int((target != self.ignore_index).sum())
+        if n == 0:
+            raise ValueError(f"LinearCrossEntropyLoss: no label to predict: every label after the first is "
+                             f"ignore_index={self.ignore_index} (or T = {T} < 2)")
+        loss, dx, dW = kernels_for(x, self.backend).linear_cross_entropy(
+            x, weight.data, target, 1.0 / n, self.ignore_index, need_grad, need_grad and weight.trainable)
+        self._cache = LinearCrossEntropyCache(dx, dW, (B, T, d)) if need_grad else None
+        self._weight = weight
+        return float(loss) / n
+
+    def backward(self):
+        """d hidden (B, T, d) (the last position predicts nothing: 0); the weight's gradient accumulated."""
+        dx, dW, (B, T, d) = self._need_cache()
+        xp = get_array_module(dx)
+        dhidden = xp.zeros((B, T, d), dx.dtype)
+        dhidden[:, :-1] = dx.reshape(B, T - 1, d)
+        self._weight.accumulate(dW)
+        return dhidden
