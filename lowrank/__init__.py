@@ -2,17 +2,18 @@
 
     import lowrank as lr
     model = lr.MLP([2, 64, 1])
-    layer = lr.LoRALinear(model[0], r=4, lora_alpha=8)
+    layer = lr.LoraLinear(model[0], r=4, lora_alpha=8)
 """
 from .nn.device import get_array_module, to_device
 from .nn.dispatch import get_backend, kernels_for, set_backend, use_backend
 from .kernels.backends import register_backend
 from .nn.gradcheck import check_module, gradcheck, numerical_gradient
 from .nn.layers import GELU, MLP, Dense, ReLU, Sigmoid, Tanh
-from .tuners.lora.layer import LoRALinear
-from .tuners.lora.embedding import LoRAEmbedding
+from .tuners.lora.layer import LoraLinear
+from .tuners.lora.embedding import LoraEmbedding
 from .tuners.lora.config import LoraConfig
-from .tuners.lora.model import LoraModel, ModulesToSave, get_lora_model
+from .tuners.lora.model import LoraModel, get_lora_model
+from .tuners.lora.modules_to_save import ModulesToSave
 from .training.data import Dataset, TaskSpec, downstream_task, make_task
 from .training.loop import History, evaluate, fit, predict
 from .io.model_files import FileFormatError, load_model, save_model
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "get_array_module", "to_device", "get_backend", "kernels_for", "set_backend", "use_backend", "register_backend",
     "check_module", "gradcheck", "numerical_gradient",
-    "GELU", "MLP", "Dense", "ReLU", "Sigmoid", "Tanh", "LoRALinear", "LoRAEmbedding",
+    "GELU", "MLP", "Dense", "ReLU", "Sigmoid", "Tanh", "LoraLinear", "LoraEmbedding",
     "LoraConfig", "LoraModel", "ModulesToSave", "get_lora_model",
     "Dataset", "TaskSpec", "downstream_task", "make_task", "History", "evaluate", "fit", "predict",
     "FileFormatError", "load_model", "save_model",

@@ -18,7 +18,7 @@ def test_one_small_lora_step_counted_by_hand():
     assert mem.weights == f8 * (base + lora)
     assert mem.gradients == f8 * lora                 # frozen weights get no gradient
     assert mem.optimizer == 2 * f8 * lora             # Adam: exp_avg and exp_avg_sq per trainable array
-    # caches: LoRALinear keeps x (5, 4) and h (5, 2); ReLU its mask (5, 8) of bools;
+    # caches: LoraLinear keeps x (5, 4) and h (5, 2); ReLU its mask (5, 8) of bools;
     # the frozen head keeps nothing (it needs no dW)
     assert mem.activations == f8 * 5 * 4 + f8 * 5 * 2 + 1 * 5 * 8
     # the caches all live at the end of the forward, gradients and Adam state at the end of the step

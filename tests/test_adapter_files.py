@@ -9,9 +9,9 @@ import safetensors.numpy
 from hypothesis import given, strategies as st
 
 import lowrank as lr
-from lowrank.io import adapter_files
-from lowrank.io.adapter_files import (CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, adapter_parameters,
-                                   save_pretrained)
+from lowrank.tuners.lora import save_and_load
+from lowrank.tuners.lora.save_and_load import (ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, AdapterFileError,
+                                              adapter_parameters, save_pretrained)
 from lowrank.io.model_files import FileFormatError
 
 X = np.random.default_rng(7).normal(size=(4, 5))
@@ -70,14 +70,14 @@ def test_files_have_peft_names_layouts_and_fields(tmp_path):
     trained(lm, "default")
     lm.add_adapter("other", lr.LoraConfig(r=1, target_modules=["0"], modules_to_save=["2"]))
     lm.save_pretrained(tmp_path, selected_adapters=["default"])     # layer 2's factors sit in original_module
-    tensors = safetensors.numpy.load_file(tmp_path / WEIGHTS_NAME)
+    tensors = safetensors.numpy.load_file(tmp_path / ADAPTER_SAFE_WEIGHTS_NAME)
     layer0, layer2 = lm.model[0], lm.model[2]
     assert {k: v.shape for k, v in tensors.items()} == {
         "base_model.model.0.lora_A.weight": (2, 5), "base_model.model.0.lora_B.weight": (4, 2),
         "base_model.model.2.lora_A.weight": (2, 4), "base_model.model.2.lora_B.weight": (3, 2)}
     assert np.array_equal(tensors["base_model.model.0.lora_A.weight"], layer0.lora_A["default"].data)
     assert np.array_equal(tensors["base_model.model.2.lora_B.weight"], layer2.original_module.lora_B["default"].data)
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
     assert config == {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "lora_dropout": 0.0,
                       "target_modules": ["0", "2"], "bias": "none", "use_rslora": False, "use_dora": False,
                       "init_lora_weights": True, "fan_in_fan_out": False, "modules_to_save": None,
@@ -85,7 +85,7 @@ def test_files_have_peft_names_layouts_and_fields(tmp_path):
                       "base_model_name_or_path": None, "inference_mode": True}
     head = lr.get_lora_model(lr.MLP([5, 4, 3]), lr.LoraConfig(r=1, target_modules=["0"], modules_to_save=["2"]))
     head.save_pretrained(tmp_path / "head")
-    copy = safetensors.numpy.load_file(tmp_path / "head" / WEIGHTS_NAME)   # the copy under the module's name
+    copy = safetensors.numpy.load_file(tmp_path / "head" / ADAPTER_SAFE_WEIGHTS_NAME)   # the copy, the module's name
     assert set(copy) == {"base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight",
                          "base_model.model.2.weight", "base_model.model.2.bias"}
     assert np.array_equal(copy["base_model.model.2.bias"], head.model[2].modules_to_save["default"].bias.data)
@@ -97,7 +97,7 @@ def test_loaded_model_computes_the_lora_formula(tmp_path):
                  "default")
     lm.save_pretrained(tmp_path)
     loaded = lr.LoraModel.from_pretrained(lr.MLP([5, 6, 3], dtype="float64", seed=3), tmp_path)
-    t = safetensors.numpy.load_file(tmp_path / WEIGHTS_NAME)
+    t = safetensors.numpy.load_file(tmp_path / ADAPTER_SAFE_WEIGHTS_NAME)
     base = lr.MLP([5, 6, 3], dtype="float64", seed=3).state_dict()
     s = 5 / math.sqrt(2)                                       # rsLoRA: alpha / sqrt(r)
     W = {i: base[f"{i}.weight"] + s * t[f"base_model.model.{i}.lora_B.weight"] @ t[f"base_model.model.{i}.lora_A.weight"]
@@ -111,7 +111,7 @@ def test_trained_biases_round_trip(tmp_path, bias):
     lm = lr.get_lora_model(lr.MLP([5, 4, 3], seed=4), lr.LoraConfig(r=1, target_modules=["0"], bias=bias))
     trained(lm, "default")
     lm.save_pretrained(tmp_path)
-    keys = set(safetensors.numpy.load_file(tmp_path / WEIGHTS_NAME))
+    keys = set(safetensors.numpy.load_file(tmp_path / ADAPTER_SAFE_WEIGHTS_NAME))
     assert ("base_model.model.0.base_layer.bias" in keys) and (("base_model.model.2.bias" in keys) == (bias == "all"))
     loaded = lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3], seed=4), tmp_path)
     assert np.array_equal(loaded(X.astype(np.float32)), lm(X.astype(np.float32)))
@@ -139,15 +139,15 @@ def peft_dir(tmp_path, config, tensors=None, seed=5):
         "base_model.model.2.lora_A.weight": rng.normal(size=(2, 4)).astype(np.float32),
         "base_model.model.2.lora_B.weight": rng.normal(size=(3, 2)).astype(np.float32)}
     tmp_path.mkdir(exist_ok=True)
-    safetensors.numpy.save_file(tensors, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(config) if isinstance(config, dict) else config)
+    safetensors.numpy.save_file(tensors, tmp_path / ADAPTER_SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(config) if isinstance(config, dict) else config)
     return tmp_path
 
 
 def test_a_config_written_by_peft_021_loads(tmp_path):
     d = peft_dir(tmp_path, PEFT_021)
     loaded = lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3], seed=6), d)
-    t = safetensors.numpy.load_file(d / WEIGHTS_NAME)
+    t = safetensors.numpy.load_file(d / ADAPTER_SAFE_WEIGHTS_NAME)
     assert np.array_equal(loaded.model[0].lora_A["default"].data, t["base_model.model.0.lora_A.weight"])
     assert loaded.peft_config["default"].lora_alpha == 16 and loaded.peft_config["default"].task_type == "FEATURE_EXTRACTION"
 
@@ -166,7 +166,7 @@ def test_configs_that_would_change_the_math_are_refused(tmp_path, field, value):
     d = peft_dir(tmp_path / "a", dict(PEFT_021, **{field: value}))
     base = lr.MLP([5, 4, 3], seed=6)
     before = fingerprint(base)
-    with pytest.raises(AdapterFileError, match=str(d / CONFIG_NAME)):
+    with pytest.raises(AdapterFileError, match=str(d / ADAPTER_CONFIG_NAME)):
         lr.LoraModel.from_pretrained(base, d)
     assert_same(before, fingerprint(base))
 
@@ -174,8 +174,8 @@ def test_configs_that_would_change_the_math_are_refused(tmp_path, field, value):
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", b"\xff\xfe{}", json.dumps({"peft_type": "LORA", "r": 2})])
 def test_unreadable_configs_are_refused(tmp_path, text):
     d = peft_dir(tmp_path, "{}")
-    (d / CONFIG_NAME).write_bytes(text if isinstance(text, bytes) else text.encode())
-    with pytest.raises(AdapterFileError, match=CONFIG_NAME):
+    (d / ADAPTER_CONFIG_NAME).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(AdapterFileError, match=ADAPTER_CONFIG_NAME):
         lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3]), d)
 
 
@@ -219,9 +219,9 @@ def test_bad_tensors_are_refused_and_change_nothing(tmp_path, change, message):
 def test_a_wrong_modules_to_save_copy_is_named(tmp_path):
     lm = lr.get_lora_model(lr.MLP([5, 4, 3]), lr.LoraConfig(r=1, target_modules=["0"], modules_to_save=["2"]))
     lm.save_pretrained(tmp_path)
-    t = safetensors.numpy.load_file(tmp_path / WEIGHTS_NAME)
+    t = safetensors.numpy.load_file(tmp_path / ADAPTER_SAFE_WEIGHTS_NAME)
     t["base_model.model.2.weight"] = np.zeros((4, 4), np.float32)
-    safetensors.numpy.save_file(t, tmp_path / WEIGHTS_NAME)
+    safetensors.numpy.save_file(t, tmp_path / ADAPTER_SAFE_WEIGHTS_NAME)
     with pytest.raises(FileFormatError,
                        match=r"'base_model.model.2.weight' \(modules_to_save copy or trained bias.*expected \(3, 4\)"):
         lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3]), tmp_path)
@@ -245,8 +245,8 @@ def test_missing_and_broken_files(tmp_path):
         lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3]), tmp_path / "ad")
     with pytest.raises(AdapterFileError, match="file not found"):
         lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3]), tmp_path / "nowhere")
-    (tmp_path / "ad" / "b" / WEIGHTS_NAME).unlink()
-    with pytest.raises(FileFormatError, match=f"{WEIGHTS_NAME}: file not found"):
+    (tmp_path / "ad" / "b" / ADAPTER_SAFE_WEIGHTS_NAME).unlink()
+    with pytest.raises(FileFormatError, match=f"{ADAPTER_SAFE_WEIGHTS_NAME}: file not found"):
         lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3]), tmp_path / "ad" / "b")
 
 
@@ -261,7 +261,7 @@ def test_a_load_that_fails_midway_is_rolled_back(tmp_path, monkeypatch):
         if len(calls) == 3:
             raise MemoryError("simulated failure while copying tensors in")
         return a
-    monkeypatch.setattr(adapter_files, "to_device", fail_on_third)
+    monkeypatch.setattr(save_and_load, "to_device", fail_on_third)
     base = lr.MLP([5, 4, 3], seed=9)
     before, y = fingerprint(base), base(X.astype(np.float32))
     with pytest.raises(MemoryError):
@@ -305,15 +305,15 @@ def test_dora_round_trip_with_magnitude_under_peft_name(tmp_path):
     config = lr.LoraConfig(r=2, lora_alpha=3, target_modules=["0", "2"], use_dora=True)
     lm = trained(lr.get_lora_model(lr.MLP([5, 4, 3], dtype="float64", seed=11), config), "default")
     lm.save_pretrained(tmp_path)
-    tensors = safetensors.numpy.load_file(tmp_path / WEIGHTS_NAME)
+    tensors = safetensors.numpy.load_file(tmp_path / ADAPTER_SAFE_WEIGHTS_NAME)
     assert tensors["base_model.model.0.lora_magnitude_vector"].shape == (4,)
     assert np.array_equal(tensors["base_model.model.2.lora_magnitude_vector"],
                           lm.model[2].lora_magnitude_vector["default"].data)
     loaded = lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3], dtype="float64", seed=11), tmp_path)
     assert loaded.peft_config["default"].use_dora and np.array_equal(loaded(X), lm(X))
-    plain = dict(json.loads((tmp_path / CONFIG_NAME).read_text()), use_dora=False)   # m present, config says no
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(plain))
-    (tmp_path / WEIGHTS_NAME).write_bytes(safetensors.numpy.save(tensors))            # unbound, as PEFT writes
+    plain = dict(json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text()), use_dora=False)   # m present, config says no
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(plain))
+    (tmp_path / ADAPTER_SAFE_WEIGHTS_NAME).write_bytes(safetensors.numpy.save(tensors))    # unbound, as PEFT writes
     with pytest.raises(FileFormatError, match="unexpected tensors .*lora_magnitude_vector"):
         lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3], dtype="float64", seed=11), tmp_path)
 
@@ -321,13 +321,13 @@ def test_dora_round_trip_with_magnitude_under_peft_name(tmp_path):
 def test_save_refuses_to_overwrite_and_bad_names(tmp_path):
     lm = trained(lr.get_lora_model(lr.MLP([5, 4, 3]), lr.LoraConfig(r=1, target_modules=["0"])), "default")
     save_pretrained(lm, tmp_path)
-    old = (tmp_path / WEIGHTS_NAME).read_bytes()
+    old = (tmp_path / ADAPTER_SAFE_WEIGHTS_NAME).read_bytes()
     trained(lm, "default", seed=3)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         lm.save_pretrained(tmp_path)
-    assert (tmp_path / WEIGHTS_NAME).read_bytes() == old
+    assert (tmp_path / ADAPTER_SAFE_WEIGHTS_NAME).read_bytes() == old
     lm.save_pretrained(tmp_path, overwrite=True)
-    written = safetensors.numpy.load_file(tmp_path / WEIGHTS_NAME)
+    written = safetensors.numpy.load_file(tmp_path / ADAPTER_SAFE_WEIGHTS_NAME)
     assert all(np.array_equal(written[k], p.data) for k, p in adapter_parameters(lm, "default").items())
     with pytest.raises(ValueError, match="no adapters"):
         lm.save_pretrained(tmp_path / "x", selected_adapters=["missing"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.io.adapter_files import adapter_parameters
+from lowrank.tuners.lora.save_and_load import adapter_parameters
 
 RESERVED = ["original_module", "modules_to_save", "base_layer", "lora_A", "lora_B", "lora_embedding_A",
             "lora_embedding_B", "lora_magnitude_vector", "weight", "bias", "__base__", "_parameters", "train"]

@@ -1,4 +1,4 @@
-"""LoRALinear and Dense give the same outputs and gradients with backend "numpy" and "numba"."""
+"""LoraLinear and Dense give the same outputs and gradients with backend "numpy" and "numba"."""
 import numpy as np
 import pytest
 from hypothesis import given
@@ -21,7 +21,7 @@ def twins(D_in, D_out, dtype, r=None, dropout=0.0, bias=True, adapters=1):
         if r is None:
             made.append(base)
             continue
-        layer = lr.LoRALinear(base, r=r, lora_alpha=2 * r, lora_dropout=dropout, init_lora_weights=False,
+        layer = lr.LoraLinear(base, r=r, lora_alpha=2 * r, lora_dropout=dropout, init_lora_weights=False,
                               seed=1, backend=backend)
         for k in range(1, adapters):
             layer.update_layer(f"a{k}", r + k % 2, 3.0, init_lora_weights=False)

@@ -110,6 +110,6 @@ def test_bad_requests_are_refused_and_change_nothing(args, match):
 
 def test_cat_beyond_the_layer_rank_is_refused_before_any_change():
     _, model = two_adapters(sizes=(6, 4, 3))                  # layer 0 allows r <= 4, "cat" needs 5
-    with pytest.raises(ValueError, match="'cat' on LoRALinear 'model.0' needs rank 5"):
+    with pytest.raises(ValueError, match="'cat' on LoraLinear 'model.0' needs rank 5"):
         add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "ab", "cat")
     assert all("ab" not in layer.lora_A for _, layer in model.lora_layers())

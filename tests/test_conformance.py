@@ -174,7 +174,7 @@ class Spy:
 def test_a_registered_backend_runs_every_layer_set_globally_per_layer_or_in_a_block(registered, rng):
     registered.append("spy")
     backends.register_backend("spy", Spy)
-    layer = lr.LoRALinear(lr.Dense(4, 3, dtype="float32", seed=0), r=2, lora_alpha=4, init_lora_weights=False, seed=1)
+    layer = lr.LoraLinear(lr.Dense(4, 3, dtype="float32", seed=0), r=2, lora_alpha=4, init_lora_weights=False, seed=1)
     x = rng.standard_normal((5, 4)).astype(np.float32)
     with lr.use_backend("numpy"):
         want = layer.forward(x)

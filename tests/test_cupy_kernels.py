@@ -362,8 +362,8 @@ def _train(device, steps=40):
     X = rng.standard_normal((96, 6)).astype(np.float32)
     y = (X[:, 0] + X[:, 1] > 0).astype(np.int64) + (X[:, 2] > 1)
     model = lr.MLP([6, 32, 3], seed=0)
-    model.set_submodule("0", lr.LoRALinear(model[0], r=4, lora_alpha=8, lora_dropout=0.1, seed=2))
-    model.set_submodule("2", lr.LoRALinear(model[2], r=2, lora_alpha=4, seed=3))
+    model.set_submodule("0", lr.LoraLinear(model[0], r=4, lora_alpha=8, lora_dropout=0.1, seed=2))
+    model.set_submodule("2", lr.LoraLinear(model[2], r=2, lora_alpha=4, seed=3))
     model.to(device)
     Xd, yd = lr.to_device(X, device), lr.to_device(y, device)
     opt, loss_fn, losses = lr.Adam(model.parameters(), lr=1e-2), lr.CrossEntropyLoss(), []
@@ -390,7 +390,7 @@ def test_lora_mlp_trains_the_same_on_gpu_and_cpu():
 @gpu
 def test_module_to_gpu_and_back_round_trips():
     model = lr.MLP([5, 7, 2], seed=4)
-    model.set_submodule("0", lr.LoRALinear(model[0], r=3, seed=5))
+    model.set_submodule("0", lr.LoraLinear(model[0], r=3, seed=5))
     before = {k: v.copy() for k, v in model.state_dict().items()}
     model.to("gpu")
     assert all(type(v).__module__.startswith("cupy") for v in model.state_dict().values())

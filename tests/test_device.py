@@ -54,7 +54,7 @@ def test_only_the_device_module_imports_cupy():
 def lora_mlp(dtype):
     model = lr.MLP([5, 7, 3], "gelu", dtype=dtype, seed=0)
     for i in (0, 2):
-        model.set_submodule(str(i), lr.LoRALinear(model[i], r=2, lora_alpha=4, init_lora_weights=False, seed=i))
+        model.set_submodule(str(i), lr.LoraLinear(model[i], r=2, lora_alpha=4, init_lora_weights=False, seed=i))
     return model
 
 

@@ -174,7 +174,7 @@ def test_a_rank_that_raises_in_a_step_stops_every_rank_with_its_message():
     assert done.returncode == 3, done.stderr
     for rank in range(RANKS):
         assert f"rank {rank} caught DistributedError after 3 steps" in done.stderr
-    assert "rank 1: ValueError: LoRALinear 'model.0' expects input of shape (N, 5), got (2, 4)" in done.stderr
+    assert "rank 1: ValueError: LoraLinear 'model.0' expects input of shape (N, 5), got (2, 4)" in done.stderr
     assert "rank 0: " not in done.stderr.split("failed on ")[1]
 
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from lowrank.tuners.lora.dora import DoraLinear, DoraNorm, dora_norm, dora_norm_materialised, set_exact_norm_grad
 from lowrank.nn.gradcheck import check_module, gradcheck
 from lowrank.nn.layers import MLP, Dense, ReLU
-from lowrank.tuners.lora.batches import BASE
-from lowrank.tuners.lora.layer import LoRALinear
+from lowrank.tuners.lora.mixed import BASE
+from lowrank.tuners.lora.layer import LoraLinear
 from lowrank.tuners.lora.config import LoraConfig
 from lowrank.tuners.lora.model import get_lora_model
 from lowrank.tuners.lora.qlora import NF4Dense
@@ -210,7 +210,7 @@ def test_a_dora_adapter_added_to_a_plain_lora_layer_converts_it():
     y_plain = lm.forward(x)
     lm.add_adapter("d", LoraConfig(r=3, target_modules=["0"], use_dora=True))
     layer = lm.model.get_submodule("0")
-    assert type(plain) is LoRALinear and isinstance(layer, DoraLinear) and layer.label == "DoraLinear 'model.0'"
+    assert type(plain) is LoraLinear and isinstance(layer, DoraLinear) and layer.label == "DoraLinear 'model.0'"
     assert layer.lora_A["default"] is plain.lora_A["default"] and not layer.training
     np.testing.assert_allclose(lm.forward(x), y_plain, rtol=1e-12)           # "default" still active, still plain
     lm.set_adapter("d")
@@ -235,8 +235,8 @@ def test_errors_name_the_layer():
     relu_base = ReLU()
     with pytest.raises(TypeError, match="DoRA needs a Dense base layer"):
         DoraLinear(relu_base)
-    quantized = LoRALinear(NF4Dense.from_dense(Dense(64, 4, seed=0)), r=2)
-    with pytest.raises(TypeError, match="LoRALinear '<root>': DoRA needs a Dense base layer .* got NF4Dense"):
+    quantized = LoraLinear(NF4Dense.from_dense(Dense(64, 4, seed=0)), r=2)
+    with pytest.raises(TypeError, match="LoraLinear '<root>': DoRA needs a Dense base layer .* got NF4Dense"):
         DoraLinear.from_lora(quantized)
     layer, _ = make((2, 4, 4, 2, 0))
     layer.merge()

@@ -8,7 +8,7 @@ X32 = np.zeros((3, 4), np.float32)
 
 
 def lora(r=2, **kw):
-    return lr.LoRALinear(lr.Dense(4, 3, seed=0), r=r, **kw)
+    return lr.LoraLinear(lr.Dense(4, 3, seed=0), r=r, **kw)
 
 
 @pytest.mark.parametrize("make", [lambda: lr.Dense(4, 3), lambda: lora()])
@@ -68,13 +68,13 @@ def test_dropout_outside_zero_one(p):
 def test_a_rejected_lora_config_leaves_the_base_untouched():
     base = lr.Dense(4, 3)
     with pytest.raises(ValueError):
-        lr.LoRALinear(base, r=0)
+        lr.LoraLinear(base, r=0)
     assert base.weight.trainable and base.bias.trainable
 
 
 def test_lora_construction_errors():
-    with pytest.raises(TypeError, match="LoRALinear: base must be a Dense-like layer .* got ReLU"):
-        lr.LoRALinear(lr.ReLU(), r=1)
+    with pytest.raises(TypeError, match="LoraLinear: base must be a Dense-like layer .* got ReLU"):
+        lr.LoraLinear(lr.ReLU(), r=1)
     with pytest.raises(ValueError, match="init_lora_weights must be True, False, 'gaussian' or 'pissa', got 'olora'"):
         lora(init_lora_weights="olora")
     layer = lora()
@@ -196,7 +196,7 @@ def test_backward_checks_dy_against_the_forward_output():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 3))
     model = lr.MLP([3, 5, 2], dtype="float64", seed=0)
-    model.set_submodule("0", lr.LoRALinear(model[0], r=2))
+    model.set_submodule("0", lr.LoraLinear(model[0], r=2))
     for layer, bad in ((model[2], (4, 1)), (model[1], (4, 1)), (model[0], (3, 5))):
         model.forward(x)
         with pytest.raises(ValueError, match=rf"{layer.label}: backward expects dy of shape"):

@@ -53,7 +53,7 @@ def _grads(layer, x, dy, **kw):
 
 def _layer(dtype, backend, dropout):
     """The same two-adapter layer each call (same seeds: same weights and dropout masks)."""
-    layer = lr.LoRALinear(lr.Dense(6, 5, dtype=dtype, seed=0, backend=backend), r=2, lora_alpha=4,
+    layer = lr.LoraLinear(lr.Dense(6, 5, dtype=dtype, seed=0, backend=backend), r=2, lora_alpha=4,
                           lora_dropout=dropout, init_lora_weights=False, seed=1, backend=backend)
     layer.update_layer("b", 3, 3.0, init_lora_weights=False)
     return layer

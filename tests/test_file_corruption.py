@@ -18,7 +18,8 @@ import safetensors.numpy
 from hypothesis import assume, given, strategies as st
 
 import lowrank as lr
-from lowrank.io.adapter_files import CONFIG_HASH_KEY, CONFIG_NAME, WEIGHTS_NAME, adapter_parameters
+from lowrank.tuners.lora.save_and_load import (ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, CONFIG_HASH_KEY,
+                                               adapter_parameters)
 from lowrank.io.model_files import FileFormatError, load_model, save_model, tensor_file_bytes
 
 X = np.random.default_rng(3).normal(size=(4, 5))
@@ -55,7 +56,7 @@ def saved() -> tuple:
         d = Path(tmp)
         lm.save_pretrained(d / "ad")
         save_model(base(), d / "base.safetensors")
-        return ((d / "ad" / CONFIG_NAME).read_bytes(), (d / "ad" / WEIGHTS_NAME).read_bytes(),
+        return ((d / "ad" / ADAPTER_CONFIG_NAME).read_bytes(), (d / "ad" / ADAPTER_SAFE_WEIGHTS_NAME).read_bytes(),
                 (d / "base.safetensors").read_bytes())
 
 
@@ -70,8 +71,8 @@ def unbound(weights: bytes) -> bytes:
 
 def adapter_dir(config: bytes, weights: bytes) -> Path:
     d = fresh_dir()
-    (d / CONFIG_NAME).write_bytes(config)
-    (d / WEIGHTS_NAME).write_bytes(weights)
+    (d / ADAPTER_CONFIG_NAME).write_bytes(config)
+    (d / ADAPTER_SAFE_WEIGHTS_NAME).write_bytes(weights)
     return d
 
 

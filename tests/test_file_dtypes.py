@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 import lowrank as lr
-from lowrank.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_parameters
+from lowrank.tuners.lora.save_and_load import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, adapter_parameters
 from lowrank.io.model_files import ARCH_KEY, FileFormatError, load_model, read_tensor_file, save_model, tensor_file_bytes
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -29,7 +29,7 @@ def trained(seed=0, **config) -> lr.LoraModel:
 def test_adapters_save_in_half_precision_and_load_exactly(tmp_path, dtype, np_dtype):
     lm = trained()
     lm.save_pretrained(tmp_path, dtype=dtype)
-    tensors, _ = read_tensor_file(tmp_path / WEIGHTS_NAME)             # checksums verified on half data
+    tensors, _ = read_tensor_file(tmp_path / ADAPTER_SAFE_WEIGHTS_NAME)             # checksums verified on half data
     assert {a.dtype for a in tensors.values()} == {np.dtype(np_dtype)}
     loaded = lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3], seed=1), tmp_path)
     for key, p in adapter_parameters(loaded, "default").items():
@@ -40,9 +40,9 @@ def test_adapters_save_in_half_precision_and_load_exactly(tmp_path, dtype, np_dt
 def test_a_bfloat16_adapter_written_by_torch_loads(tmp_path):
     lm = trained(seed=4)
     lm.save_pretrained(tmp_path)
-    tensors = safetensors.numpy.load_file(tmp_path / WEIGHTS_NAME)
+    tensors = safetensors.numpy.load_file(tmp_path / ADAPTER_SAFE_WEIGHTS_NAME)
     as_torch = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}
-    safetensors.torch.save_file(as_torch, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
+    safetensors.torch.save_file(as_torch, tmp_path / ADAPTER_SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
     loaded = lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3], seed=1), tmp_path)
     for key, p in adapter_parameters(loaded, "default").items():
         assert np.array_equal(p.data, as_torch[key].float().numpy())
@@ -95,9 +95,9 @@ def test_dtypes_lowrank_cannot_read_are_named(tmp_path):
     assert "truncated" not in str(info.value)
     lm = trained()
     lm.save_pretrained(tmp_path / "ad")
-    tensors = safetensors.numpy.load_file(tmp_path / "ad" / WEIGHTS_NAME)
+    tensors = safetensors.numpy.load_file(tmp_path / "ad" / ADAPTER_SAFE_WEIGHTS_NAME)
     tensors["base_model.model.0.lora_A.weight"] = tensors["base_model.model.0.lora_A.weight"].astype(np.int64)
-    (tmp_path / "ad" / WEIGHTS_NAME).write_bytes(safetensors.numpy.save(tensors))
+    (tmp_path / "ad" / ADAPTER_SAFE_WEIGHTS_NAME).write_bytes(safetensors.numpy.save(tensors))
     with pytest.raises(FileFormatError, match=r"'base_model.model.0.lora_A.weight' .*has dtype int64"):
         lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3], seed=1), tmp_path / "ad")
 

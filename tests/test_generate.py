@@ -318,7 +318,7 @@ def test_stacked_B_factors_are_laid_out_as_the_kernels_read_them():
     """BGMV's expand reads B_kᵀ row by row; the plan stores B_stack (K, D_out, r) over a C-contiguous
     (K, r, D_out), so the kernels' ``B_stack.transpose(0, 2, 1)`` is that memory (no copy per step),
     and each B_k still equals its adapter's lora_B."""
-    from lowrank.tuners.lora.batches import mixed_plan
+    from lowrank.tuners.lora.mixed import mixed_plan
     model = lora_llama("float32")
     name, layer = next(iter(model.lora_layers()))
     plan = mixed_plan(layer, ("a", "b", "__base__"), True, np.float32, np)

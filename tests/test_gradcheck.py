@@ -63,7 +63,7 @@ def test_check_module_catches_a_wrong_parameter_gradient():
 
 
 def test_check_module_treats_a_missing_grad_as_zero():
-    layer = lr.LoRALinear(lr.Dense(4, 3, dtype="float64", seed=0), r=2, init_lora_weights=False, seed=1)
+    layer = lr.LoraLinear(lr.Dense(4, 3, dtype="float64", seed=0), r=2, init_lora_weights=False, seed=1)
     layer.update_layer("idle", 2, 4, init_lora_weights=False)  # trainable, but not active: grad stays None
     errors = check_module(layer, np.random.default_rng(0).standard_normal((5, 4)))
     assert errors["lora_A.idle"] == 0.0 and errors["lora_B.idle"] == 0.0

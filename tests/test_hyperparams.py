@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.io.adapter_files import AdapterFileError
-from lowrank.tuners.lora.pretrained import read_config
+from lowrank.tuners.lora.config import AdapterFileError, read_config
 from lowrank.tuners.lora.loraplus import create_loraplus_optimizer
 
 INF, NAN = float("inf"), float("nan")
@@ -21,11 +20,20 @@ INF, NAN = float("inf"), float("nan")
     ("lora_alpha", 0, "lora_alpha must be > 0, got 0"),
     ("lora_dropout", NAN, "lora_dropout must lie in [0, 1), got nan"),
     ("alpha_pattern", {"0": INF}, "alpha_pattern['0'] must be a finite number, got inf"),
+    ("r", 0, "r must be an integer >= 1, got 0"),                  # the rule LoraLinear applies too
+    ("rank_pattern", {"0": 2.5}, "rank_pattern['0'] must be an integer >= 1, got 2.5"),
+    ("init_lora_weights", "olora", "init_lora_weights must be True, False, 'gaussian' or 'pissa', got 'olora'"),
 ])
 def test_lora_config_refuses_nonfinite_or_out_of_range_values(field, value, message):
     with pytest.raises(ValueError, match=f"LoraConfig: {message}".replace("[", r"\[").replace("(", r"\(")
                        .replace(")", r"\)")):
         lr.LoraConfig(**{field: value})
+
+
+def test_a_numpy_integer_rank_is_stored_as_an_int_json_can_write():
+    cfg = lr.LoraConfig(r=np.int64(4), rank_pattern={"0": np.int32(2)})
+    assert type(cfg.r) is int and type(cfg.rank_pattern["0"]) is int
+    assert json.loads(json.dumps(cfg.to_dict()))["rank_pattern"] == {"0": 2}
 
 
 def test_a_config_file_with_infinity_is_refused(tmp_path):

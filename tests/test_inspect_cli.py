@@ -9,7 +9,7 @@ import safetensors.numpy
 import lowrank as lr
 from lowrank.app import cli
 from lowrank.app import inspect as inspect_cli
-from lowrank.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from lowrank.tuners.lora.save_and_load import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME
 from lowrank.io.model_files import ARCH_KEY, FileFormatError, save_model, tensor_file_bytes
 
 
@@ -36,7 +36,8 @@ def test_adapter_directory(tmp_path, capsys):
         assert str(shape) in line and "float32" in line and f"{np.prod(shape):,d}" in line
     params = 2 * 5 + 4 * 2 + 2 * 4 + 3 * 2
     assert f"total: 4 tensors, {params:,d} parameters, {4 * params:,d} bytes" in out
-    assert f"file {tmp_path / WEIGHTS_NAME} ({(tmp_path / WEIGHTS_NAME).stat().st_size:,d} bytes)" in out
+    weights = tmp_path / ADAPTER_SAFE_WEIGHTS_NAME
+    assert f"file {weights} ({weights.stat().st_size:,d} bytes)" in out
     assert "checksums verified" in out and "adapters in sub-directories: task_b" in out
 
 
@@ -58,11 +59,12 @@ def test_a_foreign_file_with_nonfinite_values(tmp_path, capsys):
 
 
 def test_a_config_lowrank_refuses_is_shown_with_the_reason(tmp_path, capsys):
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "target_modules": ["0"], "lora_bias": True}))
-    (tmp_path / WEIGHTS_NAME).write_bytes(tensor_file_bytes({}))
+    config = {"peft_type": "LORA", "target_modules": ["0"], "lora_bias": True}
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    (tmp_path / ADAPTER_SAFE_WEIGHTS_NAME).write_bytes(tensor_file_bytes({}))
     out = inspect(tmp_path, capsys)
     assert "lora_bias: true" in out and "lowrank loads this config: no: lora_bias=true means a trainable bias" in out
-    (tmp_path / CONFIG_NAME).write_text("[1]")
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text("[1]")
     assert "  <not an object>: [1]" in inspect(tmp_path, capsys)
 
 
@@ -70,7 +72,7 @@ def test_a_config_lowrank_refuses_is_shown_with_the_reason(tmp_path, capsys):
 def test_unreadable_inputs_raise_file_format_error(tmp_path, case):
     path = tmp_path
     if case == "bad json":
-        (tmp_path / CONFIG_NAME).write_text("{oops")
+        (tmp_path / ADAPTER_CONFIG_NAME).write_text("{oops")
     elif case == "bad arch":
         path = tmp_path / "m.safetensors"
         path.write_bytes(tensor_file_bytes({}, {ARCH_KEY: "{oops"}))

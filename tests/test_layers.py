@@ -152,7 +152,7 @@ def test_mlp_with_lora_layers_matches_finite_differences(N, sizes, activation, d
     model = lr.MLP(sizes, activation, dtype="float64", seed=seed)
     for i in range(0, len(model), 2):
         r = data.draw(st.integers(1, min(sizes[i // 2], sizes[i // 2 + 1]) + 4), label=f"r of layer {i}")
-        model.set_submodule(str(i), lr.LoRALinear(model[i], r=r, lora_alpha=3.0, lora_dropout=dropout,
+        model.set_submodule(str(i), lr.LoraLinear(model[i], r=r, lora_alpha=3.0, lora_dropout=dropout,
                                                   use_rslora=data.draw(st.booleans()), init_lora_weights=False,
                                                   seed=seed + i))
     model.eval()                                               # dropout off: eval mode is the identity

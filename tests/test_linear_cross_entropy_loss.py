@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lowrank.kernels import config
+from lowrank.nn.gradcheck import numerical_gradient
 from lowrank.nn.losses_lm import CausalLMLoss, LinearCrossEntropyLoss
 from lowrank.nn.module import Parameter
 
@@ -48,3 +49,19 @@ def test_errors_name_the_problem(rng):
         loss.forward(rng.standard_normal((2, 4, 3)), W, np.zeros((2, 4)))
     with pytest.raises(ValueError, match="no label to predict"):
         loss.forward(rng.standard_normal((2, 4, 3)), W, np.full((2, 4), -100))
+
+
+def test_gradients_match_finite_differences(rng):
+    """d hidden and dW of the fused loss against central differences of its value (float64)."""
+    B, T, d, V = 2, 4, 3, 6
+    hidden, labels = rng.standard_normal((B, T, d)), rng.integers(0, V, (B, T))
+    labels[1, 2] = -100
+    W = Parameter(rng.standard_normal((V, d)))
+    loss = LinearCrossEntropyLoss()
+    loss.forward(hidden, W, labels)
+    dhidden = loss.backward()
+
+    def value():
+        return np.asarray(loss.forward(hidden, W, labels, need_grad=False))
+    np.testing.assert_allclose(dhidden, numerical_gradient(value, hidden, 1.0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(W.grad, numerical_gradient(value, W.data, 1.0), rtol=1e-6, atol=1e-9)

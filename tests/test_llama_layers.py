@@ -35,13 +35,18 @@ class WithMask(Module):
 
 
 def naive_attention(x, attn, mask):
-    """Per batch, head and query, with an explicit repeat_kv and RoPE on (j, j + h/2) pairs."""
+    """Per batch, head and query, with an explicit repeat_kv and RoPE on (j, j + h/2) pairs; each head of q and k
+    RMS-normalized first when the layer has q_norm/k_norm, and only the last W keys seen with a window W."""
     B, T, d = x.shape
     H, H_kv, h = attn.num_heads, attn.num_kv_heads, attn.head_dim
     lin = lambda layer, u: u @ layer.weight.data.T + (0 if layer.bias is None else layer.bias.data)
     proj = lambda layer: lin(layer, x.reshape(B * T, d))
     proj_o = lambda u: lin(attn.o_proj, u)
     q, k, v = (proj(p).reshape(B, T, -1, h) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if attn.qk_norm:
+        norm = lambda u, layer: layer.weight.data * u / np.sqrt((u * u).mean(-1, keepdims=True) + layer.eps)
+        q, k = norm(q, attn.q_norm), norm(k, attn.k_norm)
+    W = attn.sliding_window or T
 
     def rope(u, t):
         out = u.copy()
@@ -56,7 +61,7 @@ def naive_attention(x, attn, mask):
         for i in range(H):
             kv = i // (H // H_kv)
             for t in range(T):
-                keys = [s for s in range(t + 1) if mask is None or mask[b, s]]
+                keys = [s for s in range(max(0, t - W + 1), t + 1) if mask is None or mask[b, s]]
                 if not keys:
                     continue
                 s = np.array([rope(q[b, t, i], t) @ rope(k[b, s, kv], s) / math.sqrt(h) for s in keys])
@@ -111,35 +116,55 @@ def test_silu_matches_finite_differences(shape, seed):
     check_module(SiLU(), z, seed=seed, rtol=1e-6)
 
 
-@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 6), half=st.integers(1, 3),
-       theta=st.sampled_from([10.0, 10000.0]), seed=SEED)
-def test_rotary_rotates_pairs_and_its_backward_rotates_back(B, H, T, half, theta, seed):
+@given(T=st.integers(1, 6), half=st.integers(1, 3), theta=st.sampled_from([10.0, 10000.0]),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_rotary_tables_hold_each_pairs_angle(T, half, theta, dtype):
+    """Pair (j, j + h/2) at position t turns by t θ^(−2j/h); the attention rotates by these tables
+    (test_attention_matches_naive_loops_and_finite_differences)."""
     h = 2 * half
-    rope = RotaryEmbedding(h, theta)
-    x = np.random.default_rng(seed).standard_normal((B, H, T, h))
-    y = rope(x)
-    for t in range(T):
-        for j in range(half):
-            a = t * theta ** (-2 * j / h)
-            np.testing.assert_allclose(y[..., t, j], x[..., t, j] * math.cos(a) - x[..., t, j + half] * math.sin(a),
-                                       rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(rope.backward(y), x, rtol=1e-12, atol=1e-12)   # a rotation: its transpose inverts it
-    check_module(rope, x, seed=seed, rtol=1e-6)
+    cos, sin = RotaryEmbedding(h, theta).tables(T, dtype)
+    assert cos.dtype == sin.dtype == dtype and cos.shape == (T, h)
+    angles = np.arange(T)[:, None] * theta ** (-2 * np.arange(half) / h)                     # (T, h/2)
+    rtol = 1e-6 if dtype == "float32" else 1e-12
+    for table, f in ((cos, np.cos), (sin, np.sin)):
+        np.testing.assert_allclose(table, np.concatenate([f(angles)] * 2, axis=1), rtol=rtol, atol=rtol)
 
 
 @SMALL
 @given(B=st.integers(1, 2), T=st.integers(1, 5), H_kv=st.integers(1, 2), G=st.integers(1, 2),
        h=st.sampled_from([2, 4]), d=st.integers(1, 6), bias=st.booleans(), masked=st.booleans(), seed=SEED,
-       backend=st.sampled_from(["numpy", "numba"]))
-def test_attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, bias, masked, seed, backend):
-    """On both kernel backends of RoPE and the softmax: the reference's array code and Numba's loops."""
+       backend=st.sampled_from(["numpy", "numba"]), window=st.sampled_from([None, 1, 2, 3]), qk_norm=st.booleans())
+def test_attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, bias, masked, seed, backend,
+                                                             window, qk_norm):
+    """On both kernel backends of RoPE and the softmax: the reference's array code and Numba's loops; with
+    Mistral's sliding window and Qwen3's per-head q/k RMSNorm (its weights moved off ones)."""
     rng = np.random.default_rng(seed)
-    attn = LlamaAttention(d, H_kv * G, H_kv, h, rope_theta=100.0, bias=bias, dtype="float64", seed=seed)
+    attn = LlamaAttention(d, H_kv * G, H_kv, h, rope_theta=100.0, bias=bias, qk_norm=qk_norm, sliding_window=window,
+                          dtype="float64", seed=seed)
     attn.backend = backend
+    for name, p in attn.named_parameters():
+        if "norm" in name:
+            p.data = 1 + 0.3 * rng.standard_normal(p.shape)
     mask = rng.integers(0, 2, (B, T)) if masked else None                    # rows with no visible key included
     x = rng.standard_normal((B, T, d))
     np.testing.assert_allclose(attn(x, mask).reshape(B * T, d), naive_attention(x, attn, mask), rtol=1e-10, atol=1e-12)
     check_module(WithMask(attn, mask), x, seed=seed, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_query_whose_window_holds_only_padding_sees_no_key(backend):
+    """Row 0, query 2: key 0 is a token but lies outside the window W = 1, keys 1, 2 are padding: P = 0 there,
+    so the output is o_proj's bias alone, as for a row with no visible key at all."""
+    rng = np.random.default_rng(0)
+    attn = LlamaAttention(4, 2, 1, 2, sliding_window=1, bias=True, dtype="float64", seed=0)
+    attn.backend = backend
+    attn.o_proj.bias.data = rng.standard_normal(4)
+    mask = np.array([[1, 0, 0], [0, 1, 0]])
+    x = rng.standard_normal((2, 3, 4))
+    y = attn(x, mask)
+    np.testing.assert_allclose(y.reshape(6, 4), naive_attention(x, attn, mask), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(y[0, 2], attn.o_proj.bias.data)
+    check_module(WithMask(attn, mask), x, seed=0, rtol=1e-6)
 
 
 def test_frozen_attention_keeps_no_projection_inputs_and_computes_no_weight_gradients():
@@ -259,10 +284,10 @@ def test_config_reads_both_rope_forms_and_refuses_what_it_cannot_compute():
     assert LlamaConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="hidden_act 'gelu'.*only 'silu'"):
         LlamaConfig.from_dict({**new, "hidden_act": "gelu"})
-    with pytest.raises(ValueError, match="rope_type 'llama3'"):
+    with pytest.raises(ValueError, match="rope_type 'llama3' lacks factor, low_freq_factor"):
         LlamaConfig.from_dict({**new, "rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3"}})
-    with pytest.raises(ValueError, match="rope_type 'linear'"):
-        LlamaConfig.from_dict({**old, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_type 'dynamic'.*supported: default, linear, llama3"):
+        LlamaConfig.from_dict({**old, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
 
 
 def write_checkpoint(folder, model, tensors=None, shards=None):

@@ -1,4 +1,4 @@
-"""LoRA on the Llama decoder: LoRAEmbedding (PEFT's embedding layout) against its one-hot formula and
+"""LoRA on the Llama decoder: LoraEmbedding (PEFT's embedding layout) against its one-hot formula and
 finite differences, the decoder with LoRA on q/v/down_proj and embed_tokens against finite differences
 (float64, rtol 1e-6, random upstream gradients), and what injection wraps ("all-linear" never the head)."""
 import numpy as np
@@ -10,7 +10,7 @@ import lowrank as lr
 from lowrank.nn import Embedding
 from lowrank.nn.gradcheck import gradcheck
 from lowrank.tuners.lora.dora import DoraLinear, set_exact_norm_grad
-from lowrank.tuners.lora.embedding import LoRAEmbedding
+from lowrank.tuners.lora.embedding import LoraEmbedding
 
 SEED = st.integers(0, 2**16)
 SMALL = settings(max_examples=15, deadline=None)
@@ -25,7 +25,7 @@ def naive_lora_embedding(W, A, B, s, ids):
 
 def random_lora_embedding(V, d, r, alpha, rslora, seed, dtype="float64"):
     rng = np.random.default_rng(seed)
-    layer = LoRAEmbedding(Embedding(V, d, dtype=dtype, seed=seed), r=r, lora_alpha=alpha, use_rslora=rslora, seed=seed)
+    layer = LoraEmbedding(Embedding(V, d, dtype=dtype, seed=seed), r=r, lora_alpha=alpha, use_rslora=rslora, seed=seed)
     layer.lora_embedding_A["default"].data = rng.standard_normal((r, V)).astype(dtype)    # A = 0 at init
     return layer, rng
 
@@ -55,15 +55,15 @@ def test_lora_embedding_matches_its_formula_and_finite_differences(V, d, r, B, T
 
 def test_peft_init_zero_A_normal_B_starts_at_the_base():
     base = Embedding(50, 40, seed=0)
-    layer = LoRAEmbedding(base, r=6, lora_alpha=12, seed=1)
+    layer = LoraEmbedding(base, r=6, lora_alpha=12, seed=1)
     A, B = layer.lora_embedding_A["default"].data, layer.lora_embedding_B["default"].data
     assert A.shape == (6, 50) and B.shape == (40, 6) and A.dtype == B.dtype == np.float32
     assert not A.any() and abs(B.std() - 1) < 0.1                     # A = 0, B ~ N(0, 1): PEFT's (and loralib's)
     ids = np.arange(50).reshape(5, 10)
     np.testing.assert_array_equal(layer.forward(ids), base.weight.data[ids])
-    other = LoRAEmbedding(Embedding(50, 40, seed=0), r=6, init_lora_weights=False, seed=1)
+    other = LoraEmbedding(Embedding(50, 40, seed=0), r=6, init_lora_weights=False, seed=1)
     assert other.lora_embedding_A["default"].data.any()                # False: both random, as PEFT
-    with pytest.raises(ValueError, match=r"LoRAEmbedding '<root>' adapter 'x'.*PiSSA is defined for linear"):
+    with pytest.raises(ValueError, match=r"LoraEmbedding '<root>' adapter 'x'.*PiSSA is defined for linear"):
         layer.update_layer("x", 2, 2, init_lora_weights="pissa")
 
 
@@ -73,7 +73,7 @@ def test_merge_adds_the_transposed_update_and_unmerge_takes_it_back():
     ids = rng.integers(0, 9, (2, 7))
     y = layer.forward(ids)
     delta = layer.delta_weight("default")
-    assert delta.shape == (5, 9)                                       # s·B·A (d, V), LoRALinear's layout
+    assert delta.shape == (5, 9)                                       # s·B·A (d, V), LoraLinear's layout
     layer.merge()
     np.testing.assert_allclose(layer.weight.data, W0 + delta.T, rtol=0, atol=0)
     np.testing.assert_allclose(layer.forward(ids), y, rtol=1e-6, atol=1e-6)
@@ -171,13 +171,13 @@ def test_injection_wraps_embeddings_and_projections_by_name_with_patterns():
                                      for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
                                     + ["model.embed_tokens"])
     emb = layers["model.embed_tokens"]
-    assert isinstance(emb, LoRAEmbedding) and emb.r["default"] == 5
+    assert isinstance(emb, LoraEmbedding) and emb.r["default"] == 5
     assert emb.scaling["default"] == pytest.approx(4 / 5 ** 0.5)
     assert emb.lora_embedding_A["default"].shape == (5, 7) and emb.lora_embedding_B["default"].shape == (8, 5)
     assert layers["model.layers.1.self_attn.q_proj"].r["default"] == 3
     assert layers["model.layers.0.self_attn.q_proj"].r["default"] == 2
     assert layers["model.layers.0.self_attn.v_proj"].scaling["default"] == pytest.approx(8 / 2 ** 0.5)
-    assert model.lm_head.weight is not emb.weight and type(model.model.embed_tokens) is LoRAEmbedding
+    assert model.lm_head.weight is not emb.weight and type(model.model.embed_tokens) is LoraEmbedding
 
 
 def test_dora_on_the_projections_and_a_clear_error_on_the_embedding():

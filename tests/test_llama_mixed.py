@@ -10,7 +10,7 @@ import pytest
 
 import lowrank as lr
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
-from lowrank.tuners.lora.batches import rows_for
+from lowrank.tuners.lora.mixed import rows_for
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 NAMES = ["a", "__base__", "b", "c", "a", "b"]           # c adapts only v_proj: other layers run it as base

@@ -63,7 +63,7 @@ def test_nf4_logits_are_the_dequantized_models_and_close_to_the_float_models(see
 
 def test_qlora_training_lowers_the_loss_and_leaves_the_4bit_weights_untouched():
     base = quantize_model(tiny_llama())
-    nf4 = [m for _, m in base.named_modules() if isinstance(m, NF4Dense)]     # LoRALinear keeps them as base_layer
+    nf4 = [m for _, m in base.named_modules() if isinstance(m, NF4Dense)]     # LoraLinear keeps them as base_layer
     codes = [[p.data.copy() for p in layer.parameters()] for layer in nf4]
     model = lr.get_lora_model(base, lr.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
                                                                                      "down_proj"]))

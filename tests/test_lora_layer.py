@@ -1,4 +1,4 @@
-"""LoRALinear: y = x Wᵀ + b + s·(x⊙mask) Aᵀ Bᵀ, its backward, init, merge, dropout, mixed batches.
+"""LoraLinear: y = x Wᵀ + b + s·(x⊙mask) Aᵀ Bᵀ, its backward, init, merge, dropout, mixed batches.
 
 Gradients are checked against central finite differences in float64 (rtol 1e-6); the
 merged state, which no longer reads A and B in its forward, is checked against the
@@ -33,7 +33,7 @@ def lora_shapes(draw):
 def make_lora(D_in, D_out, r, dtype="float64", seed=0, **kw):
     kw.setdefault("init_lora_weights", False)                  # B != 0, so the LoRA branch matters
     base = lr.Dense(D_in, D_out, dtype=dtype, seed=seed, backend=kw.get("backend"))
-    return lr.LoRALinear(base, r=r, lora_alpha=2 * r + 1, seed=seed + 1, **kw)
+    return lr.LoraLinear(base, r=r, lora_alpha=2 * r + 1, seed=seed + 1, **kw)
 
 
 def reference_forward(layer, x, name="default", mask=None):
@@ -66,7 +66,7 @@ def test_lora_gradients_match_finite_differences(backend, shape, rslora, train_b
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_scaling_is_alpha_over_r_or_sqrt_r(rslora):
-    layer = lr.LoRALinear(lr.Dense(8, 8), r=4, lora_alpha=6, use_rslora=rslora)
+    layer = lr.LoraLinear(lr.Dense(8, 8), r=4, lora_alpha=6, use_rslora=rslora)
     assert layer.scaling["default"] == (6 / 2 if rslora else 6 / 4)
 
 
@@ -76,27 +76,27 @@ def test_rank_above_min_dims_is_legal_and_warns_naming_the_layer():
         lm = lr.get_lora_model(lr.MLP([6, 16, 16, 2], seed=0), lr.LoraConfig(r=8, target_modules=["0", "2", "4"]))
     messages = sorted(str(w.message) for w in record if "exceeds" in str(w.message))
     assert len(messages) == 2                                  # '2' (16 -> 16) has min 16 >= 8: no warning
-    assert "LoRALinear 'model.0' adapter 'default': r=8 exceeds min(D_in, D_out) = 6" in messages[0]
-    assert "LoRALinear 'model.4' adapter 'default': r=8 exceeds min(D_in, D_out) = 2" in messages[1]
+    assert "LoraLinear 'model.0' adapter 'default': r=8 exceeds min(D_in, D_out) = 6" in messages[0]
+    assert "LoraLinear 'model.4' adapter 'default': r=8 exceeds min(D_in, D_out) = 2" in messages[1]
     assert lm.model[0].lora_A["default"].shape == (8, 6) and lm.model[4].lora_B["default"].shape == (2, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                         # r = min(D_in, D_out) is silent
-        lr.LoRALinear(lr.Dense(6, 3), r=3)
+        lr.LoraLinear(lr.Dense(6, 3), r=3)
 
 
 @pytest.mark.parametrize("r", [0, -1, 2.5, True, "8", None])
 def test_rank_must_be_a_positive_integer(r):
     base = lr.Dense(4, 3)
-    with pytest.raises(ValueError, match=rf"LoRALinear '<root>' adapter 'default': r must be an integer >= 1, "
+    with pytest.raises(ValueError, match=rf"LoraLinear '<root>' adapter 'default': r must be an integer >= 1, "
                                          rf"got {re.escape(repr(r))}"):
-        lr.LoRALinear(base, r=r)
+        lr.LoraLinear(base, r=r)
 
 
 def test_pissa_refuses_a_rank_above_min_dims_and_leaves_the_base_as_it_was():
     """PiSSA needs r singular triplets of W and W has only min(D_in, D_out): a clear error, no padding."""
     model = lr.MLP([9, 6, 2], dtype="float64", seed=4)
     W = model[0].weight.data.copy()
-    with pytest.raises(ValueError, match=r"LoRALinear 'model.0' adapter 'default': PiSSA init needs r <= "
+    with pytest.raises(ValueError, match=r"LoraLinear 'model.0' adapter 'default': PiSSA init needs r <= "
                                          r"min\(D_in, D_out\) = 6 .*got r=7"):
         lr.get_lora_model(model, lr.LoraConfig(r=7, init_lora_weights="pissa", target_modules=["0"]))
     assert isinstance(model[0], lr.Dense) and np.array_equal(model[0].weight.data, W)
@@ -116,16 +116,16 @@ def test_zero_B_gives_exactly_the_base_output(init, dtype):
     base = lr.Dense(12, 7, dtype=dtype, seed=0)
     x = randn(1, 5, 12, dtype=dtype)
     expected = base(x)
-    layer = lr.LoRALinear(base, r=3, lora_alpha=16, init_lora_weights=init, seed=2)
+    layer = lr.LoraLinear(base, r=3, lora_alpha=16, init_lora_weights=init, seed=2)
     assert not layer.lora_B["default"].data.any()
     np.testing.assert_array_equal(layer(x), expected)
 
 
 def test_default_and_gaussian_init_of_A():
     D_in, r = 64, 16
-    kaiming = lr.LoRALinear(lr.Dense(D_in, 64), r=r, seed=0).lora_A["default"].data
+    kaiming = lr.LoraLinear(lr.Dense(D_in, 64), r=r, seed=0).lora_A["default"].data
     assert kaiming.shape == (r, D_in) and np.abs(kaiming).max() <= 1 / math.sqrt(D_in)
-    gauss = lr.LoRALinear(lr.Dense(D_in, 64), r=r, init_lora_weights="gaussian", seed=0).lora_A["default"].data
+    gauss = lr.LoraLinear(lr.Dense(D_in, 64), r=r, init_lora_weights="gaussian", seed=0).lora_A["default"].data
     assert abs(gauss.std() - 1 / r) < 0.1 / r                 # PEFT: normal_(std=1/r)
 
 
@@ -178,7 +178,7 @@ def test_pissa_starts_at_the_base_output(dtype, rtol, r):
     base = lr.Dense(9, 6, dtype=dtype, seed=4)
     x = randn(0, 5, 9, dtype=dtype)
     y0, W0 = base(x), base.weight.data.astype(np.float64)
-    layer = lr.LoRALinear(base, r=r, lora_alpha=4, init_lora_weights="pissa")
+    layer = lr.LoraLinear(base, r=r, lora_alpha=4, init_lora_weights="pissa")
     np.testing.assert_allclose(layer(x), y0, rtol=rtol, atol=rtol * np.abs(y0).max())
     U, S, Vt = np.linalg.svd(W0)                                # s·B·A is the best rank-r part of W
     top_r = (U[:, :r] * S[:r]) @ Vt[:r]
@@ -244,7 +244,7 @@ class WrappedDense(lr.Module):
 def test_lora_over_a_non_dense_base_matches_finite_differences(shape, seed):
     N, D_in, D_out, r = shape
     base = WrappedDense(lr.Dense(D_in, D_out, dtype="float64", seed=seed))
-    layer = lr.LoRALinear(base, r=r, lora_alpha=3, init_lora_weights=False, seed=seed)
+    layer = lr.LoraLinear(base, r=r, lora_alpha=3, init_lora_weights=False, seed=seed)
     x = randn(seed, N, D_in)
     np.testing.assert_allclose(layer(x), reference_forward(layer, x), rtol=1e-12, atol=1e-12)
     check_module(layer, x, seed=seed, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""A merged LoRALinear costs what its base costs: one dense product, no x·Aᵀ, no input kept,
+"""A merged LoraLinear costs what its base costs: one dense product, no x·Aᵀ, no input kept,
 when nothing needs the adapter's gradients (eval mode, or frozen factors). In training mode
 with trainable factors it still computes h = x Aᵀ, so dA and dB equal the unmerged layer's
 (tests/test_lora_layer.py), and its backward is the base's dx either way."""
@@ -25,7 +25,7 @@ def calls(monkeypatch):
 
 def merged_layer(trainable_factors=True):
     base = lr.Dense(6, 4, dtype="float64", seed=0, backend="numpy")
-    layer = lr.LoRALinear(base, r=2, lora_alpha=3, init_lora_weights=False, seed=1, backend="numpy")
+    layer = lr.LoraLinear(base, r=2, lora_alpha=3, init_lora_weights=False, seed=1, backend="numpy")
     layer.merge()
     for p in (layer.lora_A["default"], layer.lora_B["default"]):
         p.trainable = trainable_factors

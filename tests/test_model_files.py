@@ -63,7 +63,7 @@ def test_pytorch_loads_the_file_with_load_state_dict(tmp_path):
 
 def test_save_refuses_what_it_cannot_describe_and_existing_files(tmp_path):
     lm = lr.get_lora_model(lr.MLP([4, 3, 2]), lr.LoraConfig(r=1, target_modules=["0"]))
-    with pytest.raises(TypeError, match="LoRALinear at '0'.*merge_and_unload"):
+    with pytest.raises(TypeError, match="LoraLinear at '0'.*merge_and_unload"):
         save_model(lm.model, tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="LoraModel at '<root>'.*register_layer"):
         save_model(lm, tmp_path / "x.safetensors")

@@ -34,7 +34,7 @@ def test_parameter_starts_without_grad_and_accumulates():
 
 def test_lora_inside_a_model_has_dotted_names_and_labels():
     model = lr.MLP([4, 6, 2], seed=0)
-    model.set_submodule("0", lr.LoRALinear(model[0], r=2))
+    model.set_submodule("0", lr.LoraLinear(model[0], r=2))
     names = [n for n, _ in model.named_parameters()]
     assert names == ["0.base_layer.weight", "0.base_layer.bias", "0.lora_A.default", "0.lora_B.default",
                      "2.weight", "2.bias"]
@@ -48,7 +48,7 @@ def test_lora_inside_a_model_has_dotted_names_and_labels():
 
 def test_train_and_eval_reach_every_module():
     model = lr.MLP([4, 6, 6, 2], seed=0)
-    model.set_submodule("2", lr.LoRALinear(model[2], r=2, lora_dropout=0.1))
+    model.set_submodule("2", lr.LoraLinear(model[2], r=2, lora_dropout=0.1))
     assert model.eval() is model
     assert not any(m.training for _, m in model.named_modules())
     model.train()

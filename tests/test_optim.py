@@ -82,7 +82,7 @@ def lora_mlp_step(opt_cls, **settings):
     """One training step of a LoRA MLP (all Dense layers adapted); returns (model, optimizer)."""
     model = lr.MLP([6, 8, 8, 3], seed=0)
     for i in (0, 2, 4):
-        model.set_submodule(str(i), lr.LoRALinear(model[i], r=2, lora_alpha=4, seed=i))
+        model.set_submodule(str(i), lr.LoraLinear(model[i], r=2, lora_alpha=4, seed=i))
     opt = opt_cls(model.parameters(), **settings)
     x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
     loss = lr.MSELoss()

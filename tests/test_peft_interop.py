@@ -176,7 +176,7 @@ def test_loading_a_rank_above_min_dims_warns_naming_the_layers(tmp_path):
     with pytest.warns(UserWarning) as record:
         lr.LoraModel.from_pretrained(model, tmp_path)
     messages = {str(w.message).split(":")[0] for w in record if "exceeds min(D_in, D_out)" in str(w.message)}
-    assert messages == {"LoRALinear 'model.0' adapter 'default'", "LoRALinear 'model.4' adapter 'default'"}
+    assert messages == {"LoraLinear 'model.0' adapter 'default'", "LoraLinear 'model.4' adapter 'default'"}
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

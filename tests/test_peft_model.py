@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.tuners.lora.layer import LoRALinear
+from lowrank.tuners.lora.layer import LoraLinear
 from lowrank.tuners.lora.model import ModulesToSave
 
 
@@ -29,7 +29,7 @@ def x():
 def test_only_named_layers_are_replaced_and_flags_are_exact():
     model = lr.get_lora_model(mlp(), lr.LoraConfig(r=2, target_modules=["0", "4"]))
     kinds = {n: type(m).__name__ for n, m in model.model.named_children()}
-    assert kinds == {"0": "LoRALinear", "1": "ReLU", "2": "Dense", "3": "ReLU", "4": "LoRALinear"}
+    assert kinds == {"0": "LoraLinear", "1": "ReLU", "2": "Dense", "3": "ReLU", "4": "LoraLinear"}
     trainable = sorted(n for n, p in model.named_parameters() if p.trainable)
     assert trainable == ["model.0.lora_A.default", "model.0.lora_B.default",
                          "model.4.lora_A.default", "model.4.lora_B.default"]
@@ -164,7 +164,7 @@ def test_merge_and_unload_keeps_outputs_and_removes_lora(x):
     x32 = x.astype(np.float32)
     y = model.forward(x32)
     merged = model.merge_and_unload()
-    assert not any(isinstance(m, LoRALinear) for _, m in merged.named_modules())
+    assert not any(isinstance(m, LoraLinear) for _, m in merged.named_modules())
     assert [n for n, _ in merged.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias",
                                                           "4.weight", "4.bias"]
     np.testing.assert_allclose(merged.forward(x32), y, rtol=1e-5, atol=1e-5)
@@ -202,7 +202,7 @@ def test_a_rejected_adapter_changes_nothing(x):
     names_before = [n for n, _ in model.named_parameters()]
     y = model.forward(x)
     # layers "0" and "2" take adapter "big", "4" does not: rejected at the last layer
-    with pytest.raises(ValueError, match=r"LoRALinear 'model.4' adapter 'big': an adapter of that name already exists"):
+    with pytest.raises(ValueError, match=r"LoraLinear 'model.4' adapter 'big': an adapter of that name already exists"):
         model.add_adapter("big", lr.LoraConfig(r=5, target_modules="all-linear"))
     assert [n for n, _ in model.named_parameters()] == names_before and "big" not in model.peft_config
     assert np.array_equal(model.forward(x), y)

@@ -56,7 +56,7 @@ def lora_mlp(base_layers, seed):
     """LoRA (r=2) on both hidden layers of Sequential(base0, ReLU, base1, ReLU, head); B random so dA != 0."""
     model = lr.Sequential(base_layers[0], lr.ReLU(), base_layers[1], lr.ReLU(), base_layers[2])
     for i in (0, 2):
-        lora = lr.LoRALinear(model[i], r=2, lora_alpha=4, seed=seed + i)
+        lora = lr.LoraLinear(model[i], r=2, lora_alpha=4, seed=seed + i)
         lora.lora_B["default"].data = np.random.default_rng(seed + 10 + i).standard_normal(
             lora.lora_B["default"].shape).astype(lora.lora_B["default"].dtype)
         model.set_submodule(str(i), lora)
@@ -89,7 +89,7 @@ def test_qlora_mlp_lora_gradients_equal_those_on_the_dequantized_weights(dtype, 
 
 def test_lora_over_nf4dense_trains_the_adapter_only():
     rng = np.random.default_rng(0)
-    layer = lr.LoRALinear(nf4_layer(16, 8, 0, dtype="float32", blocksize=64), r=4, lora_alpha=8, seed=0)
+    layer = lr.LoraLinear(nf4_layer(16, 8, 0, dtype="float32", blocksize=64), r=4, lora_alpha=8, seed=0)
     packed_before = layer.base_layer.weight_packed.data.copy()
     assert layer.lora_A["default"].dtype == np.float32                     # the base's compute dtype
     x = rng.standard_normal((32, 16)).astype(np.float32)
@@ -144,7 +144,7 @@ def merged_weight_bound(layer, name="default"):
 
 def test_merge_into_nf4_is_lossy_but_bounded_and_the_float_merge_is_exact():
     rng = np.random.default_rng(3)
-    layer = lr.LoRALinear(nf4_layer(24, 10, 3, blocksize=8, double_quant=False), r=3, lora_alpha=6, seed=3)
+    layer = lr.LoraLinear(nf4_layer(24, 10, 3, blocksize=8, double_quant=False), r=3, lora_alpha=6, seed=3)
     layer.lora_B["default"].data = rng.standard_normal((10, 3))
     x = rng.standard_normal((20, 24))
     lossy, exact = merge_nf4(layer), merge_nf4(layer, "default", exact=True)
@@ -164,16 +164,16 @@ def test_merge_into_nf4_is_lossy_but_bounded_and_the_float_merge_is_exact():
 
 
 def test_merge_model_nf4_and_merge_errors():
-    model = lr.Sequential(lr.LoRALinear(nf4_layer(6, 4, 0), r=2), lr.ReLU(), lr.Dense(4, 2, dtype="float64"))
+    model = lr.Sequential(lr.LoraLinear(nf4_layer(6, 4, 0), r=2), lr.ReLU(), lr.Dense(4, 2, dtype="float64"))
     x = np.random.default_rng(0).standard_normal((5, 6))
     y = model(x)
     merged = merge_model_nf4(model, exact=True)
     assert isinstance(merged[0], lr.Dense)
     np.testing.assert_allclose(merged(x), y, rtol=1e-12)
-    single = lr.LoRALinear(nf4_layer(6, 4, 0), r=2)
+    single = lr.LoraLinear(nf4_layer(6, 4, 0), r=2)
     assert isinstance(merge_model_nf4(single), NF4Dense)
-    with pytest.raises(TypeError, match="has a Dense base; use LoRALinear.merge"):
-        merge_nf4(lr.LoRALinear(lr.Dense(4, 4), r=2))
+    with pytest.raises(TypeError, match="has a Dense base; use LoraLinear.merge"):
+        merge_nf4(lr.LoraLinear(lr.Dense(4, 4), r=2))
     with pytest.raises(ValueError, match="has no adapter 'other'"):
         merge_nf4(single, "other")
 

@@ -9,7 +9,7 @@ import lowrank as lr
 def lora_mlp(sizes, r, seed=0):
     model = lr.MLP(sizes, "tanh", seed=seed)
     for i in range(0, len(model), 2):
-        model.set_submodule(str(i), lr.LoRALinear(model[i], r=r, lora_alpha=2 * r, seed=seed + i))
+        model.set_submodule(str(i), lr.LoraLinear(model[i], r=r, lora_alpha=2 * r, seed=seed + i))
     return model
 
 

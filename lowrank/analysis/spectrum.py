@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..nn.device import get_array_module
-from ..tuners.lora.layer import LoRALinear
+from ..tuners.lora.layer import LoraLinear
 from ..nn.module import Module
 from .svd import singular_values
 
@@ -56,8 +56,8 @@ def captured_fraction(M, r: int) -> float:
 
 
 def _weight(module: Module):
-    """The dense weight of a Dense or of a LoRALinear's base layer."""
-    return module.base_layer.weight.data if isinstance(module, LoRALinear) else module.weight.data
+    """The dense weight of a Dense or of a LoraLinear's base layer."""
+    return module.base_layer.weight.data if isinstance(module, LoraLinear) else module.weight.data
 
 
 def full_deltas(finetuned: Module, pretrained: Module, names) -> dict:

@@ -97,7 +97,7 @@ def run_merge(model: LoraModel, ds) -> dict:
     merged_ms = _median_ms(lambda: merged.forward(X))
     return {"rows": len(X), "max_abs_diff": float(np.abs(after - before).max()),
             "max_abs_output": float(np.abs(before).max()), "unmerged_ms": unmerged_ms, "merged_ms": merged_ms,
-            "lora_layers_left": sum(1 for _, m in merged.named_modules() if type(m).__name__ == "LoRALinear")}
+            "lora_layers_left": sum(1 for _, m in merged.named_modules() if type(m).__name__ == "LoraLinear")}
 
 
 def run_files(model: LoraModel, pretrained, ds, out: Path) -> dict:

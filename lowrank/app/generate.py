@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-BASE = "__base__"
+from ..tuners.lora.mixed import BASE
 
 
 def add_arguments(parser):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
-from ..tuners.lora.pretrained import read_config
+from ..tuners.lora.config import AdapterFileError, read_config
+from ..tuners.lora.save_and_load import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME
 from .cli import printable as _p       # every name and value read from a file goes through it
 from ..io.model_files import ARCH_KEY, CHECKSUM_KEY, FileFormatError, read_tensor_file
 
@@ -27,9 +27,9 @@ def run(args) -> int:
     path = Path(args.path)
     if path.is_dir():
         print(f"adapter directory {_p(path)}")
-        _print_config(path / CONFIG_NAME)
-        _print_tensors(path / WEIGHTS_NAME)
-        subs = sorted(_p(p.parent.name) for p in path.glob(f"*/{CONFIG_NAME}"))
+        _print_config(path / ADAPTER_CONFIG_NAME)
+        _print_tensors(path / ADAPTER_SAFE_WEIGHTS_NAME)
+        subs = sorted(_p(p.parent.name) for p in path.glob(f"*/{ADAPTER_CONFIG_NAME}"))
         if subs:
             print(f"adapters in sub-directories: {', '.join(subs)} (inspect {_p(path)}/<name>)")
     else:

@@ -106,8 +106,8 @@ def describe_module(module: Module, where: str = "") -> dict:
     for name, lt in LAYER_TYPES.items():
         if type(module) is lt.cls:
             return {"type": name, **lt.describe(module)}
-    hint = (" (a LoRA layer: save the adapter with save_pretrained, or merge_and_unload() first)"
-            if hasattr(module, "lora_A") else "")
+    hint = (" (an adapter layer over a base_layer: save the adapter with save_pretrained, or "
+            "merge_and_unload() first)" if hasattr(module, "base_layer") else "")
     raise TypeError(f"save_model: can't describe {type(module).__name__} at {where or '<root>'!r}{hint}; "
                     f"known layer types: Sequential, {sorted(LAYER_TYPES)}; add one with "
                     f"lowrank.io.model_files.register_layer")

@@ -5,7 +5,7 @@ from .embedding import Embedding
 from .losses_lm import CausalLMLoss
 from .mlp import LlamaMLP
 from .norm import RMSNorm
-from .rotary import RotaryEmbedding, apply_rope, apply_rope_backward, rope_tables, rotate_half
+from .rotary import RotaryEmbedding, rope_tables
 
 __all__ = ["CausalLMLoss", "Embedding", "LlamaAttention", "LlamaMLP", "RMSNorm", "RotaryEmbedding", "SiLU",
-           "apply_rope", "apply_rope_backward", "rope_tables", "rotate_half"]
+           "rope_tables"]

@@ -8,9 +8,18 @@ group" is a sum over that G axis.
 
     q = rope(x W_qᵀ)  (B, H, T, h)      k = rope(x W_kᵀ), v = x W_vᵀ  (B, H_kv, T, h)
     S = q kᵀ / sqrt(h), −inf where key > query or attention_mask[key] = 0     (B, H, T, T)
+        (and, with a sliding window W, where key <= query − W: the query at t sees keys in (t − W, t])
     P = softmax(S)  (in float32 or wider)       O = P v  (B, H, T, h)       y = O W_oᵀ (B, T, d)
     backward:  dP = dO vᵀ,  dv = Σ_G Pᵀ dO,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),
                dq = dS k / sqrt(h),  dk = Σ_G dSᵀ q / sqrt(h),  then RoPE by −angle.
+
+Qwen3 (``qk_norm``) normalizes each head of q and k over h before RoPE: q = rope(q_norm(x W_qᵀ)), and
+likewise k (RMSNorm, weights (h,)); Qwen2 has biases on q/k/v_proj but not o_proj (``o_bias``).
+
+The window is applied in S: the layer writes the dtype's lowest finite value where a key is W or more
+positions back, so the kernel's e^(s − max) is exactly 0 there and its backward (dS = P ⊙ (...)) passes
+no gradient there (a finite value, not −inf: the kernels' max would be −inf on a row of only such keys).
+A real token always sees itself; a padding row whose window holds no token gets P = 0 as above.
 
 RoPE, the softmax and the products, forward and backward, are kernels (``lowrank.kernels``: ``matmul``,
 ``rope_forward``, ``causal_softmax`` and their backwards; in numba_cpu one pass per row, the products GEMM
@@ -23,7 +32,8 @@ model, whose float32 softmax sees −inf everywhere; no real token attends to su
 What the backward keeps, besides the projections' own caches (when trainable, q/k/v_proj share
 one (B·T, d) input and o_proj keeps its (B·T, H·h) input; frozen ones keep nothing): P (B, H, T, T),
 rotated q (B, H, T, h), rotated k and v (B, H_kv, T, h) and the RoPE tables (2, T, h), that is
-itemsize · (B·H·T² + B·T·h·(H + 2·H_kv) + 2·T·h) bytes (itemsize 8 in float64, 4 in float32).
+itemsize · (B·H·T² + B·T·h·(H + 2·H_kv) + 2·T·h) bytes (itemsize 8 in float64, 4 in float32);
+with ``qk_norm``, q_norm and k_norm also keep their inputs and 1/RMS, B·T·(H + H_kv)·(h + 1) more.
 P is the only O(T²) term; no temporary is bigger than O(B·H·T²). (tests/test_llama_memory.py checks this
 figure against training.accounting's measured activations; B=3, T=6, H=4, H_kv=2, h=8: 1,680 floats.)
 
@@ -43,6 +53,7 @@ from .device import get_array_module
 from .dispatch import kernels_for
 from .layers import Dense
 from .module import Module
+from .norm import RMSNorm
 from .rotary import RotaryEmbedding
 
 
@@ -61,6 +72,34 @@ class AttentionCache(NamedTuple):
     shape: tuple       # (B, T, d), to check dy
 
 
+def _slide(S, window, past: int):
+    """S (..., T, K) with the keys W or more positions behind each query (j <= past + i − W) set to the lowest
+    finite value, in place; nothing to do while every key is within the window."""
+    T, K = S.shape[-2:]
+    if window is None or K <= window:
+        return S
+    xp = get_array_module(S)
+    query = xp.arange(past, past + T)[:, None]                                 # (T, 1) absolute positions
+    old = xp.arange(K)[None, :] <= query - window                              # (T, K), broadcast over S
+    xp.copyto(S, S.dtype.type(np.finfo(S.dtype).min), where=old)
+    return S
+
+
+def _sees_a_token(P, key_mask, window, past: int):
+    """P (B, H_kv, G, T, K) with the rows of queries whose window (past + i − W, past + i] holds no token
+    (all padding) set to 0, in place."""
+    T, K = P.shape[-2:]
+    if window is None or key_mask is None or K <= window:
+        return P
+    xp = get_array_module(P)
+    B = P.shape[0]
+    before = xp.concatenate([xp.zeros((B, 1), np.int64), xp.cumsum(key_mask != 0, axis=1)], axis=1)  # (B, K + 1)
+    end = xp.arange(past + 1, past + T + 1)                                     # (T,) one past each query's key
+    sees = before[:, end] - before[:, xp.maximum(end - window, 0)] > 0           # (B, T) tokens in the window
+    P *= sees[:, None, None, :, None]
+    return P
+
+
 class LlamaAttention(Module):
     """Causal self-attention with GQA; q/k/v/o projections are Dense layers LoRA can wrap by name."""
 
@@ -68,7 +107,11 @@ class LlamaAttention(Module):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  *, rope_theta: float = 10000.0, max_position_embeddings: int | None = None, bias: bool = False,
+                 o_bias: bool | None = None, qk_norm: bool = False, rms_norm_eps: float = 1e-6,
+                 sliding_window: int | None = None, rope_type: str = "default", rope_scaling: dict | None = None,
                  dtype="float32", seed=None):
+        """``bias``: on q/k/v_proj, and on o_proj unless ``o_bias`` says otherwise; ``qk_norm``: Qwen3's
+        q_norm/k_norm (eps ``rms_norm_eps``); ``sliding_window`` W: each query sees its last W keys."""
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
@@ -83,8 +126,16 @@ class LlamaAttention(Module):
         self.q_proj = Dense(hidden_size, num_heads * head_dim, bias, dtype=dtype, seed=s[0])
         self.k_proj = Dense(hidden_size, num_kv_heads * head_dim, bias, dtype=dtype, seed=s[1])
         self.v_proj = Dense(hidden_size, num_kv_heads * head_dim, bias, dtype=dtype, seed=s[2])
-        self.o_proj = Dense(num_heads * head_dim, hidden_size, bias, dtype=dtype, seed=s[3])
-        self.rotary = RotaryEmbedding(head_dim, rope_theta, max_position_embeddings)
+        self.o_proj = Dense(num_heads * head_dim, hidden_size, bias if o_bias is None else o_bias, dtype=dtype,
+                            seed=s[3])
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(head_dim, rms_norm_eps, dtype=dtype)
+        self.qk_norm = qk_norm
+        if sliding_window is not None and not sliding_window >= 1:
+            raise ValueError(f"LlamaAttention: sliding_window must be >= 1 or None, got {sliding_window}")
+        self.sliding_window = sliding_window
+        self.rotary = RotaryEmbedding(head_dim, rope_theta, max_position_embeddings, rope_type, rope_scaling)
 
     def _check_mask(self, attention_mask, B, T):
         if attention_mask is None:
@@ -102,8 +153,12 @@ class LlamaAttention(Module):
         B, T, d = x.shape
         H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         x2 = x.reshape(B * T, d)                                               # (B·T, d)
-        q = self.q_proj.forward(x2).reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)   # (B, H_kv, G, T, h)
-        k = self.k_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
+        q = self.q_proj.forward(x2).reshape(B, T, H_kv, G, h)                  # (B, T, H_kv, G, h)
+        k = self.k_proj.forward(x2).reshape(B, T, H_kv, h)                     # (B, T, H_kv, h)
+        if self.qk_norm:                                                       # each head over its h
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
+        q = q.transpose(0, 2, 3, 1, 4)                                         # (B, H_kv, G, T, h)
+        k = k.transpose(0, 2, 1, 3)                                            # (B, H_kv, T, h)
         v = self.v_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
         q = kern.rope_forward(q, cos, sin)
         q *= self.scaling                                                      # q / sqrt(h): on q, not on S
@@ -121,7 +176,8 @@ class LlamaAttention(Module):
         cos, sin = self.rotary.tables(T, x.dtype, xp)                          # (T, h) each
         q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
         S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                     # (B, H_kv, G, T, T)
-        P = kern.causal_softmax(S, attention_mask)                             # (B, H_kv, G, T, T)
+        P = kern.causal_softmax(_slide(S, self.sliding_window, 0), attention_mask)   # (B, H_kv, G, T, T)
+        P = _sees_a_token(P, attention_mask, self.sliding_window, 0)
         O = kern.matmul(P, v[:, :, None])                                      # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
         self._cache = AttentionCache(q, k, v, P, cos, sin, x.shape)            # q already scaled
@@ -142,9 +198,12 @@ class LlamaAttention(Module):
         dq = kern.matmul(dS, k[:, :, None])                                    # (B, H_kv, G, T, h)
         dq *= self.scaling
         dk = _sum_group(kern.matmul(dS.swapaxes(-1, -2), q))                   # (B, H_kv, T, h), Σ over G (q scaled)
-        dq, dk = kern.rope_backward(dq, cos, sin), kern.rope_backward(dk, cos, sin)
-        dx = self.q_proj.backward(dq.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h))   # (B·T, d)
-        dx = dx + self.k_proj.backward(dk.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))
+        dq = kern.rope_backward(dq, cos, sin).transpose(0, 3, 1, 2, 4)         # (B, T, H_kv, G, h)
+        dk = kern.rope_backward(dk, cos, sin).transpose(0, 2, 1, 3)            # (B, T, H_kv, h)
+        if self.qk_norm:
+            dq, dk = self.q_norm.backward(dq), self.k_norm.backward(dk)
+        dx = self.q_proj.backward(dq.reshape(B * T, H_kv * G * h))            # (B·T, d)
+        dx = dx + self.k_proj.backward(dk.reshape(B * T, H_kv * h))
         dx = dx + self.v_proj.backward(dv.transpose(0, 2, 1, 3).reshape(B * T, H_kv * h))
         return dx.reshape(B, T, d)
 
@@ -161,13 +220,15 @@ class LlamaAttention(Module):
         q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
         k, v, mask = kv_cache.update(layer, k, v)                              # (B, H_kv, P0 + T, h), (B, P0 + T)
         S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                     # (B, H_kv, G, T, P0 + T)
-        P = kern.causal_softmax(S, mask, P0)                                   # (B, H_kv, G, T, P0 + T)
+        P = kern.causal_softmax(_slide(S, self.sliding_window, P0), mask, P0)  # (B, H_kv, G, T, P0 + T)
+        P = _sees_a_token(P, mask, self.sliding_window, P0)
         O = kern.matmul(P, v[:, :, None])                                      # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
         self._cache = None                                                     # nothing for a backward
         return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)
 
     def extra_repr(self):
+        window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}")
+                f"head_dim={self.head_dim}{window}")
 

@@ -6,7 +6,8 @@ A step feeds T_new tokens (the whole prompt at prefill, 1 per decode step) at po
 P0 .. P0 + T_new − 1, P0 = ``length`` (the positions already cached). Each layer's attention
 rotates its new q and k at those absolute positions, writes k and v into its slot here and
 attends over all P0 + T_new cached keys. The padding mask is kept beside them, so a
-left-padded prompt's padding stays invisible at every later step.
+left-padded prompt's padding stays invisible at every later step. A sliding-window layer
+(Mistral, Qwen) caches every position too; its attention applies the window to them.
 
 Memory: ``nbytes`` = 2 · L · B · H_kv · T_max · h · itemsize bytes (keys and values; the
 (B, T_max) mask adds B · T_max bytes). The demo's model, L = 4, B = 16, H_kv = 8, h = 32,

@@ -28,7 +28,7 @@ class NF4Dense(Module):
     """y = x Ŵᵀ + b with Ŵ stored in NF4. The packed codes and block scales are frozen Parameters
     (``weight_packed``, ``weight_absmax`` or ``weight_absmax_q/_scale/_offset``), so state_dict() carries them."""
 
-    lora_targetable = True     # get_lora_model may wrap it in LoRALinear: that is QLoRA
+    lora_targetable = True     # get_lora_model may wrap it in LoraLinear: that is QLoRA
 
     def __init__(self, weight: NF4Tensor, bias=None, *, backend: str | None = None):
         super().__init__()

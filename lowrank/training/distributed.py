@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..nn.device import device_of, to_device
-from ..tuners.lora.layer import LoRALinear
+from ..tuners.lora.layer import LoraLinear
 from ..nn.losses import Loss
 from .loop import History, fit, targets_for
 
@@ -127,7 +127,7 @@ class DataParallel:
     def _split_dropout_streams(self):
         """Give each rank its own LoRA dropout stream (same seed everywhere would repeat one mask on every shard)."""
         for _, m in self.model.named_modules():
-            if isinstance(m, LoRALinear):
+            if isinstance(m, LoraLinear):
                 m._rng = np.random.default_rng([int(m._rng.integers(2**62)), self.rank])
 
     # -- setup and checks (collectives outside the training step) -----------------------

@@ -32,7 +32,7 @@ from .lora.dora import rowdot
 from ..nn.layers import Dense
 from .lora.config import matches
 from ..nn.module import Module, Parameter
-from .lora.model import ModulesToSave
+from .lora.modules_to_save import ModulesToSave
 
 
 @dataclass

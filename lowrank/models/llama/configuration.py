@@ -1,15 +1,21 @@
-"""A Llama's architecture, read from and written to transformers' ``config.json``.
+"""A decoder's architecture, read from and written to transformers' ``config.json``.
 
-Reads both the 5.x form ``rope_parameters = {"rope_theta": ..., "rope_type": "default"}`` and
-the older top-level ``rope_theta`` (with an optional ``rope_scaling``). Fields lowrank has no use
-for (token ids, ``use_cache``, ``initializer_range`` ...) are ignored; settings it can't honour
-(another activation, a scaled RoPE) raise a ValueError saying which.
+One dataclass for the four families lowrank computes (``families``: Llama, Mistral, Qwen2, Qwen3):
+the family is ``model_type``, and what sets it apart is a field here (the biases, Qwen3's q/k
+RMSNorm, the sliding window, head_dim). RoPE is read from the 5.x ``rope_parameters`` or the older
+``rope_scaling`` + ``rope_theta``, as transformers reads them. Fields lowrank has no use for (token
+ids, ``use_cache`` ...) are ignored; settings it can't honour (another activation, a rope_type it
+does not compute, an unknown model_type) raise a one-line ValueError saying which.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from ...nn.rotary import ROPE_TYPES
+from . import families
+from .families import ARCHITECTURES, BIAS_FIELDS, FAMILY_DEFAULTS, LAYER_TYPES
 
 
 @dataclass
@@ -25,44 +31,85 @@ class LlamaConfig:
     max_position_embeddings: int = 2048    # longest sequence the model accepts
     hidden_act: str = "silu"               # the MLP's gate activation; only "silu"
     tie_word_embeddings: bool = False      # lm_head reuses embed_tokens.weight (absent from the file)
-    attention_bias: bool = False           # biases on q/k/v/o_proj
-    mlp_bias: bool = False                 # biases on gate/up/down_proj
+    attention_bias: bool = False           # biases on q/k/v/o_proj (Llama, Qwen3; Qwen2's q/k/v ones: qkv_bias)
+    mlp_bias: bool = False                 # biases on gate/up/down_proj (Llama only)
     rope_theta: float = 10000.0            # θ of RoPE's inv_freq = θ^(−2j/h)
-    rope_type: str = "default"             # only "default" (no scaled RoPE)
+    rope_type: str = "default"             # "default", "linear" or "llama3" (nn.rotary.ROPE_TYPES)
+    rope_scaling: dict | None = None       # the scaled RoPE's numbers (factor ...); None for "default"
     initializer_range: float = 0.02        # std of the N(0, std) init of every weight matrix (as transformers)
     dtype: str | None = None               # the file's torch_dtype/dtype, as recorded ("bfloat16", ...)
+    model_type: str = "llama"              # the family: "llama", "mistral", "qwen2" or "qwen3"
+    sliding_window: int | None = None      # W: a sliding layer's query at t sees keys (t − W, t]; None: none slides
+    layer_types: list | None = None        # per layer "full_attention"/"sliding_attention" (Qwen); None: all alike
 
     def __post_init__(self):
+        families.check_model_type(self.model_type)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.hidden_act != "silu":
-            raise ValueError(f"LlamaConfig: hidden_act {self.hidden_act!r} is not supported; lowrank's Llama MLP "
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; lowrank's Llama MLP "
                              f"implements only 'silu' (SwiGLU)")
-        if self.rope_type != "default":
-            raise ValueError(f"LlamaConfig: rope_type {self.rope_type!r} is not supported; lowrank implements only "
-                             f"the 'default' (unscaled) RoPE")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        needs = ROPE_TYPES[self.rope_type]
+        if sorted(self.rope_scaling or ()) != sorted(needs):
+            raise ValueError(f"rope_type {self.rope_type!r} takes rope_scaling with exactly {list(needs)}, "
+                             f"got {self.rope_scaling}")
+        for name in ("attention_bias", "mlp_bias"):
+            if getattr(self, name) and name not in BIAS_FIELDS[self.model_type]:
+                raise ValueError(f"{name} is not a {self.model_type} setting (transformers' {self.model_type} has "
+                                 f"fixed biases)")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"LlamaConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig: head_dim must be even for RoPE, got {self.head_dim}")
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window >= 1):
+            raise ValueError(f"sliding_window must be an integer >= 1 or null, got {self.sliding_window!r}")
+        if self.layer_types is not None and (len(self.layer_types) != self.num_hidden_layers
+                                             or not set(self.layer_types) <= set(LAYER_TYPES)):
+            raise ValueError(f"layer_types must name {self.num_hidden_layers} layers, each one of {list(LAYER_TYPES)}, "
+                             f"got {self.layer_types}")
+        if self.sliding_window is None and "sliding_attention" in (self.layer_types or ()):
+            raise ValueError("layer_types has sliding_attention layers but no sliding_window (use_sliding_window is "
+                             "false); lowrank refuses to guess the window")
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on q/k/v_proj: always in Qwen2, by attention_bias in Llama and Qwen3, never in Mistral."""
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3's RMSNorm over head_dim on each head of q and k, before RoPE (q_norm, k_norm)."""
+        return self.model_type == "qwen3"
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window W of decoder layer ``i``, or None where it attends to every earlier key."""
+        if self.sliding_window is None or (self.layer_types is not None and self.layer_types[i] != "sliding_attention"):
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
-        """From a transformers config dict; unknown keys ignored."""
-        if d.get("model_type", "llama") != "llama":
-            raise ValueError(f"LlamaConfig: model_type is {d['model_type']!r}, expected 'llama'")
-        names = {f.name for f in fields(cls)} - {"rope_theta", "rope_type", "dtype"}
-        kwargs = {k: d[k] for k in names if k in d}
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ValueError(f"LlamaConfig: rope_parameters must be an object, got {rope!r}")
-        kwargs["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
-        kwargs["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+        """From a transformers config dict of any family in ``families``; unknown keys ignored."""
+        model_type = d.get("model_type", "llama")
+        families.check_model_type(model_type)
+        d = {**FAMILY_DEFAULTS[model_type], **d}
+        read = {f.name for f in fields(cls)} - {"rope_theta", "rope_type", "rope_scaling", "dtype", "model_type",
+                                                "sliding_window", "layer_types", "attention_bias", "mlp_bias"}
+        kwargs = {k: d[k] for k in read | set(BIAS_FIELDS[model_type]) if k in d}
+        if d.get("attention_dropout", 0.0):
+            raise ValueError(f"attention_dropout {d['attention_dropout']} is not supported; lowrank's attention has "
+                             f"no dropout (0.0)")
+        max_positions = kwargs.get("max_position_embeddings", cls.max_position_embeddings)
+        kwargs["rope_theta"], kwargs["rope_type"], kwargs["rope_scaling"] = families.rope_from_dict(d, max_positions)
+        layers = kwargs.get("num_hidden_layers", cls.num_hidden_layers)
+        kwargs["sliding_window"], kwargs["layer_types"] = families.sliding_from_dict(model_type, d, layers)
         kwargs["dtype"] = d.get("dtype", d.get("torch_dtype"))
-        return cls(**kwargs)
+        return cls(model_type=model_type, **kwargs)
 
     @classmethod
     def from_json_file(cls, path) -> "LlamaConfig":
@@ -71,17 +118,20 @@ class LlamaConfig:
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: can't read a Llama config.json: {e}") from e
+            raise ValueError(f"{path}: can't read a config.json: {e}") from e
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from e
 
     def to_dict(self) -> dict:
-        """A transformers 5.x ``config.json`` dict (``LlamaForCausalLM``, ``rope_parameters``)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("rope_theta", "rope_type", "dtype")}
-        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama")
+        """A transformers 5.x ``config.json`` dict of the family's class (``rope_parameters``, its window keys)."""
+        own = ("rope_theta", "rope_type", "rope_scaling", "dtype", "sliding_window", "layer_types", "attention_bias",
+               "mlp_bias")
+        d = {k: v for k, v in asdict(self).items() if k not in own}
+        d.update({k: getattr(self, k) for k in BIAS_FIELDS[self.model_type]})
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": self.rope_type, **(self.rope_scaling or {})}
+        d.update(families.sliding_to_dict(self), architectures=[ARCHITECTURES[self.model_type]])
         if self.dtype is not None:
             d["dtype"] = self.dtype
         return d

@@ -35,7 +35,7 @@ def generate(model, input_ids, max_new_tokens: int = 20, do_sample: bool = False
 
     ``model``: a LlamaForCausalLM (its config, dtype and device); ``forward(ids, attention_mask,
     kv_cache) -> logits`` defaults to ``model.forward`` (benchmarks/serving.py passes its own; LoRA
-    generation sets the adapters on the layers instead, ``tuners.lora.generation``).
+    generation sets the adapters on the layers instead, ``LoraModel.generate``).
     ``seed``: the numpy Generator's seed for sampling. ``eos_token_id``: an int or a list of ints;
     ``pad_token_id`` defaults to the (first) eos id. ``attention_mask`` (B, T): 1 for tokens, 0 for
     left padding; None: every position is a token.

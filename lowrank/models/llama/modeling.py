@@ -1,4 +1,6 @@
-"""A Llama decoder (transformers' ``LlamaForCausalLM``) with hand-written backward passes.
+"""A Llama-style decoder (transformers' ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``) with hand-written backward passes; the family is the config's ``model_type``, and
+its features are switches on the attention (``configuration``, ``families``).
 
 Letters: B batch, T tokens, d = hidden_size, V = vocab_size. The module tree is transformers',
 so ``named_parameters()`` gives its state-dict names (``model.embed_tokens.weight``,
@@ -8,7 +10,7 @@ so ``named_parameters()`` gives its state-dict names (``model.embed_tokens.weigh
       model: LlamaModel
         embed_tokens: Embedding (V, d)
         layers: "0", "1", ...: LlamaDecoderLayer
-            h = x + self_attn(input_layernorm(x))          (B, T, d)
+            h = x + self_attn(input_layernorm(x))          (B, T, d)   (+ self_attn.q_norm, k_norm in Qwen3)
             y = h + mlp(post_attention_layernorm(h))       (B, T, d)
         norm: RMSNorm
       lm_head: Dense (V, d) or, when tie_word_embeddings, TiedLMHead -> model.embed_tokens.weight
@@ -36,13 +38,15 @@ from .generation import generate
 class LlamaDecoderLayer(Module):
     """Pre-norm block: attention then SwiGLU MLP, each added to the residual stream."""
 
-    def __init__(self, config: LlamaConfig, *, dtype="float32", seed=None):
+    def __init__(self, config: LlamaConfig, *, dtype="float32", seed=None, layer_idx: int = 0):
         super().__init__()
         s = [int(v) for v in np.random.default_rng(seed).integers(2**31, size=2)]
         c = config
         self.self_attn = LlamaAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                        rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
-                                        bias=c.attention_bias, dtype=dtype, seed=s[0])
+                                        rope_theta=c.rope_theta, rope_type=c.rope_type, rope_scaling=c.rope_scaling,
+                                        max_position_embeddings=c.max_position_embeddings, bias=c.qkv_bias,
+                                        o_bias=c.attention_bias, qk_norm=c.qk_norm, rms_norm_eps=c.rms_norm_eps,
+                                        sliding_window=c.layer_window(layer_idx), dtype=dtype, seed=s[0])
         self.mlp = LlamaMLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, seed=s[1])
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
@@ -68,8 +72,8 @@ class LlamaModel(Module):
         rng = np.random.default_rng(seed)
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, seed=int(rng.integers(2**31)))
-        self.layers = Sequential(*[LlamaDecoderLayer(config, dtype=dtype, seed=int(rng.integers(2**31)))
-                                   for _ in range(config.num_hidden_layers)])
+        self.layers = Sequential(*[LlamaDecoderLayer(config, dtype=dtype, seed=int(rng.integers(2**31)), layer_idx=i)
+                                   for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
     def forward(self, input_ids, attention_mask=None, kv_cache=None):

@@ -50,7 +50,7 @@ from typing import NamedTuple
 from ...nn.device import get_array_module
 from ...nn.dispatch import kernels_for
 from ...nn.layers import Dense
-from .layer import LoraCache, LoRALinear, MixedCache
+from .layer import LoraCache, LoraLinear, MixedCache
 from ...nn.module import Module, Parameter, ParameterDict
 
 
@@ -107,8 +107,8 @@ def _check_dense(base, where: str):
                         f"got {type(base).__name__}")
 
 
-class DoraLinear(LoRALinear):
-    """A LoRALinear whose adapters may be DoRA adapters: those with a ``lora_magnitude_vector``.
+class DoraLinear(LoraLinear):
+    """A LoraLinear whose adapters may be DoRA adapters: those with a ``lora_magnitude_vector``.
 
     ``use_dora`` makes the first adapter a DoRA one; ``update_layer(..., use_dora=True)``
     adds more. ``exact_norm_grad`` differentiates through n (see the module docstring).
@@ -132,7 +132,7 @@ class DoraLinear(LoRALinear):
         self._merge_scale = {}             # adapter -> c it was merged with, for unmerge
 
     @classmethod
-    def from_lora(cls, layer: LoRALinear, exact_norm_grad: bool = False) -> "DoraLinear":
+    def from_lora(cls, layer: LoraLinear, exact_norm_grad: bool = False) -> "DoraLinear":
         """A DoraLinear taking over ``layer``'s base and adapters (to add a DoRA adapter to it).
 
         It shares the base and the adapters' Parameters but copies the tables that hold them,
@@ -156,7 +156,7 @@ class DoraLinear(LoRALinear):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      use_rslora: bool = False, init_lora_weights=True, use_dora: bool = False):
-        """LoRALinear.update_layer, plus a magnitude vector when ``use_dora`` (PEFT's signature)."""
+        """LoraLinear.update_layer, plus a magnitude vector when ``use_dora`` (PEFT's signature)."""
         if use_dora and self.merged:
             raise ValueError(f"{self.label} adapter {adapter_name!r}: add DoRA adapters to an unmerged layer "
                              f"(m starts at the row norms of the base W); merged: {self.merged_adapters}")
@@ -206,7 +206,7 @@ class DoraLinear(LoRALinear):
 
     # -- forward / backward ------------------------------------------------------------
     def forward(self, x, adapter_names=None):
-        """y (N, D_out); see the module docstring. Plain adapters and mixed batches go through LoRALinear."""
+        """y (N, D_out); see the module docstring. Plain adapters and mixed batches go through LoraLinear."""
         a = self.active_adapter
         mixed = (self.row_adapters if adapter_names is None else adapter_names) is not None
         if mixed or a not in self.lora_magnitude_vector:

@@ -1,4 +1,4 @@
-"""LoRAEmbedding: a frozen token embedding plus low-rank adapters, in PEFT's embedding layout.
+"""LoraEmbedding: a frozen token embedding plus low-rank adapters, in PEFT's embedding layout.
 
 Letters: N tokens (B·T, the ids flattened), V = num_embeddings, d = embedding_dim, r rank.
 An embedding is the linear map one-hot(id) (V,) ↦ Wᵀ one-hot(id) (d,), so its adapter is LoRA
@@ -19,7 +19,7 @@ B ~ N(0, 1), the reverse of a linear layer, so the adapted model still starts at
 ``lora_dropout`` is recorded but not applied: PEFT's Embedding builds the dropout and never calls it.
 
 Merge: W ← W + (s·B·A)ᵀ (V, d). ``delta_weight`` returns s·B·A (d, V), the update of the map
-above in (D_out, D_in) layout, like LoRALinear's (PEFT's ``get_delta_weight`` returns its transpose).
+above in (D_out, D_in) layout, like LoraLinear's (PEFT's ``get_delta_weight`` returns its transpose).
 With tied word embeddings W is also the output head's weight: merging would change the head too,
 so a layer injected over a tied W refuses to merge (``tied_to``) and its adapter stays on the input side.
 The layer answers to ``lora_A``/``lora_B`` as well (read-only aliases of the embedding tables), so
@@ -34,9 +34,9 @@ import numpy as np
 from ...nn.device import get_array_module
 from ...nn.dispatch import kernels_for
 from ...nn.embedding import Embedding
-from ...nn.module import Module, ParameterDict
-from .batches import BASE, rows_for
-from .tables import AdapterTables
+from ...nn.module import Module
+from .layer import AdapterTables
+from .mixed import BASE, rows_for
 
 
 class AdapterTokens(NamedTuple):
@@ -51,32 +51,20 @@ class LoraEmbeddingCache(NamedTuple):
     shape: tuple           # (..., d) of y, to check dy
 
 
-class LoRAEmbedding(AdapterTables, Module):
-    """An Embedding base (frozen) with LoRA adapters; the math: the module docstring."""
+class LoraEmbedding(AdapterTables):
+    """An Embedding base (frozen) with LoRA adapters; the math: the module docstring. ``row_adapters``
+    (AdapterTables) holds one name per sequence or per token."""
 
-    row_adapters = None    # set by LoraModel.forward for a mixed batch: one name per sequence or per token
+    factor_names = ("lora_embedding_A", "lora_embedding_B")
     tied_to: tuple = ()    # other layers sharing W (a tied lm_head), set at injection: merging is refused
     backend = None         # the kernel backend of its rank-r products (None: the global setting; see nn.dispatch)
 
     def __init__(self, base: Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights=True, *, adapter_name: str = "default", seed=None):
-        super().__init__()
         if not isinstance(base, Embedding):
-            raise TypeError(f"LoRAEmbedding: base must be an Embedding, got {type(base).__name__}")
-        path = base._path
-        self._set_path(path)
-        self.base_layer = base
-        self.lora_embedding_A, self.lora_embedding_B = ParameterDict(), ParameterDict()
-        self.r, self.lora_alpha, self.scaling, self.lora_dropout = {}, {}, {}, {}
-        self.merged_adapters: list[str] = []
-        self.active_adapter: str | None = adapter_name
-        self._rng = np.random.default_rng(seed)
-        try:
-            self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
-        except (ValueError, TypeError):
-            base._set_path(path)
-            raise
-        base.requires_grad_(False)
+            raise TypeError(f"LoraEmbedding: base must be an Embedding, got {type(base).__name__}")
+        super().__init__(base, adapter_name, seed)
+        self._add_first_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
     # -- the surface LoraModel and the analysis code use ------------------------------
     num_embeddings = property(lambda self: self.base_layer.num_embeddings)
@@ -85,18 +73,15 @@ class LoRAEmbedding(AdapterTables, Module):
     bias = None                                     # an embedding has none (bias "lora_only" finds nothing)
     lora_A = property(lambda self: self.lora_embedding_A)       # (r, V) per adapter
     lora_B = property(lambda self: self.lora_embedding_B)       # (d, r) per adapter
-    merged = property(lambda self: bool(self.merged_adapters))
     _fusable = True                                 # a dense weight: merge_and_unload folds it in place
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      use_rslora: bool = False, init_lora_weights=True):
         """Add adapter ``adapter_name``; validates everything first."""
         V, d = self.num_embeddings, self.embedding_dim
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"{self.label} adapter {adapter_name!r}: init_lora_weights must be True, False or "
-                             f"'gaussian' for an embedding (PiSSA is defined for linear layers), "
-                             f"got {init_lora_weights!r}")
-        where, r = self._check_adapter(adapter_name, r, lora_alpha, lora_dropout)
+        where, r = self._check_adapter(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights,
+                                       (True, False, "gaussian"),
+                                       " for an embedding (PiSSA is defined for linear layers)")
         self._warn_rank(where, r, "min(V, d)", min(V, d))
         W = self.weight
         xp, dtype = get_array_module(W.data), W.dtype
@@ -124,7 +109,7 @@ class LoRAEmbedding(AdapterTables, Module):
             self.merged_adapters.append(name)
 
     def unmerge(self):
-        """Undo every merge (W comes back to rounding, as for LoRALinear)."""
+        """Undo every merge (W comes back to rounding, as for LoraLinear)."""
         W = self.weight
         while self.merged_adapters:
             W.data = W.data - self.delta_weight(self.merged_adapters.pop()).T.astype(W.dtype)
@@ -187,7 +172,7 @@ class LoRAEmbedding(AdapterTables, Module):
                              f"merged: {self.merged_adapters}")
         xp, per_token = get_array_module(ids), np.array(names, dtype=object)
         return [(n, xp.asarray(np.flatnonzero(per_token == n))) for n in dict.fromkeys(names)
-                if n != BASE and n in self.lora_embedding_A]  # others: the base alone, as LoRALinear
+                if n != BASE and n in self.lora_embedding_A]  # others: the base alone, as LoraLinear
 
     def extra_repr(self):
         ads = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_embedding_A)

@@ -1,31 +1,24 @@
-"""LoRALinear: a frozen base layer plus trainable low-rank adapters, y = x Wᵀ + b + s·B·A·x.
+"""The LoRA layers: ``AdapterTables``, what every LoRA layer keeps per adapter, and ``LoraLinear``, a frozen
+base layer plus trainable low-rank adapters, y = x Wᵀ + b + s·B·A·x.
 
-Letters: N rows, D_in, D_out, r rank, K adapters in a mixed batch.
+Letters: N rows, D_in, D_out, r rank.
 
-    lora_A[name] (r, D_in)    lora_B[name] (D_out, r)    scaling[name] = alpha / r
-                                                          (alpha / √r with rsLoRA)
+    lora_A[name] (r, D_in)    lora_B[name] (D_out, r)    scaling[name] = lora_alpha / r   (/ √r with rsLoRA)
 
-    forward   h = drop(x) Aᵀ                (N, r)
-              y = x Wᵀ + b + s · h Bᵀ       (N, D_out)
-    backward  dh = s · dy B                 (N, r)
-              dB = s · dyᵀ h                (D_out, r)
-              dA = dhᵀ drop(x)              (r, D_in)
-              dx = dy W + drop'(dh A)       (N, D_in)   (the same dropout mask as the forward)
-
-W gets no gradient: the base is frozen, so the layer keeps no dW buffer and Adam no state
-for it. Merging folds s·B·A into W (zero added latency): the forward is then the base
-product alone. Only in training mode with a trainable factor does it still compute
-h = x Aᵀ and keep x, so that dA, dB equal the unmerged layer's; in eval mode, or with both
-factors frozen, it keeps nothing beyond the base's own cache and the backward gives dx alone.
-
-The layer holds several named adapters, as PEFT's LoraLayer does (``lora_A`` and
-``lora_B`` are keyed by adapter name); one is active at a time, or none (the base
-alone). The forward and backward math lives in the kernels (``lowrank.kernels``),
-called through the dispatch point; this file decides *which* kernel and keeps the
-cache. Dropout applies to the LoRA branch's input only.
+The forward and backward equations, with their shapes, are stated once, in the reference kernels
+(``lora_forward``/``lora_backward`` in kernels/reference/lora.py, the mixed-batch ones in
+kernels/reference/multi.py); this file picks the kernel and keeps what its backward needs
+(``LoraCache``): the input x (N, D_in) and h = (x ⊙ mask) Aᵀ (N, r) for dA and dB, and the dropout
+mask. W gets no gradient: the base is frozen, so the layer keeps no dW buffer and Adam no state for it.
+Merging folds s·B·A into W (zero added latency) and the forward is the base product alone; only in
+training mode with a trainable factor does it still compute h and keep x, so that dA, dB equal the
+unmerged layer's. In eval mode, or with both factors frozen, it keeps nothing beyond the base's own
+cache and the backward gives dx alone. Dropout applies to the LoRA branch's input only.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -33,9 +26,106 @@ import numpy as np
 from ...nn.device import get_array_module
 from ...nn.dispatch import kernels_for
 from ...nn.layers import Dense, kaiming_uniform
-from ...nn.module import Module, ParameterDict
-from .batches import mixed_plan, rows_for
-from .tables import AdapterTables
+from ...nn.module import Module, Parameter, ParameterDict, check_number
+from .config import INIT_MODES, check_init_lora_weights, check_rank
+from .mixed import BASE, mixed_plan, rows_for
+
+
+class AdapterTables(Module):
+    """Base of the LoRA layers; holds several named adapters, as PEFT's LoraLayer does, one active at a
+    time or none (the base alone). Its ``__init__`` makes the tables, keyed by adapter name: the factors
+    (``lora_A``/``lora_B``, ParameterDicts under the names in ``factor_names``) and ``r``, ``lora_alpha``,
+    ``scaling``, ``lora_dropout``. Checking a new adapter's arguments, recording it, switching,
+    deleting and s·B·A are written here once for LoraLinear and LoraEmbedding."""
+
+    factor_names = ("lora_A", "lora_B")     # LoraEmbedding: PEFT's lora_embedding_A, lora_embedding_B
+
+    # Set from outside for one mixed batch (``mixed.mixed_batch``, by LoraModel.forward/generate): one
+    # adapter name per sequence, which the layer spreads over its rows (``mixed.rows_for``); None otherwise.
+    row_adapters = None
+    # Set from outside while the weights can't change (``mixed.frozen_stacks``, by LoraModel.generate): a dict
+    # of the layer's MixedPlans, built once per set of adapters; None otherwise.
+    stack_cache = None
+
+    def __init__(self, base: Module, adapter_name: str, seed):
+        super().__init__()
+        self._set_path(base._path)                 # errors name the layer being replaced, e.g. '4'
+        self.base_layer = base
+        for name in self.factor_names:
+            setattr(self, name, ParameterDict())
+        self.r, self.lora_alpha, self.scaling, self.lora_dropout = {}, {}, {}, {}
+        self.merged_adapters: list[str] = []
+        self.active_adapter: str | None = adapter_name
+        self._rng = np.random.default_rng(seed)
+
+    def _add_first_adapter(self, adapter_name: str, *settings):
+        """``update_layer`` for the adapter the layer is built with; a rejected one leaves the base as it was."""
+        base = self.base_layer
+        try:
+            self.update_layer(adapter_name, *settings)
+        except (ValueError, TypeError):
+            base._set_path(self._path)
+            raise
+        base.requires_grad_(False)
+
+    merged = property(lambda self: bool(self.merged_adapters))
+
+    def _check_adapter(self, adapter_name: str, r, lora_alpha, lora_dropout, init_lora_weights,
+                       init_modes, why: str = "") -> tuple[str, int]:
+        """(how errors name it, r as an int) for a new adapter; ValueError naming the layer otherwise."""
+        where = f"{self.label} adapter {adapter_name!r}"
+        check_init_lora_weights(where, init_lora_weights, init_modes, why)
+        r = check_rank(where, "r", r)
+        check_number(where, "lora_alpha", lora_alpha)
+        if not 0 <= lora_dropout < 1:
+            raise ValueError(f"{where}: lora_dropout must lie in [0, 1), got {lora_dropout!r}")
+        if adapter_name in self.lora_A:
+            raise ValueError(f"{where}: an adapter of that name already exists")
+        if adapter_name == BASE:
+            raise ValueError(f"{where}: {BASE!r} is reserved for 'no adapter' in mixed batches")
+        return where, r
+
+    @staticmethod
+    def _warn_rank(where: str, r: int, dims: str, min_dim: int):
+        """r above the smaller side is legal (PEFT allows it), but s·B·A has rank <= that side."""
+        if r > min_dim:
+            warnings.warn(f"{where}: r={r} exceeds {dims} = {min_dim}; the update s·B·A has rank at most "
+                          f"{min_dim}, so the extra ranks add parameters, not rank", UserWarning, stacklevel=3)
+
+    @staticmethod
+    def _scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+        return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+    def _record(self, name: str, A, B, r: int, lora_alpha, lora_dropout, scaling: float):
+        """Store adapter ``name``: its factors as trainable Parameters and its row of every table."""
+        self.lora_A[name], self.lora_B[name] = Parameter(A), Parameter(B)
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name], self.lora_dropout[name] = scaling, float(lora_dropout)
+
+    def set_adapter(self, name: str | None):
+        """Make ``name`` the active adapter (None: the base alone)."""
+        if name is not None and name not in self.lora_A:
+            raise ValueError(f"{self.label}: no adapter {name!r}; it has {list(self.lora_A)}")
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str):
+        if name not in self.lora_A:
+            raise ValueError(f"{self.label}: no adapter {name!r}; it has {list(self.lora_A)}")
+        if name in self.merged_adapters:
+            raise ValueError(f"{self.label}: adapter {name!r} is merged; unmerge it before deleting")
+        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.scaling, self.lora_dropout):
+            del table[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.lora_A), None)
+
+    def delta_weight(self, name: str, dtype=None):
+        """s·B·A (D_out, D_in): what adapter ``name`` adds to the base map (computed in ``dtype``, default
+        the factors'); for an embedding (d, V), the transpose of what merging adds to its weight."""
+        A, B = self.lora_A[name].data, self.lora_B[name].data
+        if dtype is not None:
+            A, B = A.astype(dtype, copy=False), B.astype(dtype, copy=False)
+        return self.scaling[name] * (B @ A)                      # (D_out, r) @ (r, D_in)
+
 
 class LoraCache(NamedTuple):
     x: object              # (N, D_in) input, None when no adapter gradient needs it
@@ -56,42 +146,25 @@ class MixedCache(NamedTuple):
     scalings: object       # (K,)
 
 
-class LoRALinear(AdapterTables, Module):
-    """A Dense base (frozen) with LoRA adapters. The math: the module docstring; the code that
-    computes it: ``lora_forward`` / ``lora_backward`` in kernels/reference/lora.py."""
-
-    row_adapters = None    # per-sequence names, set by LoraModel.forward(x, adapter_names=...) for a mixed
-                           # batch and cleared after it; ``rows_for`` spreads them over this layer's rows
+class LoraLinear(AdapterTables):
+    """A Dense-like base (frozen) with LoRA adapters; the math: ``lora_forward``/``lora_backward`` in
+    kernels/reference/lora.py, what it keeps for the backward: the module docstring."""
 
     def __init__(self, base: Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights=True, *, adapter_name: str = "default",
                  seed=None, backend: str | None = None):
-        super().__init__()
         if not hasattr(base, "in_features") or not hasattr(base, "out_features"):
-            raise TypeError(f"LoRALinear: base must be a Dense-like layer with in_features/out_features, "
+            raise TypeError(f"LoraLinear: base must be a Dense-like layer with in_features/out_features, "
                             f"got {type(base).__name__}")
-        path = base._path                          # errors name the layer being replaced, e.g. '4'
-        self._set_path(path)
-        self.base_layer = base
-        self.lora_A, self.lora_B = ParameterDict(), ParameterDict()
-        self.r, self.lora_alpha, self.scaling, self.lora_dropout = {}, {}, {}, {}
-        self.merged_adapters: list[str] = []
-        self.active_adapter: str | None = adapter_name
+        super().__init__(base, adapter_name, seed)
         self.backend = backend
-        self._rng = np.random.default_rng(seed)
-        try:
-            self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
-        except (ValueError, TypeError):
-            base._set_path(path)                   # a rejected config leaves the base as it was
-            raise
-        base.requires_grad_(False)
+        self._add_first_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
     # -- PEFT-style accessors ---------------------------------------------------------
     in_features = property(lambda self: self.base_layer.in_features)
     out_features = property(lambda self: self.base_layer.out_features)
     weight = property(lambda self: self.base_layer.weight)
     bias = property(lambda self: self.base_layer.bias)
-    merged = property(lambda self: bool(self.merged_adapters))
 
     @property
     def _fusable(self) -> bool:
@@ -102,10 +175,7 @@ class LoRALinear(AdapterTables, Module):
                      use_rslora: bool = False, init_lora_weights=True):
         """Add adapter ``adapter_name`` (PEFT's name for this method); validates everything first."""
         D_in, D_out = self.in_features, self.out_features
-        if init_lora_weights not in (True, False, "gaussian", "pissa"):
-            raise ValueError(f"{self.label} adapter {adapter_name!r}: init_lora_weights must be True, False, "
-                             f"'gaussian' or 'pissa', got {init_lora_weights!r}")
-        where, r = self._check_adapter(adapter_name, r, lora_alpha, lora_dropout)
+        where, r = self._check_adapter(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, INIT_MODES)
         if init_lora_weights == "pissa" and r > min(D_in, D_out):
             raise ValueError(f"{where}: PiSSA init needs r <= min(D_in, D_out) = {min(D_in, D_out)} (W has only "
                              f"that many singular triplets), got r={r}; use a smaller r or another init")
@@ -161,10 +231,8 @@ class LoRALinear(AdapterTables, Module):
             |W_unmerged − W| <= min(eps · |W + s·B·A|, 2 · |s·B·A|)      (eps of W's dtype)
 
         since W + s·B·A and then its difference with s·B·A are each rounded to a float no
-        farther away than W itself (tested in tests/test_lora_layer.py; the bound is reached
-        to within 1%). Measured: float32 Dense(24, 17), r = 4, B ~ Kaiming, 20 seeds:
-        max |W + s·B·A| = 0.78, max |ΔW| = 3.0e-8. With several merged adapters each merge
-        and unmerge adds one rounding.
+        farther away than W itself (tests/test_lora_layer.py). With several merged adapters
+        each merge and unmerge adds one rounding.
         """
         while self.merged_adapters:
             self._unmerge_one(self.merged_adapters.pop())
@@ -272,8 +340,6 @@ class LoRALinear(AdapterTables, Module):
                                         plan.index, b)
         self._cache = MixedCache(x, h, plan.index, plan.names, plan.A_stack, plan.B_stack, plan.scalings)
         return y
-
-    stack_cache = None        # a dict while the weights are known not to change (generation), else None
 
     def _backward_mixed(self, dy, c: MixedCache):
         k = kernels_for(dy, self.backend)

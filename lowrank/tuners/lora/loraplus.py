@@ -9,10 +9,9 @@ four groups:
     group B            lora_B, and 1-D parameters that are not biases           λ·lr,    weight decay
                        (DoRA's lora_magnitude_vector, VeRA's λ vectors)
     group B, no decay  1-D biases (PEFT's no-decay names: "bias" in the name)   λ·lr,    no decay
-    embedding          LoRA embedding factors (names with "lora_embedding_")   loraplus_lr_embedding
+    embedding          LoraEmbedding's factors (PEFT's lora_embedding_A/B)    loraplus_lr_embedding
 
-lowrank has no LoRA embedding layer yet; a module whose parameters follow PEFT's
-``lora_embedding_A/B`` names lands in that group. Empty groups are left out.
+Empty groups are left out.
 """
 from __future__ import annotations
 

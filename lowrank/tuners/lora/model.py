@@ -1,30 +1,70 @@
-"""Adapter injection with PEFT's vocabulary: get_lora_model, LoraModel, ModulesToSave.
+"""LoraModel, PEFT's LoraModel/PeftModel surface: injection, adapter management, mixed batches, generation.
 
-``get_lora_model(model, config)`` replaces each targeted Dense with a LoRALinear (and each
-targeted Embedding with a LoRAEmbedding: ``.inject``), wraps
-each ``modules_to_save`` module so that every adapter trains its own copy, freezes the
-rest, and returns a LoraModel. Module paths follow PyTorch naming ("0", "2", "4" for
-the Dense layers of an MLP), so a PEFT user's target_modules mean the same here.
+``get_lora_model(model, config)`` replaces each targeted layer by a LoRA layer (``_create_and_replace``),
+wraps each ``modules_to_save`` module so that every adapter trains its own copy, freezes the rest,
+and returns a LoraModel. Module paths follow PyTorch naming ("0", "2", "4" for the Dense layers of
+an MLP), so a PEFT user's target_modules mean the same here. What LoRA may wrap:
+
+    linear layers     Dense, a layer already carrying LoRA (LoraLinear, DoraLinear), or any type
+                      that declares ``lora_targetable = True`` (NF4Dense, say)
+    embeddings        Embedding, or a LoraEmbedding already wrapping one
+    "all-linear"      PEFT's meaning: every linear layer but the model's output head, the module
+                      ``get_output_embeddings()`` returns or else the one named ``lm_head`` (a plain
+                      MLP has neither, so its last layer is adapted too, as in PEFT). A tied head
+                      (``TiedLMHead``) is no Dense layer: it is never wrapped, even by name.
+
+Files (PEFT's format, both ways) are ``save_and_load``'s; mixed batches are ``mixed``'s.
 """
 from __future__ import annotations
 
+import zlib
 from contextlib import contextmanager
 
-from ...nn.snapshot import all_or_nothing
-from ...io.adapter_files import save_pretrained
-from .inject import LORA_LAYERS, adaptable, inject, linear, output_head
-from .layer import LoRALinear
-from .mixed import forward_mixed
-from .generation import generate
-from .config import LoraConfig, matches
+from ...models.llama.generation import generate as generate_ids
+from ...nn.embedding import Embedding
+from ...nn.layers import Dense
 from ...nn.module import Module
+from ...nn.snapshot import all_or_nothing
+from . import save_and_load
+from .config import LoraConfig, matches
+from .dora import DoraLinear
+from .embedding import LoraEmbedding
+from .layer import LoraLinear
+from .mixed import frozen_stacks, mixed_batch
 from .modules_to_save import ModulesToSave
-from .names import check_adapter_name
-from .pretrained import from_pretrained, load_adapter
+from .qlora import merge_nf4
+from .save_and_load import check_adapter_name
 
-def _adaptable(module) -> bool:
-    """Linear layers (Dense, LoRA-carrying, ``lora_targetable``) and token embeddings (``.inject``)."""
-    return adaptable(module)
+LORA_LAYERS = (LoraLinear, LoraEmbedding)
+ADAPTER_PARTS = ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                 "original_module", "modules_to_save")     # names inside an injected layer, never targets themselves
+
+
+def linear(module) -> bool:
+    """A layer "all-linear" adapts (the output head aside)."""
+    return isinstance(module, (Dense, LoraLinear)) or getattr(type(module), "lora_targetable", False)
+
+
+def adaptable(module) -> bool:
+    """A layer target_modules may name: a linear layer or a token embedding."""
+    return linear(module) or isinstance(module, (Embedding, LoraEmbedding))
+
+
+def output_head(model) -> str | None:
+    """The dotted name of ``model``'s output head (PEFT: the output embedding), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else getattr(model, "lm_head", None)
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+
+
+def _is_adapter_part(name: str) -> bool:
+    return any(p in ADAPTER_PARTS for p in name.split("."))
+
+
+def _seed(adapter_name: str, layer_name: str, r: int) -> int:
+    """A stable seed per (adapter, layer, rank): injection is deterministic, and adapters of
+    different ranks do not start with the same first rows of A."""
+    return zlib.crc32(f"{adapter_name}/{layer_name}/r={r}".encode())
 
 
 class LoraModel(Module):
@@ -56,7 +96,7 @@ class LoraModel(Module):
         if config.target_modules == "all-linear":       # PEFT: every linear layer but the output head
             head = output_head(self.model)
             hits = [n for n in hits if linear(self.model.get_submodule(n)) and n != head]
-        bad = [n for n in hits if not _adaptable(self.model.get_submodule(n))]
+        bad = [n for n in hits if not adaptable(self.model.get_submodule(n))]
         if bad:
             raise TypeError(f"target_modules selects {bad}, which are not Dense layers or embeddings "
                             f"({[type(self.model.get_submodule(n)).__name__ for n in bad]})")
@@ -84,7 +124,7 @@ class LoraModel(Module):
                              f"adapted with LoRA or trained in full")
         with all_or_nothing(self.model):           # a later layer's refusal undoes earlier layers (PiSSA bases too)
             for name in targets:
-                self._inject(name, adapter_name, config)
+                self._create_and_replace(name, adapter_name, config)
             for n in saved:
                 m = self.model.get_submodule(n)
                 if isinstance(m, ModulesToSave):
@@ -104,13 +144,39 @@ class LoraModel(Module):
             saved += [n for n in hits if n not in saved]
         return saved
 
-    def _inject(self, name: str, adapter_name: str, config: LoraConfig):
-        """Add the adapter to layer ``name``, wrapping it in a LoRALinear/DoraLinear/LoRAEmbedding if needed."""
-        inject(self.model, name, adapter_name, config)
+    def _create_and_replace(self, name: str, adapter_name: str, config: LoraConfig):
+        """Add the adapter to layer ``name``, wrapping it in a LoraLinear/DoraLinear/LoraEmbedding first if it
+        has no LoRA yet (PEFT's name)."""
+        model, layer = self.model, self.model.get_submodule(name)
+        kwargs = dict(r=config.rank_for(name), lora_alpha=config.alpha_for(name), lora_dropout=config.lora_dropout,
+                      use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+        seed = _seed(adapter_name, name, kwargs["r"])
+        if isinstance(layer, (Embedding, LoraEmbedding)):
+            if config.use_dora:
+                raise ValueError(f"layer {name!r} is an embedding: lowrank implements DoRA for linear layers only; "
+                                 f"leave it out of target_modules or set use_dora=False")
+            if isinstance(layer, LoraEmbedding):
+                layer.update_layer(adapter_name, **kwargs)
+                return
+            wrapper = LoraEmbedding(layer, adapter_name=adapter_name, seed=seed, **kwargs)
+            wrapper.tied_to = tuple(n for n, m in model.named_modules()      # a tied lm_head shares the weight
+                                    if m is not layer and getattr(m, "weight", None) is layer.weight)
+            model.set_submodule(name, wrapper)
+            return
+        if config.use_dora:                        # DoRA: a DoraLinear, which also keeps plain adapters
+            kwargs["use_dora"] = True
+            if isinstance(layer, LoraLinear) and not isinstance(layer, DoraLinear):
+                layer = DoraLinear.from_lora(layer)
+                model.set_submodule(name, layer)
+        if isinstance(layer, LoraLinear):
+            layer.update_layer(adapter_name, **kwargs)
+            return
+        cls = DoraLinear if config.use_dora else LoraLinear
+        model.set_submodule(name, cls(layer, adapter_name=adapter_name, seed=seed, **kwargs))
 
     # -- adapters -------------------------------------------------------------------
-    def lora_layers(self) -> list[tuple[str, LoRALinear]]:
-        """(name, layer) of every layer carrying LoRA: LoRALinear (DoRA, NF4 too) and LoRAEmbedding."""
+    def lora_layers(self) -> list[tuple[str, LoraLinear | LoraEmbedding]]:
+        """(name, layer) of every layer carrying LoRA: LoraLinear (DoRA, NF4 too) and LoraEmbedding."""
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LORA_LAYERS)]
 
     def _wrappers(self) -> list[ModulesToSave]:
@@ -194,7 +260,6 @@ class LoraModel(Module):
         Over a 4-bit (NF4) base the merged weight is requantized, which is lossy (as in PEFT);
         ``keep_float=True`` keeps those merged layers as exact float Dense layers instead.
         """
-        from .qlora import merge_nf4
         quantized = {n for n, layer in self.lora_layers() if not layer._fusable}
         for name, layer in self.lora_layers():
             if name in quantized:
@@ -209,26 +274,26 @@ class LoraModel(Module):
     def get_base_model(self) -> Module:
         return self.model
 
-    # -- files (PEFT's format: lowrank.io.adapter_files; loading: .pretrained) ----------
+    # -- files: PEFT's format (save_and_load) ---------------------------------------
     def save_pretrained(self, save_directory, selected_adapters=None, overwrite: bool = False,
                         dtype: str | None = None):
         """Write each adapter as PEFT does: adapter_config.json + adapter_model.safetensors
         (``dtype`` "bfloat16"/"float16"/"float32" stores the tensors in that type)."""
-        return save_pretrained(self, save_directory, selected_adapters=selected_adapters, overwrite=overwrite,
-                               dtype=dtype)
+        return save_and_load.save_pretrained(self, save_directory, selected_adapters=selected_adapters,
+                                             overwrite=overwrite, dtype=dtype)
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
                      allow_nonfinite: bool = False):
         """Load a saved adapter as ``adapter_name``; on any error the model is left exactly as it was."""
-        return load_adapter(self, model_id, adapter_name, is_trainable=is_trainable,
-                            allow_nonfinite=allow_nonfinite)
+        return save_and_load.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable,
+                                          allow_nonfinite=allow_nonfinite)
 
     @classmethod
     def from_pretrained(cls, model: Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
                         allow_nonfinite: bool = False) -> "LoraModel":
         """Wrap ``model`` with the adapter saved in ``model_id`` (a directory)."""
-        return from_pretrained(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
-                               allow_nonfinite=allow_nonfinite)
+        return save_and_load.from_pretrained(cls, model, model_id, adapter_name=adapter_name,
+                                             is_trainable=is_trainable, allow_nonfinite=allow_nonfinite)
 
     # -- running --------------------------------------------------------------------
     def forward(self, x, adapter_names=None, **kwargs):
@@ -236,12 +301,24 @@ class LoraModel(Module):
         gives sequence (row) b the adapter adapter_names[b] ("__base__" = none), see ``mixed``."""
         if adapter_names is None:
             return self.model.forward(x, **kwargs)
-        return forward_mixed(self, x, adapter_names, **kwargs)
+        with mixed_batch(self, adapter_names, x.shape[0]):
+            return self.model.forward(x, **kwargs)
 
     def generate(self, input_ids, adapter_names=None, **kwargs):
-        """The decoder's ``generate`` (prefill, then one token per step) through the adapters; ``adapter_names``
-        gives prompt (row) b the adapter adapter_names[b] ("__base__" = none) in one mixed batch (``generation``)."""
-        return generate(self, input_ids, adapter_names=adapter_names, **kwargs)
+        """The decoder's ``generate`` (``models.llama.generation``: prefill, then one token per step, one KV
+        cache for the batch) through the adapters: prompt ids (B, T) -> ids (B, T + n).
+
+        ``adapter_names`` gives prompt b the adapter adapter_names[b] ("__base__" = none) at prefill and at
+        every decode step; the KV cache needs nothing per adapter, since row b's keys and values come from
+        row b's own adapted projections. The names are checked and handed to the layers once for the whole
+        generation rather than at every step as ``forward`` does, because a decode step's model is small and
+        two walks of the module tree per step would slow it; the layers stack their factors once too
+        (``mixed.frozen_stacks``). None: the active adapter for every row, through the fused kernel.
+        """
+        if adapter_names is None:
+            return generate_ids(self.model, input_ids, **kwargs)
+        with mixed_batch(self, adapter_names, len(input_ids), "prompts") as lora_layers, frozen_stacks(lora_layers):
+            return generate_ids(self.model, input_ids, **kwargs)     # row b -> adapter_names[b] at every step
 
     def backward(self, dy):
         return self.model.backward(dy)
@@ -256,14 +333,6 @@ class LoraModel(Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
-def _is_adapter_part(name: str) -> bool:
-    """Names inside an injected layer (its base_layer, lora_A, copies) are not targets themselves."""
-    parts = name.split(".")
-    return any(p in ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                     "lora_magnitude_vector", "original_module", "modules_to_save") for p in parts)
-
-
 def get_lora_model(model: Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
     """Wrap ``model`` (modified in place) with LoRA adapters as ``config`` says."""
-    check_adapter_name(adapter_name)
     return LoraModel(model, config, adapter_name)

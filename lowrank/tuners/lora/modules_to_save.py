@@ -6,8 +6,8 @@ import copy
 import numpy as np
 
 from ...nn.device import get_array_module
-from .batches import BASE, rows_for
 from ...nn.module import Module
+from .mixed import BASE, rows_for
 
 
 class ModuleDict(Module):
@@ -33,7 +33,7 @@ class ModulesToSave(Module):
     """PEFT's ModulesToSaveWrapper: the frozen ``original_module`` plus a trainable copy per
     adapter in ``modules_to_save``; the active adapter's copy runs (the original when none)."""
 
-    row_adapters = None
+    row_adapters = None    # one name per sequence, set from outside for one mixed batch (``mixed.mixed_batch``)
 
     def __init__(self, module: Module, adapter_name: str):
         super().__init__()

@@ -1,7 +1,7 @@
 """QLoRA: a frozen 4-bit NF4 base layer under trainable LoRA factors.
 
 The frozen 4-bit layer itself, ``NF4Dense``, is an engine layer (``lowrank.nn.nf4_dense``).
-``LoRALinear(NF4Dense(...))`` is QLoRA unchanged: its forward is y = base(x) + s·(x Aᵀ) Bᵀ and
+``LoraLinear(NF4Dense(...))`` is QLoRA unchanged: its forward is y = base(x) + s·(x Aᵀ) Bᵀ and
 its backward dx = base.backward(dy) + dx_lora. Merging an adapter into a 4-bit base
 (dequantize, add s·B·A, requantize) is lossy: ``merge_nf4`` does it and ``output_error``
 measures what it costs; ``merge_nf4(..., exact=True)`` keeps the merged weight in float.
@@ -15,7 +15,7 @@ from ...nn.layers import Dense
 from ...nn.module import Module, Parameter
 from ...nn.nf4_dense import NF4Dense
 from ...nn.quant import merge_delta
-from .layer import LoRALinear
+from .layer import LoraLinear
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -47,7 +47,7 @@ def quantize_model(model: Module, skip=None, blocksize: int = 64, double_quant: 
     return model
 
 
-def merge_nf4(layer: LoRALinear, adapter_name: str | None = None, *, exact: bool = False) -> Module:
+def merge_nf4(layer: LoraLinear, adapter_name: str | None = None, *, exact: bool = False) -> Module:
     """The base layer with adapter ``adapter_name`` (default: the active one) merged in: W' = Ŵ + s·B·A.
 
     exact=False: an NF4Dense holding requant(W') (lossy; measure it with ``output_error``).
@@ -55,7 +55,7 @@ def merge_nf4(layer: LoRALinear, adapter_name: str | None = None, *, exact: bool
     """
     base = layer.base_layer
     if not isinstance(base, NF4Dense):
-        raise TypeError(f"merge_nf4: {layer.label} has a {type(base).__name__} base; use LoRALinear.merge for a "
+        raise TypeError(f"merge_nf4: {layer.label} has a {type(base).__name__} base; use LoraLinear.merge for a "
                         f"float base")
     name = layer.active_adapter if adapter_name is None else adapter_name
     if name not in layer.lora_A:
@@ -72,8 +72,8 @@ def merge_nf4(layer: LoRALinear, adapter_name: str | None = None, *, exact: bool
 
 
 def merge_model_nf4(model: Module, *, exact: bool = False) -> Module:
-    """Replace every LoRALinear over an NF4Dense in ``model`` by ``merge_nf4`` of it; returns the model."""
-    targets = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and isinstance(m.base_layer, NF4Dense)]
+    """Replace every LoraLinear over an NF4Dense in ``model`` by ``merge_nf4`` of it; returns the model."""
+    targets = [n for n, m in model.named_modules() if isinstance(m, LoraLinear) and isinstance(m.base_layer, NF4Dense)]
     if "" in targets:
         return merge_nf4(model, exact=exact)
     for name in targets:
