@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 import lowrank as lr
-from lowrank.io import adapter_files
+from lowrank.tuners.lora import save_and_load
 from lowrank.io import atomic
-from lowrank.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from lowrank.tuners.lora.save_and_load import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME
 from lowrank.io.atomic import LOCK_NAME, atomic_write_bytes, commit, commit_files
 from lowrank.nn.snapshot import all_or_nothing
 
 
 def listing(d):
-    """The files in ``d``, its lock file aside (it stays: see atomic's docstring)."""
+    """The files in ``d``, a lock file aside (a writer killed holding the lock leaves it: see atomic's docstring)."""
     return sorted(p.name for p in d.iterdir() if p.name != LOCK_NAME)
 
 
@@ -73,7 +73,7 @@ def test_a_crash_while_saving_an_adapter_keeps_the_previous_one(tmp_path, monkey
         if len(calls) == 2:                                     # the second adapter's tensors
             raise MemoryError("simulated crash while serialising tensors")
         return b"never written"
-    monkeypatch.setattr(adapter_files, "tensor_file_bytes", tensor_write_crashes)
+    monkeypatch.setattr(save_and_load, "tensor_file_bytes", tensor_write_crashes)
     with pytest.raises(MemoryError):
         lm.save_pretrained(tmp_path, overwrite=True)
     monkeypatch.undo()
@@ -81,7 +81,7 @@ def test_a_crash_while_saving_an_adapter_keeps_the_previous_one(tmp_path, monkey
     with pytest.raises(OSError):
         lm.save_pretrained(tmp_path, overwrite=True)
     assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
-    assert listing(tmp_path) == [CONFIG_NAME, WEIGHTS_NAME, "b"]
+    assert listing(tmp_path) == [ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, "b"]
 
 
 def test_all_or_nothing_restores_structure_values_flags_and_rng(rng):

@@ -15,7 +15,7 @@ import safetensors.numpy
 
 import lowrank as lr
 from lowrank.io import atomic
-from lowrank.io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, adapter_parameters
+from lowrank.tuners.lora.save_and_load import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, adapter_parameters
 from lowrank.io.atomic import LOCK_NAME, commit_files
 from lowrank.io.model_files import FileFormatError, tensor_file_bytes
 
@@ -92,7 +92,7 @@ def test_overwrite_false_refuses_a_target_that_appears_after_the_check(tmp_path,
         commit_files(tmp_path, {"a": b"mine", "b": b"mine too"})
     assert (tmp_path / "b").read_bytes() == b"the other writer's file"
     assert not (tmp_path / "a").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME, "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]                # the lock file goes with the lock
 
 
 def _save_forever(path, seed, barrier, rounds):
@@ -124,8 +124,8 @@ def test_two_processes_saving_at_once_leave_one_complete_save(tmp_path, monkeypa
             barrier.wait(30)                      # both writers save...
             barrier.wait(30)                      # ...and are done: check before the next round
             for directory, name in ((tmp_path, "default"), (tmp_path / "task_b", "task_b")):
-                alpha = json.loads((directory / CONFIG_NAME).read_text())["lora_alpha"]
-                tensors = safetensors.numpy.load_file(directory / WEIGHTS_NAME)
+                alpha = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())["lora_alpha"]
+                tensors = safetensors.numpy.load_file(directory / ADAPTER_SAFE_WEIGHTS_NAME)
                 want = adapter_parameters(expected[alpha], name)
                 assert all(np.array_equal(tensors[k], p.data) for k, p in want.items()), "config and tensors disagree"
             assert not [p for p in tmp_path.rglob(".*") if LEFTOVER.fullmatch(p.name)]
@@ -158,13 +158,14 @@ def test_a_save_killed_between_renames_is_refused_then_cleaned_up(tmp_path):
     assert child.exitcode == -signal.SIGKILL
     leftovers = [p.name for p in tmp_path.iterdir() if LEFTOVER.fullmatch(p.name)]
     assert leftovers                                  # the killed save's temporaries and backups
-    with pytest.raises(FileFormatError, match=f"{WEIGHTS_NAME}.*{CONFIG_NAME}.*two different saves"):
+    with pytest.raises(FileFormatError,
+                       match=f"{ADAPTER_SAFE_WEIGHTS_NAME}.*{ADAPTER_CONFIG_NAME}.*two different saves"):
         lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3], seed=0), tmp_path)
     (tmp_path / ".notes.tmp-zz").write_text("not ours")          # not the project's pattern: kept
     (tmp_path / "keep.tmp-0123abcd").write_text("not hidden: kept")
     adapters(seed=3).save_pretrained(tmp_path, selected_adapters=["default"], overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [".notes.tmp-zz", "keep.tmp-0123abcd", LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME])
+        [".notes.tmp-zz", "keep.tmp-0123abcd", ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME])
     loaded = lr.LoraModel.from_pretrained(lr.MLP([5, 4, 3], seed=0), tmp_path)
     want = adapter_parameters(adapters(seed=3), "default")
     assert all(np.array_equal(p.data, want[k].data) for k, p in adapter_parameters(loaded, "default").items())
@@ -173,14 +174,15 @@ def test_a_save_killed_between_renames_is_refused_then_cleaned_up(tmp_path):
 def test_config_and_tensors_of_two_saves_are_refused_unless_unbound(tmp_path):
     adapters(seed=1, alpha=3).save_pretrained(tmp_path / "a", selected_adapters=["default"])
     adapters(seed=2, alpha=4).save_pretrained(tmp_path / "b", selected_adapters=["default"])
-    (tmp_path / "a" / WEIGHTS_NAME).write_bytes((tmp_path / "b" / WEIGHTS_NAME).read_bytes())
+    (tmp_path / "a" / ADAPTER_SAFE_WEIGHTS_NAME).write_bytes((tmp_path / "b" / ADAPTER_SAFE_WEIGHTS_NAME).read_bytes())
     model = lr.MLP([5, 4, 3], seed=0)
     before = [p.data.copy() for p in model.parameters()]
-    with pytest.raises(FileFormatError, match=f"{tmp_path / 'a' / WEIGHTS_NAME}.*{tmp_path / 'a' / CONFIG_NAME}"):
+    with pytest.raises(FileFormatError,
+                       match=f"{tmp_path / 'a' / ADAPTER_SAFE_WEIGHTS_NAME}.*{tmp_path / 'a' / ADAPTER_CONFIG_NAME}"):
         lr.LoraModel.from_pretrained(model, tmp_path / "a")
     assert all(np.array_equal(a, p.data) for a, p in zip(before, model.parameters()))
-    tensors = safetensors.numpy.load_file(tmp_path / "b" / WEIGHTS_NAME)   # as PEFT writes it: no binding
-    (tmp_path / "a" / WEIGHTS_NAME).write_bytes(safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    tensors = safetensors.numpy.load_file(tmp_path / "b" / ADAPTER_SAFE_WEIGHTS_NAME)   # as PEFT writes it: no binding
+    (tmp_path / "a" / ADAPTER_SAFE_WEIGHTS_NAME).write_bytes(safetensors.numpy.save(tensors, metadata={"format": "pt"}))
     loaded = lr.LoraModel.from_pretrained(model, tmp_path / "a")
     assert loaded.peft_config["default"].lora_alpha == 3
 

@@ -16,9 +16,10 @@ transformers folder over the byte vocabulary). Methods:
             so it would not be "the head alone". The shipped checkpoint is untied already.
 
 OUT gets ``adapter/`` (PEFT's files: lora, dora, qlora) or ``model/`` (a transformers folder: full,
-head), then ``summary.json`` (validation perplexity before and after, trainable parameters, seconds
-per step, the Python version and corpus sizes). Every flag and the model folder are checked before
-training; nothing is written before training ends. ``--distributed`` trains data-parallel over the
+head) and ``summary.json`` (validation perplexity before and after, trainable parameters, seconds
+per step, the Python version and corpus sizes), committed as one. Every flag, the model folder and
+--out are checked before training (an earlier run's outputs are replaced only with --overwrite);
+nothing is written before training ends. ``--distributed`` trains data-parallel over the
 ranks of ``mpiexec`` as ``lowrank train --distributed`` does (the same global batches, each split by
 ``shard_bounds``; rank 0 writes and prints).
 """
@@ -37,6 +38,7 @@ DEFAULTS = dict(steps=200, batch_size=16, seq_len=128, warmup=20, eval_every=50,
                 out="lowrank-lm-finetune")
 LR = {"lora": 2e-3, "qlora": 2e-3, "dora": 2e-3, "full": 3e-4, "head": 2e-3}
 CORPUS = "stdlib"
+OUTPUTS = ("adapter/", "model/", "summary.json")          # what a run writes in OUT (--overwrite replaces it)
 
 
 def add_arguments(parser):
@@ -50,6 +52,7 @@ def add_arguments(parser):
     parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
     add_training_arguments(parser, {**DEFAULTS, "lr": "by method: " + ", ".join(f"{k} {v:g}" for k, v in LR.items())})
     parser.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of mpiexec")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
 
 
 def lora_config(method: str, target: str, r: int, alpha=None, dropout: float = 0.0, model="shipped"):
@@ -73,6 +76,8 @@ def check_flags(args):
     """Refuse a bad method, flag, model folder or --out before anything is loaded or trained."""
     if args.method not in METHODS:
         raise ValueError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     resolve(args, {**DEFAULTS, "lr": LR[args.method]})
     args.model = str(shipped_checkpoint() if args.model is None else args.model)
     if args.method in ADAPTER_METHODS:
@@ -91,7 +96,7 @@ def check_flags(args):
         raise ValueError(f"--seq-len {args.seq_len}: windows of {args.seq_len + 1} tokens exceed the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")
     from .train import check_out
-    check_out(args.out)
+    check_out(args.out, OUTPUTS, args.overwrite)
 
 
 def build_model(base, method: str, config=None, adapter_name: str = "default"):
@@ -176,14 +181,11 @@ def finetune(args, comm, say) -> tuple[dict, object]:
 
 
 def write_outputs(args, summary: dict, model):
-    """OUT/adapter (PEFT files) or OUT/model (a transformers folder), then OUT/summary.json."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.method in ADAPTER_METHODS:
-        model.save_pretrained(out / "adapter", overwrite=True)
-        files = {"adapter": str(out / "adapter")}
-    else:
-        model.save_pretrained(out / "model", overwrite=True)
-        files = {"model": str(out / "model")}
-    summary["files"] = {**files, "summary": str(out / "summary.json")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    """OUT/adapter (PEFT files) or OUT/model (a transformers folder), and OUT/summary.json, as one commit:
+    a run killed while writing leaves the earlier run's files, its own, or files a load refuses."""
+    from ..io.atomic import commit_files, one_commit
+    out, name = Path(args.out), "adapter" if args.method in ADAPTER_METHODS else "model"
+    summary["files"] = {name: str(out / name), "summary": str(out / "summary.json")}
+    with one_commit(out, overwrite=args.overwrite):
+        model.save_pretrained(out / name, overwrite=args.overwrite)
+        commit_files(out, {"summary.json": (json.dumps(summary, indent=1) + "\n").encode()}, overwrite=args.overwrite)

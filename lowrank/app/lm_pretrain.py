@@ -10,8 +10,10 @@ per ``--eval-every`` steps with the validation loss, perplexity and seconds per 
 OUT holds a transformers folder: ``config.json`` + ``model.safetensors`` (``--save-dtype``, bfloat16
 by default: half the bytes; lowrank and transformers upcast it on loading), whose metadata records
 the command, seed, Python version and commit, and ``training_args.json`` with the same plus the corpus
-sizes, the history and the final validation loss. The untied head (``tie_word_embeddings`` false)
-lets ``lowrank lm finetune --method head`` train the head alone.
+sizes, the history and the final validation loss; the three are committed as one, and the tensors
+record the other two files' hashes, so a folder mixing two runs is refused at load. --out is checked
+before training: an earlier checkpoint there is replaced only with --overwrite. The untied head
+(``tie_word_embeddings`` false) lets ``lowrank lm finetune --method head`` train the head alone.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ QUICK = dict(FULL, layers=2, hidden=64, heads=4, intermediate=128, steps=300, ba
 ARCH_FLAGS = ("layers", "hidden", "heads", "intermediate")
 MAX_POSITIONS = 256                 # the context the checkpoint accepts (windows are T + 1 <= 256 tokens)
 CORPUS = "pydoc"
+OUTPUTS = ("config.json", "model.safetensors", "training_args.json")     # --overwrite replaces them
 
 
 def add_arguments(parser):
@@ -38,11 +41,14 @@ def add_arguments(parser):
     parser.add_argument("--save-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="dtype of the tensors in model.safetensors (default bfloat16)")
     add_training_arguments(parser, FULL)
+    parser.add_argument("--overwrite", action="store_true", help="replace the checkpoint of an earlier run in --out")
 
 
 def check_flags(args):
     """Every size and setting resolved and checked before anything is trained."""
     preset = QUICK if args.quick else FULL
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     resolve(args, preset, ARCH_FLAGS)
     resolve(args, preset)
     if args.hidden % args.heads or (args.hidden // args.heads) % 2:
@@ -51,7 +57,7 @@ def check_flags(args):
     if args.seq_len + 1 > MAX_POSITIONS:
         raise ValueError(f"--seq-len must be at most {MAX_POSITIONS - 1} (windows of T + 1 tokens), got {args.seq_len}")
     from .train import check_out
-    check_out(args.out)
+    check_out(args.out, OUTPUTS, args.overwrite)
 
 
 def build_model(args):
@@ -83,13 +89,14 @@ def run(args) -> int:
               "seed": args.seed, **provenance(), "corpus": CORPUS, "corpus_info": corpus_info(args.seed),
               "val_loss": history["val_loss"][-1], "val_perplexity": math.exp(history["val_loss"][-1]),
               "parameters": model.num_parameters(), "history": history}
-    write_checkpoint(model, args.out, args.save_dtype, record)
+    write_checkpoint(model, args.out, args.save_dtype, record, overwrite=args.overwrite)
     say(f"validation perplexity {record['val_perplexity']:.3f}; wrote {args.out}")
     return 0
 
 
-def write_checkpoint(model, folder, dtype: str, record: dict):
-    """config.json + model.safetensors (``dtype``, the provenance in its metadata) + training_args.json, all or nothing."""
+def write_checkpoint(model, folder, dtype: str, record: dict, overwrite: bool = False):
+    """config.json + model.safetensors (``dtype``, the provenance in its metadata; bound to the other two
+    files) + training_args.json, all or nothing."""
     metadata = {f"lowrank.{k}": str(record[k]) for k in ("command", "seed", "python", "commit")}
-    model.save_pretrained(folder, overwrite=True, dtype=dtype, metadata=metadata,
+    model.save_pretrained(folder, overwrite=overwrite, dtype=dtype, metadata=metadata,
                           extra_files={"training_args.json": (json.dumps(record, indent=1) + "\n").encode()})

@@ -81,8 +81,10 @@ def check_flags(args):
     check_out(args.out)
 
 
-def check_out(out):
-    """--out must be a directory or creatable as one: not a file, not under a file, writable."""
+def check_out(out, outputs=(), overwrite: bool = True):
+    """--out must be a directory or creatable as one: not a file, not under a file, writable. ``outputs``
+    names what the run writes in it ("adapter/" a folder, "summary.json" a file): one already there must be
+    of that kind and writable, and is refused unless ``overwrite`` (--overwrite)."""
     path = Path(out)
     existing = next(p for p in (path, *path.parents) if p.exists())     # "." exists at worst
     if not existing.is_dir():
@@ -90,6 +92,17 @@ def check_out(out):
         raise ValueError(f"--out {out} {where}, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {existing} is not writable")
+    for name in outputs:
+        target, folder = path / name.rstrip("/"), name.endswith("/")
+        if not (target.exists() or target.is_symlink()):
+            continue
+        if not overwrite:
+            raise ValueError(f"--out {out} holds {target} from an earlier run; pass --overwrite to replace it")
+        if folder != target.is_dir():
+            raise ValueError(f"--out {out}: {target} is {'a file' if folder else 'a folder'}; the run writes a "
+                             f"{'folder' if folder else 'file'} there")
+        if folder and not os.access(target, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out}: {target} is not writable")
 
 
 def config_from(args, n_features: int | None = None, dtype: str | None = None) -> DemoConfig:

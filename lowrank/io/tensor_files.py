@@ -8,15 +8,22 @@ The format: an 8-byte little-endian header length n, n bytes of JSON, then the d
 Offsets count from the end of the header; the tensors tile the data exactly, little-endian
 (lowrank assumes a little-endian host, as NumPy wheels and CUDA do), row-major. bfloat16 is ``ml_dtypes.bfloat16``. lowrank writes ``format: pt`` (PEFT's marker)
 and a per-tensor sha256 table under ``lowrank.sha256``, checked on every load; files from
-other writers carry none. Reading refuses, as FileFormatError naming the file: truncated or
-malformed files, dtypes it can't read (naming the tensor and the dtype), checksum mismatches
-and NaN/Inf unless ``allow_nonfinite``.
+other writers carry none. A file may also record the sha256 of the files saved beside it
+(``lowrank.bound_sha256``: a model folder's config.json), so a folder that mixes two saves is
+refused. Reading refuses, as FileFormatError naming the file (never quoting the bytes of a file
+that is not safetensors): truncated or malformed files, dtypes it can't read (naming the tensor
+and the dtype), checksum mismatches and NaN/Inf unless ``allow_nonfinite``. It reads the header
+first and maps the data copy-on-write: the tensors are views of the map, so a load holds the
+file's bytes once.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ml_dtypes
@@ -25,6 +32,7 @@ import numpy as np
 from ..nn.device import to_device
 
 CHECKSUM_KEY = "lowrank.sha256"
+BOUND_KEY = "lowrank.bound_sha256"             # {sibling file name: sha256}: files saved with this one
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
           "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
@@ -42,7 +50,7 @@ def is_float(dtype) -> bool:
 
 
 def _digest(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
 
 
 # -- write ------------------------------------------------------------------------------
@@ -65,11 +73,21 @@ def cast_for_saving(tensors: dict, dtype) -> dict:
     return out
 
 
-def tensor_file_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
-    """safetensors bytes of ``tensors`` (NumPy or CuPy), with PEFT's ``format: pt`` and checksums."""
+def tensor_file_bytes(tensors: dict, metadata: dict | None = None, bind: dict | None = None) -> bytes:
+    """safetensors bytes of ``tensors`` (NumPy or CuPy), with PEFT's ``format: pt`` and checksums.
+
+    ``bind`` {file name: bytes} names the files saved beside this one (a model folder's
+    config.json, training_args.json): their sha256 goes in the metadata, and ``read_tensor_file``
+    refuses the file when a sibling of that name holds other bytes (a mix of two saves).
+    """
     arrays = {k: np.ascontiguousarray(to_device(v, "cpu")) for k, v in sorted(tensors.items())}
+    bad = [name for name in (bind or {}) if not _plain_name(name)]
+    if bad:
+        raise ValueError(f"bind: {bad} are not plain file names (the bound files sit beside the tensor file)")
     meta = {"format": "pt", **(metadata or {}),
-            CHECKSUM_KEY: json.dumps({k: _digest(a) for k, a in arrays.items()}, sort_keys=True)}
+            CHECKSUM_KEY: json.dumps({k: _digest(a) for k, a in arrays.items()}, sort_keys=True),
+            **({BOUND_KEY: json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in bind.items()}, sort_keys=True)}
+               if bind else {})}
     header, offset = {"__metadata__": meta}, 0
     for k, a in arrays.items():
         if a.dtype not in CODES:
@@ -82,11 +100,17 @@ def tensor_file_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
 
 
 # -- read -------------------------------------------------------------------------------
+MAX_HEADER_BYTES = 100_000_000                  # safetensors' own limit on the JSON header
+CHUNK_BYTES = 1 << 22                           # checksums and finiteness are checked this many bytes at a time
+
+
 def _header_length(path, head: bytes, size: int) -> int:
+    """The header length the first 8 bytes give; never echoed (the file may be anything)."""
     n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
-    if not 0 < n <= size - 8:
-        raise FileFormatError(f"{path}: not a valid safetensors file (truncated or corrupted?): the header "
-                              f"length {n} does not fit the file's {size} bytes")
+    if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+        raise FileFormatError(f"{path}: not a valid safetensors file (truncated or corrupted?): its first 8 bytes "
+                              f"don't give a header length that fits the file's {size} bytes "
+                              f"(and safetensors' {MAX_HEADER_BYTES:,}-byte limit)")
     return n
 
 
@@ -96,9 +120,11 @@ def parse_header(path, head: bytes, size: int) -> tuple[dict, dict, int]:
     bad = f"{path}: not a valid safetensors file (truncated or corrupted?)"
     n = _header_length(path, head, size)
     try:
-        header = json.loads(bytes(head[8:8 + n]))
-    except ValueError as e:                        # bad UTF-8 or bad JSON
-        raise FileFormatError(f"{bad}: the header is not JSON: {e}") from e
+        header = json.loads(bytes(head[8:8 + n]).decode("utf-8"))
+    except UnicodeDecodeError as e:                # the message would quote the byte
+        raise FileFormatError(f"{bad}: the header is not UTF-8 (at byte {8 + e.start})") from None
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{bad}: the header is not JSON: {e.msg} at byte {8 + e.pos}") from None
     if not isinstance(header, dict):
         raise FileFormatError(f"{bad}: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -120,8 +146,9 @@ def _entry(path, bad, name, e):
     if not (isinstance(e, dict) and set(e) == {"dtype", "shape", "data_offsets"} and isinstance(e["shape"], list)
             and all(type(d) is int and d >= 0 for d in e["shape"]) and isinstance(e["data_offsets"], list)
             and len(e["data_offsets"]) == 2 and all(type(o) is int and o >= 0 for o in e["data_offsets"])):
-        raise FileFormatError(f"{bad}: tensor {name!r} has a malformed header entry {str(e)[:200]}")
-    if e["dtype"] not in DTYPES:
+        raise FileFormatError(f"{bad}: tensor {name!r} has a malformed header entry (expected exactly dtype, "
+                              f"shape: [int >= 0, ...] and data_offsets: [begin, end])")
+    if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:
         raise FileFormatError(f"{path}: tensor {name!r} has dtype {str(e['dtype'])[:20]}, which lowrank does not "
                               f"read (it reads {sorted(DTYPES)})")
     dtype, (b, end) = np.dtype(DTYPES[e["dtype"]]), e["data_offsets"]
@@ -135,26 +162,83 @@ def read_tensor_file(path, allow_nonfinite: bool = False) -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors file, after checking its integrity.
 
     Refuses a missing, truncated or corrupted file, dtypes lowrank can't read, tensors that
-    don't match the checksums lowrank wrote, and NaN/Inf values unless ``allow_nonfinite``.
+    don't match the checksums lowrank wrote, NaN/Inf values unless ``allow_nonfinite``, and
+    files bound to siblings (``bind``) that another save has replaced. The header is read and
+    checked first; the tensors are then views of a copy-on-write map of the file (writable, and
+    nothing is copied until a value is written), checked a chunk at a time.
     """
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: file not found")
-    data = bytearray(path.read_bytes())            # writable: the arrays below are views of it
-    entries, metadata, start = parse_header(path, data, len(data))
+    _refuse_interrupted_save(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        first = f.read(8)
+        n = _header_length(path, first, size)
+        entries, metadata, start = parse_header(path, first + f.read(n), size)
+        data = _map(f) if size > start else b""
     tensors = {k: np.frombuffer(data, dtype, math.prod(shape), start + b).reshape(shape) if b < e
                else np.zeros(shape, dtype) for k, (dtype, shape, (b, e)) in entries.items()}
-    _verify_checksums(path, tensors, metadata)
-    if not allow_nonfinite:
-        bad = sorted(k for k, a in tensors.items() if is_float(a.dtype) and not np.isfinite(a).all())
-        if bad:
-            raise FileFormatError(f"{path}: tensors {bad} hold NaN or Inf; pass allow_nonfinite=True to load them")
+    _verify(path, tensors, metadata, allow_nonfinite)
+    _verify_bound_files(path, metadata)
     return tensors, metadata
 
 
-def _verify_checksums(path, tensors, metadata):
+def _map(f):
+    """The file mapped copy-on-write (its pages are shared with the page cache until written), or read once
+    where the file system can't map files."""
+    try:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        f.seek(0)
+        return bytearray(f.read())
+
+
+def _refuse_interrupted_save(path: Path):
+    """A save killed while renaming its files into place may have left a mix: refused until the next save there."""
+    from .atomic import interrupted_commit          # atomic imports nothing of this module's
+    found = interrupted_commit(path)
+    if found is not None:
+        folder, targets = found
+        raise FileFormatError(f"{path}: a save into {folder} was interrupted while it put {targets} in place: "
+                              f"those files may come from two different saves. Save again there (the next save "
+                              f"finishes the interrupted one first), or call lowrank.io.atomic."
+                              f"finish_interrupted_commits({str(folder)!r}) to complete it")
+
+
+def _scan(a: np.ndarray, digest: bool, finite: bool) -> tuple[str | None, bool]:
+    """(sha256 of ``a``'s bytes when ``digest``, whether it holds no NaN/Inf when ``finite``), in one pass
+    of cache-sized chunks (no copy of ``a``, no mask of its size)."""
+    flat, h, ok = a.reshape(-1), hashlib.sha256() if digest else None, True
+    check = finite and is_float(a.dtype)
+    step = max(1, CHUNK_BYTES // max(1, a.itemsize))
+    for i in range(0, flat.size if digest or check else 0, step):
+        chunk = flat[i:i + step]
+        if digest:
+            h.update(chunk.view(np.uint8))
+        ok = ok and (not check or bool(np.isfinite(chunk).all()))
+    return (h.hexdigest() if digest else None), ok
+
+
+def _verify(path, tensors, metadata, allow_nonfinite):
+    """Checksums (files lowrank wrote) and finiteness, the tensors scanned on a few threads."""
+    table = _checksum_table(path, tensors, metadata)
+    with ThreadPoolExecutor(min(len(tensors), os.cpu_count() or 1) or 1) as pool:
+        scans = dict(zip(tensors, pool.map(lambda a: _scan(a, table is not None, not allow_nonfinite),
+                                           tensors.values())))
+    if table is not None:
+        bad = sorted(k for k, (digest, _) in scans.items() if table[k] != digest)
+        if bad:
+            raise FileFormatError(f"{path}: tensors {bad} don't match their checksums: the file is corrupted")
+    bad = sorted(k for k, (_, finite) in scans.items() if not finite)
+    if bad:
+        raise FileFormatError(f"{path}: tensors {bad} hold NaN or Inf; pass allow_nonfinite=True to load them")
+
+
+def _checksum_table(path, tensors, metadata):
+    """{name: sha256} lowrank recorded, checked to list exactly the file's tensors; None for other writers."""
     if CHECKSUM_KEY not in metadata:            # files from other writers (PEFT) carry none
-        return
+        return None
     try:
         table = json.loads(metadata[CHECKSUM_KEY])
     except ValueError as e:
@@ -163,9 +247,31 @@ def _verify_checksums(path, tensors, metadata):
         listed = sorted(table) if isinstance(table, dict) else table
         raise FileFormatError(f"{path}: the checksum table lists {listed} but the file holds {sorted(tensors)} "
                               f"(tensors renamed, dropped or added after saving?)")
-    bad = sorted(k for k, a in tensors.items() if table[k] != _digest(a))
-    if bad:
-        raise FileFormatError(f"{path}: tensors {bad} don't match their checksums: the file is corrupted")
+    return table
+
+
+def _verify_bound_files(path: Path, metadata: dict):
+    """The sibling files this tensor file was saved with (``bind``) still hold the bytes saved with it."""
+    if BOUND_KEY not in metadata:
+        return
+    try:
+        bound = json.loads(metadata[BOUND_KEY])
+        assert isinstance(bound, dict) and all(isinstance(v, str) for v in bound.values())
+        assert all(_plain_name(name) for name in bound)
+    except (ValueError, AssertionError):
+        raise FileFormatError(f"{path}: the {BOUND_KEY!r} table in the metadata must map file names in the same "
+                              f"folder to sha256 digests") from None
+    for name, digest in sorted(bound.items()):
+        other = path.parent / name
+        if not other.is_file() or hashlib.sha256(other.read_bytes()).hexdigest() != digest:
+            found = "is missing" if not other.is_file() else "holds other bytes"
+            raise FileFormatError(f"{path} was saved with a different {other} (it {found}: its sha256 is not the "
+                                  f"one recorded in the tensors): the two files come from two different saves "
+                                  f"(one interrupted, or two writers at once?) or it was edited; save again")
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def check_tensors(path, expected: dict, tensors: dict) -> dict:

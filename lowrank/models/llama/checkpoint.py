@@ -1,4 +1,5 @@
-"""transformers Llama checkpoints: read a ``save_pretrained`` folder, write one transformers loads.
+"""transformers checkpoints of the Llama-style families (``families``): read a ``save_pretrained`` folder,
+write one transformers loads.
 
 A folder holds ``config.json`` and either ``model.safetensors`` or a sharded
 ``model.safetensors.index.json`` (``{"weight_map": {tensor name: shard file}}``) plus its
@@ -95,7 +96,6 @@ def save_pretrained(model, folder, *, overwrite: bool = False, dtype: str | None
     ``extra_files`` {name: bytes}, as one all-or-nothing commit."""
     config = model.config.to_dict()
     config["dtype"] = str(dtype or model.dtype)
-    files = {CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-             WEIGHTS_NAME: tensor_file_bytes(cast_for_saving(model.state_dict(), dtype), metadata),
-             **(extra_files or {})}
+    files = {CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), **(extra_files or {})}
+    files[WEIGHTS_NAME] = tensor_file_bytes(cast_for_saving(model.state_dict(), dtype), metadata, bind=files)
     commit_files(folder, files, overwrite=overwrite)
