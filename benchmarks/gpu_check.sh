@@ -20,7 +20,7 @@ $PY -c "import cupy, lowrank.kernels.cupy_gpu; assert cupy.is_available(), 'no C
   || exit 1
 
 echo "== GPU tests"
-timeout 300 $PY -m pytest tests/test_cupy_kernels.py tests/test_cuda_compile.py -q -rs -p no:cacheprovider \
+timeout 300 $PY -m pytest tests/kernels/test_cupy_kernels.py tests/kernels/test_cuda_compile.py -q -rs -p no:cacheprovider \
   2>&1 | tee "$LOGS/tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 

@@ -1,4 +1,4 @@
-"""The program tests/test_distributed.py runs under ``mpiexec -n 2``; also the place both sides
+"""The program tests/training/test_distributed.py runs under ``mpiexec -n 2``; also the place both sides
 build their models and data, so the single-process reference starts from the same numbers.
 
     mpiexec -n 2 python tests/mpi_worker.py train OUT_DIR      every case in CASES; rank 0 writes OUT_DIR

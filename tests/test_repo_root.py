@@ -19,7 +19,7 @@ def test_transformers_and_peft_import_from_the_root():
 
 
 def test_python_m_pytest_runs_from_the_root():
-    done = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernel_api.py")
+    done = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_kernel_api.py")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
 

@@ -12,7 +12,7 @@ Intrinsic Dimension of Objective Landscapes", after Le, Sarlós & Smola (2013):
 
 so P z pads z with zeros to length L, applies M, keeps the first D entries and rescales.
 
-What this makes true (tested in tests/test_fastfood.py):
+What this makes true (tested in tests/analysis/test_fastfood.py):
 - every row and every column of M has unit norm exactly (H/√L is orthogonal, B and Π
   are signed permutations, and the only scaling, G, is divided out by ‖G‖);
 - E_G[PᵀP] = I_d: each entry of M has mean square 1/L, so a column of P has unit norm on

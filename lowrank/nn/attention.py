@@ -34,7 +34,7 @@ one (B·T, d) input and o_proj keeps its (B·T, H·h) input; frozen ones keep no
 rotated q (B, H, T, h), rotated k and v (B, H_kv, T, h) and the RoPE tables (2, T, h), that is
 itemsize · (B·H·T² + B·T·h·(H + 2·H_kv) + 2·T·h) bytes (itemsize 8 in float64, 4 in float32);
 with ``qk_norm``, q_norm and k_norm also keep their inputs and 1/RMS, B·T·(H + H_kv)·(h + 1) more.
-P is the only O(T²) term; no temporary is bigger than O(B·H·T²). (tests/test_llama_memory.py checks this
+P is the only O(T²) term; no temporary is bigger than O(B·H·T²). (tests/models/test_llama_memory.py checks this
 figure against training.accounting's measured activations; B=3, T=6, H=4, H_kv=2, h=8: 1,680 floats.)
 
 Inference with a KV cache (``forward_cached``, no backward): T_new new tokens at absolute positions

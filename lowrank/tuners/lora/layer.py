@@ -231,7 +231,7 @@ class LoraLinear(AdapterTables):
             |W_unmerged − W| <= min(eps · |W + s·B·A|, 2 · |s·B·A|)      (eps of W's dtype)
 
         since W + s·B·A and then its difference with s·B·A are each rounded to a float no
-        farther away than W itself (tests/test_lora_layer.py). With several merged adapters
+        farther away than W itself (tests/tuners/test_lora_layer.py). With several merged adapters
         each merge and unmerge adds one rounding.
         """
         while self.merged_adapters:

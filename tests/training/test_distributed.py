@@ -23,9 +23,9 @@ from conftest import needs_mpi
 from conftest import mpirun as conftest_mpirun
 from lowrank.training.distributed import DataParallel, shard_bounds, allreduce_nbytes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-WORKER = os.path.join(HERE, "mpi_worker.py")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(TESTS)
+WORKER = os.path.join(TESTS, "mpi_worker.py")
 RANKS = 2
 TIMEOUT_S = 60
 

@@ -1,4 +1,4 @@
-"""`lowrank demo --quick` runs end to end and writes the report and the plots (issue 3)."""
+"""`lowrank demo --quick` runs end to end and writes the report and the plots."""
 import json
 import re
 import subprocess

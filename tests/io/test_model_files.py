@@ -49,7 +49,7 @@ def test_gelu_and_quantized_layers_round_trip(tmp_path):
 
 
 def test_pytorch_loads_the_file_with_load_state_dict(tmp_path):
-    import torch                               # a required test dependency (tests/test_peft_interop.py too)
+    import torch                               # a required test dependency (tests/tuners/test_peft_interop.py too)
     from safetensors.torch import load_file
     model = lr.MLP([5, 8, 8, 3], "gelu", dtype="float64", seed=3)
     save_model(model, tmp_path / "m.safetensors")

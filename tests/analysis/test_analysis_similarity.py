@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from lowrank.analysis.similarity import similarity_grid, subspace_similarity, top_directions
-from tests.test_analysis_svd import with_spectrum
+from test_analysis_svd import with_spectrum
 
 
 def direct_phi(M1, M2, i, j, side="right"):

@@ -1,4 +1,4 @@
-"""``lowrank lm`` output folders (issue #29): --out is checked before training (an earlier run's outputs
+"""``lowrank lm`` output folders: --out is checked before training (an earlier run's outputs
 are replaced only with --overwrite; an unwritable or wrong-kind output is refused), a bad --seed is
 named, and a finetune run's adapter and summary.json are committed as one: a run killed at any step
 leaves the old run, the new run, or an adapter that is refused at load, never an r = 8 adapter

@@ -121,7 +121,7 @@ def test_the_pytest_plugin_runs_the_suite_on_a_backend(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "lowrank.kernels.pytest_plugin", "-q",
                           "--lowrank-backend=wrong_backends:NoScaling", "--lowrank-max-examples=5",
                           "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
-                         capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300)
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300)   # wrong_backends.py
     assert run.returncode == 1, run.stdout + run.stderr
     assert "2 failed" in run.stdout and "conformance[wrong_backends:NoScaling]::lora_backward" in run.stdout
 

@@ -264,7 +264,7 @@ def test_check_vocab_names_the_file_and_field(pairs):
 
 def test_load_tokenizer_byte_folders_and_bad_folders(tmp_path, folders):
     assert isinstance(load_tokenizer(folders["chatml"]), Tokenizer)
-    shipped = Path(__file__).resolve().parents[1] / "lowrank" / "models" / "checkpoints"
+    shipped = Path(__file__).resolve().parents[2] / "lowrank" / "models" / "checkpoints"
     for folder in shipped.iterdir():
         assert (folder / BYTE_TOKENIZER_FILE).is_file() and load_tokenizer(folder) is None
         marker = json.loads((folder / BYTE_TOKENIZER_FILE).read_text())

@@ -1,4 +1,4 @@
-"""Accounting: counted memory and parameters against hand computation (issue 3)."""
+"""Accounting: counted memory and parameters against hand computation."""
 import numpy as np
 
 import lowrank as lr

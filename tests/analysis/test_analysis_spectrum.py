@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 import lowrank as lr
 from lowrank.analysis.spectrum import (captured_fraction, effective_rank, full_deltas, lora_deltas,
                                        spectrum_rows, stable_rank)
-from tests.test_analysis_svd import with_spectrum
+from test_analysis_svd import with_spectrum
 
 spectra = st.lists(st.floats(0.01, 10.0), min_size=1, max_size=7).map(lambda s: np.sort(s)[::-1])
 

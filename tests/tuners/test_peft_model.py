@@ -1,4 +1,4 @@
-"""Adapter injection, switching, deletion, disabling, mixed batches and merging (issue 3)."""
+"""Adapter injection, switching, deletion, disabling and merging (mixed batches: test_mixed_batches.py)."""
 import copy
 
 import numpy as np
@@ -115,47 +115,6 @@ def test_switching_deleting_and_disabling(x):
     assert np.allclose(model.forward(x), y_a, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="no adapter 'b'"):
         model.set_adapter("b")
-
-
-def adapter_params(model, name):
-    """{parameter name: Parameter} of adapter ``name`` (LoRA factors and modules_to_save copies)."""
-    return {n: p for n, p in model.named_parameters()
-            if n.endswith(f".lora_A.{name}") or n.endswith(f".lora_B.{name}") or f".modules_to_save.{name}." in n}
-
-
-def test_mixed_batch_equals_each_adapter_alone_forward_and_gradients():
-    base = mlp()
-    model = lr.get_lora_model(base, lr.LoraConfig(r=2, target_modules=["0", "2"], modules_to_save=["4"]),
-                              adapter_name="a")
-    model.add_adapter("b", lr.LoraConfig(r=3, target_modules=["2"], modules_to_save=["4"]))
-    randomize_adapter(model, "a", 1)
-    randomize_adapter(model, "b", 2)
-    for p in {**adapter_params(model, "a"), **adapter_params(model, "b")}.values():
-        p.trainable = True                          # train both adapters in one mixed batch
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((9, 6))
-    names = ["a", "b", "__base__", "b", "a", "a", "__base__", "b", "a"]
-    dy = rng.standard_normal((9, 3))
-    y = model.forward(x, adapter_names=names)
-    dx = model.backward(dy)
-    mixed_grads = {n: p.grad.copy() for n, p in model.named_parameters() if p.grad is not None}
-    assert set(mixed_grads) == set(adapter_params(model, "a")) | set(adapter_params(model, "b"))
-    expected_dx = np.zeros_like(x)
-    for adapter in ("a", "b", "__base__"):
-        rows = [i for i, n in enumerate(names) if n == adapter]
-        model.zero_grad()
-        if adapter == "__base__":
-            with model.disable_adapter():
-                y_alone = model.forward(x[rows])
-                expected_dx[rows] = model.backward(dy[rows])
-        else:
-            model.set_adapter(adapter)
-            y_alone = model.forward(x[rows])
-            expected_dx[rows] = model.backward(dy[rows])
-            for n, p in adapter_params(model, adapter).items():
-                np.testing.assert_allclose(mixed_grads[n], p.grad, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(y[rows], y_alone, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dx, expected_dx, rtol=1e-10, atol=1e-12)
 
 
 def test_merge_and_unload_keeps_outputs_and_removes_lora(x):

@@ -1,7 +1,7 @@
 """The NumPy reference kernels' gradients against finite differences.
 
 Their values against the slow loop formulas of tests/naive.py (every shape, mask, W=None, −1 index,
-SGMV segment): the conformance suite, in tests/test_conformance.py.
+SGMV segment): the conformance suite, in tests/kernels/test_conformance.py.
 """
 import numpy as np
 import pytest

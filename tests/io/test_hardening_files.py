@@ -1,4 +1,4 @@
-"""Files under stress (issue #29): a junk header is refused before the data is read and never echoed;
+"""Files under stress: a junk header is refused before the data is read and never echoed;
 a good file is mapped, not copied; a model folder binds its config and extra files to its tensors;
 a save killed at any step leaves the old folder, the new one, or a folder that is refused at load;
 no lock file is left behind, and the lock still excludes a second writer."""

@@ -1,4 +1,4 @@
-"""Toy tasks and the training loop (issue 3)."""
+"""Toy tasks and the training loop."""
 import numpy as np
 import pytest
 

@@ -1,7 +1,7 @@
 """A merged LoraLinear costs what its base costs: one dense product, no x·Aᵀ, no input kept,
 when nothing needs the adapter's gradients (eval mode, or frozen factors). In training mode
 with trainable factors it still computes h = x Aᵀ, so dA and dB equal the unmerged layer's
-(tests/test_lora_layer.py), and its backward is the base's dx either way."""
+(tests/tuners/test_lora_layer.py), and its backward is the base's dx either way."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""LoraLinear: y = x Wᵀ + b + s·(x⊙mask) Aᵀ Bᵀ, its backward, init, merge, dropout, mixed batches.
+"""LoraLinear: y = x Wᵀ + b + s·(x⊙mask) Aᵀ Bᵀ, its backward, init, merge, dropout (mixed batches: test_mixed_batches.py).
 
 Gradients are checked against central finite differences in float64 (rtol 1e-6); the
 merged state, which no longer reads A and B in its forward, is checked against the
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import numba  # noqa: F401  (required: a broken install fails here instead of skipping the Numba cases)
 
 import lowrank as lr
-from lowrank.nn.gradcheck import check_module, gradcheck
+from lowrank.nn.gradcheck import check_module
 
 CPU_BACKENDS = ["numpy", "numba"]          # the layer's math is the kernels'; Numba is a required dependency
 
@@ -254,56 +254,3 @@ def test_lora_over_a_non_dense_base_matches_finite_differences(shape, seed):
         layer(x, adapter_names=["default"] * N)
 
 
-def three_adapters(D_in=7, D_out=5, backend=None, ranks=(1, 3, 2)):
-    """'default', 'b', 'c' of ``ranks``: different ranks and scalings, B != 0."""
-    layer = make_lora(D_in, D_out, ranks[0], backend=backend)
-    layer.update_layer("b", ranks[1], 5.0, init_lora_weights=False)
-    layer.update_layer("c", ranks[2], 1.5, use_rslora=True, init_lora_weights=False)
-    return layer
-
-
-RANKS = [(1, 3, 2), (1, 8, 6)]          # the second pads the stacks to r = 8 > min(D_in, D_out) = 5
-
-
-NAMES = st.lists(st.sampled_from(["default", "b", "c", "__base__"]), min_size=1, max_size=16)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("ranks", RANKS)
-@given(names=NAMES, seed=st.integers(0, 2**16))
-@example(names=["__base__"], seed=0)
-@settings(max_examples=15)
-def test_mixed_batch_rows_and_gradients_equal_one_adapter_at_a_time(backend, ranks, names, seed):
-    layer = three_adapters(backend=backend, ranks=ranks)
-    N = len(names)
-    x, dy = randn(seed, N, 7), randn(seed + 1, N, 5)
-    y, dx = layer(x, adapter_names=names), layer.backward(dy)
-    mixed_grads = {n: (layer.lora_A[n].grad, layer.lora_B[n].grad) for n in ("default", "b", "c")}
-    for name in set(names):
-        rows = [i for i, n in enumerate(names) if n == name]
-        layer.zero_grad()
-        layer.set_adapter(None if name == "__base__" else name)
-        np.testing.assert_allclose(y[rows], layer(x[rows]), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(dx[rows], layer.backward(dy[rows]), rtol=1e-12, atol=1e-12)
-        if name != "__base__":                                 # Σ over its rows, computed separately
-            np.testing.assert_allclose(mixed_grads[name][0], layer.lora_A[name].grad, rtol=1e-12, atol=1e-12)
-            np.testing.assert_allclose(mixed_grads[name][1], layer.lora_B[name].grad, rtol=1e-12, atol=1e-12)
-    for unused in {"default", "b", "c"} - set(names):
-        assert mixed_grads[unused] == (None, None)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("ranks", RANKS)
-def test_mixed_batch_gradients_match_finite_differences(backend, ranks):
-    layer = three_adapters(backend=backend, ranks=ranks)
-    names = ["b", "__base__", "default", "b", "c", "c", "default"]
-    x = randn(0, len(names), 7)
-    params = {f"{t}.{n}": getattr(layer, t)[n] for t in ("lora_A", "lora_B") for n in ("default", "b", "c")}
-
-    def backward(g):
-        layer.zero_grad()
-        layer(x, adapter_names=names)
-        return {"x": layer.backward(g), **{k: p.grad for k, p in params.items()}}
-
-    gradcheck(lambda: layer(x, adapter_names=names), backward,
-              {"x": x, **{k: p.data for k, p in params.items()}}, rtol=1e-6)

@@ -47,7 +47,7 @@ def test_wrong_layer_dtype():
 
 @pytest.mark.parametrize("r", [0, -1, 2.5, True])
 def test_rank_out_of_range(r):
-    # r > min(D_in, D_out) = 3 is legal, as in PEFT (it warns): tests/test_lora_layer.py
+    # r > min(D_in, D_out) = 3 is legal, as in PEFT (it warns): tests/tuners/test_lora_layer.py
     with pytest.raises(ValueError, match=rf"adapter 'default': r must be an integer >= 1, got {r!r}"):
         lora(r=r)
 
