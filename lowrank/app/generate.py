@@ -5,7 +5,7 @@
     lowrank generate --model DIR --adapter A --adapter B --adapter __base__ \\
                      --prompt "def " --prompt "import " --prompt "The "      one mixed batch: prompt i, adapter i
 
-Byte-level tokens (``training.text.ByteTokenizer``: BOS first, stop at EOS); prompts of different
+Byte-level tokens (``io.tokenizer.ByteTokenizer``: BOS first, stop at EOS); prompts of different
 lengths are left-padded into one batch; greedy unless --temperature, --top-k or --top-p asks for
 sampling (seeded by --seed). The model's ``generate`` does the work (a KV cache: prefill once,
 then one token per step). Bad input (an adapter for another base, a prompt longer than the
@@ -40,11 +40,11 @@ def add_arguments(parser):
 def run(args) -> int:
     _check_args(args)
     from ..models.llama import LlamaForCausalLM
-    from ..training.text import ByteTokenizer
+    from ..io.tokenizer import ByteTokenizer
     tok = ByteTokenizer()
     model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     model.eval()
-    ids, mask = _left_padded([tok.encode(p, bos=True, eos=False) for p in args.prompt], tok.pad_token_id)
+    ids, mask = _left_padded([tok.encode(p) for p in args.prompt], tok.pad_token_id)
     context = model.config.max_position_embeddings
     if ids.shape[1] > context:
         raise ValueError(f"a prompt of {ids.shape[1]} tokens (BOS included) is longer than the model's context of "

@@ -158,10 +158,10 @@ def delta_spectra(models: dict, pretrained, layer: int) -> dict:
 def samples(models: dict, cfg: LMDemoConfig) -> list:
     """Greedy continuations (``max_new_tokens``) of each prompt by each model: [{prompt, model: text}]."""
     import numpy as np
-    from ..training.text import ByteTokenizer
+    from ..io.tokenizer import ByteTokenizer
     tok, out = ByteTokenizer(), []
     for prompt in PROMPTS:
-        ids = tok.encode(prompt, eos=False)[None]                                   # (1, T)
+        ids = np.asarray(tok.encode(prompt))[None]                                  # (1, T), BOS first
         row = {"prompt": prompt}
         for label, model in models.items():
             model.eval()

@@ -83,7 +83,7 @@ def check_flags(args):
     if args.method in ADAPTER_METHODS:
         flags_lora_config(args)
     from ..models.llama.configuration import LlamaConfig
-    from ..training.text import ByteTokenizer
+    from ..io.tokenizer import ByteTokenizer
     config_file = Path(args.model) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"--model {args.model}: no config.json there (expected a folder written by "

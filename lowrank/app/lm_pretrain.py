@@ -63,7 +63,7 @@ def check_flags(args):
 def build_model(args):
     """A fresh LlamaForCausalLM of the flags' size over the byte vocabulary."""
     from ..models.llama import LlamaConfig, LlamaForCausalLM
-    from ..training.text import ByteTokenizer
+    from ..io.tokenizer import ByteTokenizer
     config = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=args.hidden,
                          intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5,

@@ -12,15 +12,16 @@ transformers' ``AutoTokenizer`` reads it (its generic ``TokenizersBackend``).
 - ``generation_config.json``'s ``eos_token_id`` (an int or a list) gives the ids that stop
   generation (``stop_token_ids``), and fills bos/eos/pad ids the tokenizer config leaves unset.
 
-Byte-level models (``ByteTokenizer``, in training/) have no ``tokenizer.json``: their folder holds
-``byte_tokenizer.json`` instead, and ``load_tokenizer`` returns None for them so the caller picks
-the byte tokenizer. ``DecodeStream`` turns ids into text as they arrive.
+Byte-level models have no ``tokenizer.json``: their folder holds ``byte_tokenizer.json`` instead,
+and ``load_tokenizer`` gives them ``ByteTokenizer`` (UTF-8 bytes, same methods). ``DecodeStream``
+turns ids into text as they arrive, for either.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import tokenizers
 
 from .chat_template import load_chat_template, render_chat_template
@@ -187,14 +188,59 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
-def load_tokenizer(folder) -> Tokenizer | None:
-    """``folder``'s Tokenizer; None for a byte-level model folder (``byte_tokenizer.json``: the
-    caller uses ``ByteTokenizer``); FileFormatError when the folder has neither."""
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, then BOS = 256, EOS = 257, PAD = 258 (vocab_size 259), with
+    ``Tokenizer``'s methods: ``encode`` puts BOS first when ``add_special_tokens`` (as Llama's do).
+
+    ``decode(encode(s))`` is ``s`` for every str, lone surrogates included (``surrogatepass``). Ids that
+    are not valid UTF-8 (a sampled sequence can be anything) decode with U+FFFD in place of the bad
+    bytes; special ids decode to nothing (they have no text).
+    """
+
+    bos_token_id, eos_token_id, pad_token_id, unk_token_id = 256, 257, 258, None
+    vocab_size = 259
+    stop_token_ids = [257]
+    chat_template = None
+    chat_template_file = BYTE_TOKENIZER_FILE
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def max_token_id(self) -> int:
+        return self.vocab_size - 1
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``text`` -> ids: BOS (when ``add_special_tokens``), then its UTF-8 bytes."""
+        if not isinstance(text, str):
+            raise TypeError(f"ByteTokenizer.encode: expected a str, got {type(text).__name__}")
+        return [self.bos_token_id] * add_special_tokens + list(text.encode("utf-8", "surrogatepass"))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """ids (any int sequence) -> str; specials dropped; ValueError for ids outside [0, 259)."""
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"ByteTokenizer.decode: ids must be integers, got {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise ValueError(f"ByteTokenizer.decode: ids must lie in [0, {self.vocab_size}), got {int(ids[bad][0])}")
+        data = ids[ids < 256].astype(np.uint8).tobytes()
+        try:
+            return data.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return data.decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False, **kwargs):
+        raise ValueError(f"{BYTE_TOKENIZER_FILE}: a byte-level model has no chat template; give text, not a chat")
+
+
+def load_tokenizer(folder) -> Tokenizer | ByteTokenizer:
+    """``folder``'s Tokenizer, or ``ByteTokenizer`` for a byte-level model folder (``byte_tokenizer.json``);
+    FileFormatError when the folder has neither."""
     folder = Path(folder)
     if (folder / TOKENIZER_FILE).is_file():
         return Tokenizer.from_pretrained(folder)
     if (folder / BYTE_TOKENIZER_FILE).is_file():
-        return None
+        return ByteTokenizer()
     raise FileFormatError(f"{folder}: no {TOKENIZER_FILE} (a tokenizers file) and no {BYTE_TOKENIZER_FILE} "
                           f"(a byte-level model): the folder names no tokenizer")
 
@@ -228,13 +274,16 @@ class DecodeStream:
     a clean-up that spans two pieces (" ' s") can make the stream differ from ``decode``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+    def __init__(self, tokenizer, skip_special_tokens: bool = False):
         self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
         self.ids: list[int] = []
         self.prefix = self.read = 0        # ids[prefix:read] is text already returned, kept for context
-        backend = tokenizer.backend_tokenizer
-        self.byte_ids = {backend.token_to_id(f"<0x{b:02X}>") for b in range(256)} - {None}
-        self.skipped = {i for i, t in backend.get_added_tokens_decoder().items() if t.special and skip_special_tokens}
+        self.byte_ids, self.skipped = set(), set()       # ByteTokenizer: no byte-fallback tokens, specials never shown
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self.byte_ids = {backend.token_to_id(f"<0x{b:02X}>") for b in range(256)} - {None}
+            self.skipped = {i for i, t in backend.get_added_tokens_decoder().items()
+                            if t.special and skip_special_tokens}
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -1,4 +1,4 @@
-"""Text that every Python installation ships, a byte-level tokenizer, and next-token windows.
+"""Text that every Python installation ships, and next-token windows (of the byte tokenizer's ids by default).
 
 Two corpora, nothing downloaded (their content differs slightly between Python versions, so
 ``corpus_info`` records the version beside the sizes):
@@ -28,44 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.tokenizer import ByteTokenizer
+
 CORPORA = ("pydoc", "stdlib")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)          # train, validation, test, by document
 STDLIB_MAX_BYTES = 1_500_000               # the code domain's total size (speed on 2 cores)
 STDLIB_MAX_FILE_BYTES = 60_000             # larger files are skipped: many modules rather than a few giants
 SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, then BOS = 256, EOS = 257, PAD = 258 (vocab_size 259).
-
-    ``decode(encode(s)) == s`` for every str, lone surrogates included (encoded with
-    ``surrogatepass``). Ids that are not valid UTF-8 (a sampled sequence can be anything) decode
-    with U+FFFD in place of the bad bytes; special ids are dropped.
-    """
-
-    bos_token_id, eos_token_id, pad_token_id = 256, 257, 258
-    vocab_size = 259
-
-    def encode(self, text: str, bos: bool = True, eos: bool = True) -> np.ndarray:
-        """``text`` -> int64 ids (L,), with BOS first and EOS last unless turned off."""
-        if not isinstance(text, str):
-            raise TypeError(f"ByteTokenizer.encode: expected a str, got {type(text).__name__}")
-        body = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8).astype(np.int64)
-        return np.concatenate([[self.bos_token_id]] * bos + [body] + [[self.eos_token_id]] * eos).astype(np.int64)
-
-    def decode(self, ids) -> str:
-        """ids (any int sequence) -> str; specials dropped; ValueError for ids outside [0, 259)."""
-        ids = np.asarray(ids).reshape(-1)
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"ByteTokenizer.decode: ids must be integers, got {ids.dtype}")
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bad.any():
-            raise ValueError(f"ByteTokenizer.decode: ids must lie in [0, {self.vocab_size}), got {int(ids[bad][0])}")
-        data = ids[ids < 256].astype(np.uint8).tobytes()
-        try:
-            return data.decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            return data.decode("utf-8", "replace")
 
 
 # -- the corpora --------------------------------------------------------------------------
@@ -161,10 +130,11 @@ def corpus_info(seed: int = 0) -> dict:
 
 
 # -- token streams and windows ------------------------------------------------------------------
-def token_stream(docs: list, tokenizer: ByteTokenizer | None = None) -> np.ndarray:
-    """Every document's ``BOS text EOS`` ids, end to end: int64 (L,)."""
+def token_stream(docs: list, tokenizer=None) -> np.ndarray:
+    """Every document's ``BOS text EOS`` ids, end to end: int64 (L,); the byte tokenizer by default."""
     tok = tokenizer or ByteTokenizer()
-    return np.concatenate([tok.encode(text) for _, text in docs]) if docs else np.zeros(0, np.int64)
+    ids = [tok.encode(text) + [tok.eos_token_id] for _, text in docs]
+    return np.concatenate(ids).astype(np.int64) if docs else np.zeros(0, np.int64)
 
 
 def cut_windows(stream: np.ndarray, seq_len: int) -> np.ndarray:

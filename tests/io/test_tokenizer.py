@@ -15,7 +15,8 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
 
 from lowrank.io.tensor_files import FileFormatError
-from lowrank.io.tokenizer import BYTE_TOKENIZER_FILE, DecodeStream, Tokenizer, check_vocab, load_tokenizer
+from lowrank.io.tokenizer import (BYTE_TOKENIZER_FILE, ByteTokenizer, DecodeStream, Tokenizer, check_vocab,
+                                  load_tokenizer)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. It's 2024; don't panic!",
@@ -266,7 +267,7 @@ def test_load_tokenizer_byte_folders_and_bad_folders(tmp_path, folders):
     assert isinstance(load_tokenizer(folders["chatml"]), Tokenizer)
     shipped = Path(__file__).resolve().parents[2] / "lowrank" / "models" / "checkpoints"
     for folder in shipped.iterdir():
-        assert (folder / BYTE_TOKENIZER_FILE).is_file() and load_tokenizer(folder) is None
+        assert (folder / BYTE_TOKENIZER_FILE).is_file() and isinstance(load_tokenizer(folder), ByteTokenizer)
         marker = json.loads((folder / BYTE_TOKENIZER_FILE).read_text())
         config = json.loads((folder / "config.json").read_text())
         assert marker["vocab_size"] == config["vocab_size"]
@@ -279,3 +280,12 @@ def test_load_tokenizer_byte_folders_and_bad_folders(tmp_path, folders):
     folder = write_folder(tmp_path / "bad", byte_level_bpe(CHATML), {"bos_token": 7})
     with pytest.raises(ValueError, match="tokenizer_config.json: bos_token must be a string"):
         load_tokenizer(folder)
+
+
+def test_the_byte_tokenizer_streams_a_character_split_over_ids():
+    """DecodeStream works on ByteTokenizer too: a multi-byte character comes out once its last byte arrived."""
+    tok = ByteTokenizer()
+    ids = tok.encode("aé€😀")
+    stream = DecodeStream(tok)
+    pieces = [stream.put(i) for i in ids] + [stream.end()]
+    assert "".join(pieces) == "aé€😀" and pieces[:3] == ["", "a", ""]

@@ -16,7 +16,7 @@ from lowrank.app.generate import _shown
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 from lowrank.models.llama.generation import pick
 from lowrank.nn.dispatch import kernels_for
-from lowrank.training.text import ByteTokenizer
+from lowrank.io.tokenizer import ByteTokenizer
 
 V = 37
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -236,7 +236,7 @@ def test_cli_prints_what_the_api_generates(folders, capsys):
                              "--max-new-tokens", 6])
     model = LlamaForCausalLM.from_pretrained(folders / "model")
     for p, row in zip(prompts, rows):
-        ids = model.generate(TOK.encode(p, eos=False)[None], max_new_tokens=6, eos_token_id=257, pad_token_id=258)
+        ids = model.generate(np.asarray(TOK.encode(p))[None], max_new_tokens=6, eos_token_id=257, pad_token_id=258)
         assert row == _shown(p + TOK.decode(ids[0, len(p) + 1:]))     # control characters escaped
 
 
