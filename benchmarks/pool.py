@@ -5,9 +5,11 @@
 
 On: every product is GEMM tasks on Numba's pool and the loops run on it (``kernels/numba_cpu/pool.py``).
 Off (``config.NUMBA_PARALLEL = False``): NumPy's BLAS threads for the products, serial loops, as
-before the pool. The two are timed interleaved, each sample after ``settle_s`` of untimed steps of
-the same side (the two sides use different thread pools; see ``harness.interleaved``); ``ratio`` is
-on / off per round, the median. Then each side runs ``breakdown_steps`` steps with every kernel API
+before the pool. Serial loops (``config.NUMBA_POOL_LOOPS = False``): the products on the pool, the
+loops on the calling thread (what pool.jit's parallel compilations add is pool_on against it). The
+three are timed interleaved, each sample after ``settle_s`` of untimed steps of the same side (the
+sides use different thread pools; see ``harness.interleaved``); ``ratio`` is t / t(pool_off) per
+round, the median. Then each side runs ``breakdown_steps`` steps with every kernel API
 call of the numba backend timed: milliseconds per step per function.
 """
 from __future__ import annotations
@@ -40,11 +42,13 @@ def decoder_step(layers, d, heads, I, V, B, T, r, seed=0):
     return lowrank_step(model, lr.Adam(model.parameters(), lr=1e-3), lr.CausalLMLoss(), ids, ids)
 
 
-def with_pool(step, on: bool):
+def with_config(step, **values):
+    """``step`` with the given ``kernels.config`` values set before each call."""
     from lowrank.kernels import config
 
     def run():
-        config.NUMBA_PARALLEL = on
+        for name, value in values.items():
+            setattr(config, name, value)
         return step()
     return run
 
@@ -81,10 +85,12 @@ def breakdown(step, steps: int) -> dict:
 
 def run(c):
     from lowrank.kernels import config
-    old = config.NUMBA_PARALLEL
+    old = config.NUMBA_PARALLEL, config.NUMBA_POOL_LOOPS
     try:
         step = decoder_step(**c["decoder"])
-        variants = {"pool_off": with_pool(step, False), "pool_on": with_pool(step, True)}
+        variants = {"pool_off": with_config(step, NUMBA_PARALLEL=False, NUMBA_POOL_LOOPS=True),
+                    "pool_on": with_config(step, NUMBA_PARALLEL=True, NUMBA_POOL_LOOPS=True),
+                    "serial_loops": with_config(step, NUMBA_PARALLEL=True, NUMBA_POOL_LOOPS=False)}
         res = harness.interleaved(variants, c["rounds"], "pool_off", c["target_s"], c["settle_s"])
         for name, m in res.items():
             print(f"decoder step  {name:9s} {1e3 * m['median_s']:8.2f} ms  x{m['ratio']:.3f} of pool_off")
@@ -92,11 +98,12 @@ def run(c):
         for name, fn in variants.items():
             harness.settle(fn, c["settle_s"])
             parts[name] = breakdown(fn, c["breakdown_steps"])
-        print(f"{'ms per step':28s} {'off':>8s} {'on':>8s}")
+        print(f"{'ms per step':28s} {'off':>8s} {'on':>8s} {'serial loops':>12s}")
         for key in parts["pool_off"]:
-            print(f"{key:28s} {parts['pool_off'][key]:8.2f} {parts['pool_on'].get(key, 0.0):8.2f}")
+            print(f"{key:28s} {parts['pool_off'][key]:8.2f} {parts['pool_on'].get(key, 0.0):8.2f}"
+                  f" {parts['serial_loops'].get(key, 0.0):12.2f}")
     finally:
-        config.NUMBA_PARALLEL = old
+        config.NUMBA_PARALLEL, config.NUMBA_POOL_LOOPS = old
     return {"timing": res, "breakdown": parts}
 
 

@@ -9,31 +9,33 @@ RTOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
 ATOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
 
 # --- numba_cpu ------------------------------------------------------------------------
-# The fastmath flags of every Numba kernel (numba_cpu/loops.py, numba_cpu/nf4.py): LLVM may reorder sums (vectorized
-# dot products) and fuse multiply-adds, nothing more. Never "fast", "nnan" or "ninf": those let LLVM
-# assume no NaN/Inf, and a NaN or Inf in the input must come out as IEEE says (tests/test_nf4_nonfinite.py);
-# nor "nsz"/"arcp", which may flip the sign of a zero and so of an Inf divided by it.
+# The fastmath flags of every Numba kernel: LLVM may reorder sums (vectorized dot products) and fuse
+# multiply-adds, nothing more, so that a NaN or Inf in the input comes out as IEEE says
+# (tests/kernels/test_nf4_nonfinite.py): "nnan"/"ninf" would let it assume there is none, "nsz"/"arcp" may flip
+# the sign of a zero and so of an Inf divided by it.
 NUMBA_FASTMATH = {"reassoc", "contract"}
-# The error model of the loops that divide (numba_cpu/attention.py, activations.py): IEEE, x / 0 = ±inf
-# or NaN as NumPy gives. Numba's default ("python") checks every division for a zero to raise
-# ZeroDivisionError, a branch that kept LLVM from vectorizing SwiGLU's loop (forward 1.16 -> 0.74 ms at
-# 1024 x 688, measured when NumPy still made its exp; numba_cpu/vexp.py's exp needs the same model).
+# The error model of the loops that divide: IEEE (x / 0 = ±inf or NaN, as NumPy gives), because Numba's
+# default checks every division for a zero, a branch that keeps LLVM from vectorizing the loop.
 NUMBA_ERROR_MODEL = "numpy"
-# One thread pool for numba_cpu's products and loops: Numba's (numba_cpu/pool.py says when it is usable).
-# Off: NumPy's BLAS threads for the products, serial loops. Mixing the two pools costs 8-12 ms per parallel
-# call on the 2 shared cores (Numba's workers fight OpenBLAS's spinning ones), so it is all or nothing.
+# The softmax and SwiGLU loops compute e^x with numba_cpu/vexp.py's exp, which vectorizes with them;
+# False: Numba's np.exp, a scalar libm call per element (a change recompiles; tests cover both).
+NUMBA_VEXP = True
+# One thread pool for numba_cpu's products and loops, Numba's (numba_cpu/pool.py says when it is usable);
+# off: NumPy's BLAS threads for the products and serial loops. All or nothing, because NumPy's BLAS threads
+# spin after each product and a Numba parallel loop started then fights them for the cores.
 NUMBA_PARALLEL = True
-# Products smaller than this many multiply-adds in all are NumPy's (one thread: OpenBLAS threads only
-# products above 4 · 65536), and a product below it per thread is one task, not cut in blocks: a Numba
-# call with its planning costs about 13 us, NumPy's about 2 us for an 8 x 8 product.
+# The loops run on that pool too (pool.jit's parallel compilation of each); False: only the products do.
+NUMBA_POOL_LOOPS = True
+# Products with fewer multiply-adds in all than this are NumPy's (one thread), and a product with fewer per
+# thread is one task, not cut in blocks: below it, a call into Numba and its planning cost more than BLAS.
 NUMBA_POOL_MIN_MACS = 1 << 16
-# A loop whose first array has fewer elements than this runs serial (pool.jit): starting the pool's
-# threads costs more than a few microseconds of work (the quick decoder step: 1.29x slower on the pool).
+# A loop whose first array has fewer elements than this runs serial (pool.jit): waking the pool's threads
+# costs more than the work.
 NUMBA_POOL_MIN_ELEMENTS = 1 << 14
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
-# Threads of the BLAS that SciPy bundles: numba_cpu's own (the in-place rank-r GEMMs, and the pool's GEMM
-# tasks, one per pool thread); 1, so that it never starts threads of its own (numba_cpu/pool.py, pin_scipy_blas).
+# Threads of the BLAS that SciPy bundles, numba_cpu's own (the in-place rank-r GEMMs, and the pool's GEMM
+# tasks); 1, so that it never starts threads of its own: the pool supplies them (pool.pin_scipy_blas).
 SCIPY_BLAS_THREADS = 1
 
 # --- cupy_gpu -------------------------------------------------------------------------
@@ -56,8 +58,7 @@ CUPY_CUBLAS_SHRINK_MIN_N = 256
 NF4_TILE_ROWS = 256       # output rows of W dequantized at a time by nf4_matmul / nf4_matmul_dx:
                           # the full float W never exists; 256 x 4096 float32 = 4 MiB per tile
 NF4_POOL_TILE_ROWS = 1024 # numba, on its thread pool: each tile's product is cut over the threads, and each
-                          # thread reads the other operand whole, so bigger tiles (16 MiB at D_in = 4096): at
-                          # 256 rows N = 256 took 1.42-1.63x the float32 product, at 1024 1.02-1.16x (2 threads)
+                          # thread reads the other operand whole, so bigger tiles pay (16 MiB at D_in = 4096)
 NF4_GEMV_MAX_N = 1        # numba: nf4_matmul with N <= this uses the fused dequant-GEMV (reads 4-bit
                           # codes directly); larger N dequantizes a tile and calls BLAS
 NF4_AVX2 = True           # numba: that GEMV decodes codes with AVX2 byte shuffles (nf4_avx2) where the CPU,

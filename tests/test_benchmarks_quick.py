@@ -116,7 +116,7 @@ def test_quick_pool_benchmark_times_both_sides_and_every_kernel_of_the_step(tmp_
     result = bench.main(["--quick", "--threads", "2", "--out", str(out)])
     assert config.NUMBA_PARALLEL == before
     assert json.loads(out.read_text())["breakdown"] == result["breakdown"]
-    assert set(result["timing"]) == set(result["breakdown"]) == {"pool_on", "pool_off"}
+    assert set(result["timing"]) == set(result["breakdown"]) == {"pool_on", "pool_off", "serial_loops"}
     used = {"matmul", "dense_forward", "dense_backward", "lora_forward", "lora_backward", "rope_forward",
             "rope_backward", "causal_softmax", "causal_softmax_backward", "silu_and_mul", "silu_and_mul_backward",
             "rms_norm", "rms_norm_backward"}

@@ -1,6 +1,6 @@
 """Numba CPU kernels: what only Numba has. Its values against the reference on every layout, dtype
 and adapter pattern (np.empty poisoned with NaN, so an unwritten element fails) are the conformance
-suite's, in tests/test_conformance.py; here: the in-place GEMM, the float16 fallback, input checks
+suite's, in tests/kernels/test_conformance.py; here: the in-place GEMM, the float16 fallback, input checks
 before any kernel, and the BLAS pinning.
 """
 from unittest import mock

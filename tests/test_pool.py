@@ -90,13 +90,33 @@ def test_every_numba_kernel_conforms_with_its_loops_and_products_on_the_pool(eve
     assert report.passed, f"\n{report}"
 
 
-def test_the_serial_and_parallel_twins_are_compiled_apart():
-    """Numba's cache keys a function by name, line and code, not options: the parallel twin is a copy
-    under its own name, or one would load the other's machine code from disk."""
+def test_the_serial_and_parallel_twins_are_two_compilations_of_one_function():
+    """pool.jit compiles f twice, serial and with its prange on the pool; the on-disk cache keeps the two
+    apart (cache.KernelCache; tests/kernels/test_numba_cache.py stores and reloads both)."""
     for kernel in (blas._gemm_tasks, lr.kernels.numba_cpu.attention._softmax, lr.kernels.numba_cpu.norm._backward):
         assert kernel.serial.targetoptions.get("parallel") in (None, False)
         assert kernel.parallel.targetoptions.get("parallel")
-        assert kernel.serial.py_func.__qualname__ != kernel.parallel.py_func.__qualname__
+        assert kernel.serial.py_func is kernel.parallel.py_func
+
+
+@pool.jit()
+def _thread_of_each_row(x, out):
+    for i in numba.prange(x.shape[0]):
+        out[i] = numba.get_thread_id()
+
+
+@needs_pool
+@pytest.mark.parametrize("loops_on_the_pool", [True, False])
+def test_pool_loops_switch_picks_the_parallel_or_the_serial_compilation(loops_on_the_pool, monkeypatch):
+    """config.NUMBA_POOL_LOOPS: a big loop runs on the pool's threads, or all of it on the calling thread."""
+    monkeypatch.setattr(config, "NUMBA_POOL_LOOPS", loops_on_the_pool)
+    big, small = np.zeros(config.NUMBA_POOL_MIN_ELEMENTS), np.zeros(10)
+    on_big, on_small = np.full(big.size, -1), np.full(small.size, -1)
+    with pool.limit(2):
+        _thread_of_each_row(big, on_big)
+        _thread_of_each_row(small, on_small)                     # below NUMBA_POOL_MIN_ELEMENTS: serial either way
+    assert set(on_big) == ({0, 1} if loops_on_the_pool else {0})
+    assert set(on_small) == {0}
 
 
 def _child(queue):

@@ -1,5 +1,10 @@
 """numba_cpu's vectorizable e^x (kernels/numba_cpu/vexp.py): accuracy in ulps against exp in extended
-precision, and IEEE's answers at the edges (0 and inf past the range, gradual underflow, NaN)."""
+precision, IEEE's answers at the edges (0 and inf past the range, gradual underflow, NaN), and its switch."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -62,3 +67,30 @@ def test_underflow_is_gradual(dtype):
 def test_plain_python_call_says_where_it_belongs():
     with pytest.raises(TypeError, match="Numba-compiled"):
         vexp.exp(1.0)
+
+
+SWITCH = """
+import json, re, numpy as np
+from lowrank.kernels import config, reference
+config.NUMBA_VEXP = {on}
+from lowrank.kernels.numba_cpu import activations
+g = np.linspace(-30, 30, 1001, dtype=np.float32)
+u = np.cos(g)
+y = activations.silu_and_mul(g, u)
+k = activations._forward.serial
+print(json.dumps({{"err": float(np.abs(y - reference.silu_and_mul(g, u)).max()),
+                   "llvm_exp": "llvm.exp" in k.inspect_llvm(k.signatures[0])}}))
+"""
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_switch_picks_this_exp_or_numbas(on, tmp_path):
+    """config.NUMBA_VEXP: SwiGLU's loop computes e^x with this exp (no call left in its code) or with Numba's
+    np.exp (LLVM's exp intrinsic, a libm call per element), equal to the reference either way. In a fresh
+    process with its own Numba cache: the switch is read when a kernel compiles."""
+    out = subprocess.run([sys.executable, "-c", SWITCH.format(on=on)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["llvm_exp"] is not on
+    assert got["err"] <= 1e-5

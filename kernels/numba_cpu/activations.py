@@ -2,8 +2,7 @@
 
 NumPy makes six passes for the forward and eleven for the backward, with fresh (N, I) temporaries;
 here one loop reads g, u (and dy) once, with ``vexp.exp`` for e^−g (it vectorizes; Numba's own
-exp is a scalar libm call). ``python -m benchmarks.elementwise --threads 1`` (1024 × 688, float32),
-reference -> here: forward 0.79 -> 0.26 ms, backward 1.38 -> 0.36 ms.
+exp is a scalar libm call). ``python -m benchmarks.elementwise`` times both against the reference.
 """
 import numpy as np
 from numba import prange

@@ -10,7 +10,8 @@ the products are NumPy's (``a @ b``, its BLAS threads).
 compiled code through their addresses (``scipy.linalg.cython_blas``), registered once as the symbols
 ``lowrank_sgemm`` ... so that the cached machine code names a symbol, not an address of one process. Operands of
 any strides with one unit stride per matrix go in as they are (a transposed or head-major view is
-not copied), broadcast batch axes by their offsets.
+not copied), broadcast batch axes by their offsets. Numba's own ``np.dot`` calls the same BLAS but
+takes only C- or F-ordered matrices, so a block of columns or a head-major view would be copied first.
 """
 import math
 from typing import NamedTuple
@@ -172,18 +173,20 @@ def _split_tasks(batch, sa, sb, M, N, K, a_row, b_col, threads, min_macs):
     return tasks
 
 
-_PLANS: dict = {}        # (shapes, strides, dtypes, threads, threshold) -> _Plan, or None for NumPy's product
+_PLANS: dict = {}        # (shapes, strides, dtypes, threads, threshold) -> _Plan
 _MAX_PLANS = 512
 
 
 class _Plan(NamedTuple):
     shape: tuple           # the output's (..., M, N)
-    K: int
-    ta: int                # how BLAS reads A and B (``_blas_view``)
-    lda: int
-    tb: int
-    ldb: int
-    tasks: object          # ``_split_tasks``'s tasks; None for an empty product or K = 0
+    tasks: object          # ``_split_tasks``'s tasks; None where NumPy's product runs
+    K: int = 0
+    ta: int = _N           # how BLAS reads A and B (``_blas_view``)
+    lda: int = 1
+    tb: int = _N
+    ldb: int = 1
+    copy_a: bool = False   # True: BLAS cannot read a (no unit stride in its matrices), its C-ordered copy goes in
+    copy_b: bool = False   # the same for b
 
 
 def matmul(a, b, alpha=1.0):
@@ -197,23 +200,17 @@ def matmul(a, b, alpha=1.0):
     """
     n_threads = pool.threads()
     key = (a.shape, a.strides, b.shape, b.strides, a.dtype.char, b.dtype.char, n_threads, config.NUMBA_POOL_MIN_MACS)
-    plan = _PLANS.get(key, False)
-    if plan is False:
-        plan = _make_plan(a, b, n_threads)
-        if plan is not False:                          # False: operands that must be copied, planned per call
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            _PLANS[key] = plan
+    plan = _PLANS.get(key)
     if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(a, b, n_threads)
+    if plan.tasks is None:
         y = np.matmul(a, b)
         return y if alpha == 1.0 else np.multiply(y, a.dtype.type(alpha), out=y)
-    if plan is False:
-        a, b = _blas_view(a)[0], _blas_view(b)[0]      # copies BLAS can read
-        plan = _make_plan(a, b, n_threads)
+    a = np.ascontiguousarray(a) if plan.copy_a else a
+    b = np.ascontiguousarray(b) if plan.copy_b else b
     out = np.empty(plan.shape, a.dtype)
-    if plan.tasks is None:
-        out[...] = 0
-        return out
     run = _gemm_tasks.parallel if plan.tasks.shape[0] > 1 else _gemm_tasks.serial
     run(a.ctypes.data, b.ctypes.data, out.ctypes.data, plan.tasks, plan.K, plan.ta, plan.lda, plan.tb, plan.ldb,
         plan.shape[-1], float(alpha), a.dtype == np.float64)
@@ -221,24 +218,19 @@ def matmul(a, b, alpha=1.0):
 
 
 def _make_plan(a, b, n_threads):
-    """The ``_Plan`` of a @ b; None where NumPy's product runs; False where an operand needs a copy first."""
+    """The ``_Plan`` of a @ b: GEMM tasks on the pool, or (tasks None) NumPy's product."""
     M, K = a.shape[-2:]
     N = b.shape[-1]
     batch = a.shape[:-2] if a.shape[:-2] == b.shape[:-2] else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    dtype = a.dtype
-    if (n_threads < 2 or dtype != b.dtype or dtype not in (np.float32, np.float64)
-            or math.prod(batch) * M * N * K < config.NUMBA_POOL_MIN_MACS):
-        return None
-    if math.prod(batch) * M * N == 0 or K == 0:
-        return _Plan(batch + (M, N), K, _N, 1, _N, 1, None)
+    numpy = _Plan(batch + (M, N), None)
+    if (n_threads < 2 or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64)
+            or math.prod(batch) * M * N * K < max(1, config.NUMBA_POOL_MIN_MACS)):
+        return numpy
     a2, ta, lda = _blas_view(a)
     b2, tb, ldb = _blas_view(b)
-    if a2 is not a or b2 is not b:
-        return False
     if max(M, N, K, lda, ldb) >= 2**31:                # BLAS's int is 32 bits
-        return None
-    tasks = _split_tasks(np.array(batch, np.int64), np.array(_batch_strides(a, batch), np.int64),
-                         np.array(_batch_strides(b, batch), np.int64), M, N, K,
+        return numpy
+    tasks = _split_tasks(np.array(batch, np.int64), np.array(_batch_strides(a2, batch), np.int64),
+                         np.array(_batch_strides(b2, batch), np.int64), M, N, K,
                          lda if ta == _N else 1, 1 if tb == _N else ldb, n_threads, config.NUMBA_POOL_MIN_MACS)
-    return _Plan(batch + (M, N), K, ta, lda, tb, ldb, tasks)
-
+    return _Plan(batch + (M, N), tasks, K, ta, lda, tb, ldb, a2 is not a, b2 is not b)

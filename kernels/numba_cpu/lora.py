@@ -3,7 +3,7 @@
 BLAS for the big products and h = x Aᵀ; the LoRA term is added into the base output in place
 (``blas.gemm_acc``, GEMM with beta = 1); the dropout mask is folded into the loops of
 ``loops.py`` (a single adapter is a K = 1 stack, index ≡ 0), so no (N, D_in) x ⊙ mask
-temporary exists. Why this form: see ``numba_cpu/__init__.py``.
+temporary exists (why this form: ``numba_cpu/__init__.py``).
 """
 import numpy as np
 

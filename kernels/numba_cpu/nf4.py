@@ -27,7 +27,7 @@ from . import blas, nf4_avx2, pool
 
 
 # -- NF4 (QLoRA): a 4-bit frozen W ----------------------------------------------------------
-@njit(cache=True)
+@njit
 def _dequantize_row(packed, absmax, code, k0, blocksize, out):
     """out (D_in,) = the row of W whose first element has flat index k0."""
     D_in, i = out.shape[0], 0
@@ -137,8 +137,7 @@ def _tile_rows(D_out):
 
 def _tile(avx2, packed, absmax, code, D_in, blocksize, o0, out):
     """Rows o0 .. o0 + len(out) of W into out, rows in parallel on the pool: AVX2 shuffles (columns
-    permuted) or lookups. (Serial while the tiles' products ran on NumPy's BLAS threads, which spin
-    between products: a parallel dequantize then starved them.)"""
+    permuted) or lookups."""
     if avx2:
         nf4_avx2.dequantize_tile(packed, absmax, D_in, blocksize, o0, out)
     else:

@@ -17,9 +17,8 @@ F_k holds elements 8k + ORDER of the 32, ORDER = (0, 2, 4, 6, 1, 3, 5, 7), so x 
 that order once per call (``permute``) and the dot product is 4 FMAs per 32 codes. The
 GEMVᵀ for dx keeps its partial sums in the same order and ``unpermute`` puts them back; a
 dequantized tile has its columns in that order, so BLAS multiplies it by the permuted x.
-Per 32 codes: 1 broadcast load, 1 shift, 1 and, 4 vpshufb, 8 unpacks, 4 FMAs. At 4096², one
-thread (``python -m benchmarks.nf4 --threads 1``): 1.62 ms against 2.72 ms for the float32 GEMV;
-vpermps lookups (two 8-entry tables and a blend per 8 codes) were compute-bound near 2.6 ms.
+Per 32 codes: 1 broadcast load, 1 shift, 1 and, 4 vpshufb, 8 unpacks, 4 FMAs
+(``python -m benchmarks.nf4`` times it against the float32 product; ``config.NF4_AVX2`` switches it).
 
 The IR is written with llvmlite inside Numba ``@intrinsic``s (Numba has no vector type and
 LLVM has no variable shuffle of its own); the loops around them are plain Numba. x86 only:

@@ -1,28 +1,24 @@
 """One thread pool for numba_cpu's products and loops: Numba's, when it is safe and fast to use.
 
-NumPy's BLAS keeps its own worker threads, and after each GEMM they spin for about 0.1 s
-(OpenBLAS's THREAD_TIMEOUT, 2^28 cycles) waiting for the next one. A Numba parallel loop started
-inside that window fights them for the cores: measured on the shared 2-core machine, a GEMM
-then a parallel scaling then q kᵀ over 64 heads took 16.0 ms with NumPy's BLAS and Numba's pool
-mixed, 3.2 ms with both on Numba's pool, 3.4 ms on NumPy's BLAS alone with the scaling serial.
-So when the pool is usable, every product of this backend runs on it (``blas.matmul``: GEMM
-tasks, each on SciPy's single-threaded BLAS, one Numba thread each) and so do the row loops
+NumPy's BLAS keeps its own worker threads, and after each GEMM they spin a while (OpenBLAS's
+THREAD_TIMEOUT) waiting for the next one; a Numba parallel loop started in that window fights them
+for the cores. So when the pool is usable, every product of this backend runs on it (``blas.matmul``:
+``np.dot`` calls on SciPy's single-threaded BLAS, one per Numba thread) and so do the row loops
 (``jit``: each compiled serial and parallel); NumPy's BLAS is then never woken by a kernel, and
 nothing spins against the pool. Tiny work stays off it (``config.NUMBA_POOL_MIN_MACS`` and
-``NUMBA_POOL_MIN_ELEMENTS``): starting the threads would cost more.
+``NUMBA_POOL_MIN_ELEMENTS``): starting the threads would cost more than the work.
 
 Usable means (``threads()`` > 1):
     config.NUMBA_PARALLEL is on, Numba may use more than one thread (``numba.set_num_threads``),
     its threading layer is 'omp' or 'tbb' (pools that keep their workers ready; 'workqueue' wakes
-    them per loop: q kᵀ over 64 heads 1.15 ms on it, 0.48 ms on 'omp', 1.03 ms on NumPy's BLAS), and
-    this is the process that started the pool (GNU OpenMP's pool does not survive fork(): a forked
-    child that starts a parallel loop is aborted by Numba, so a child uses the serial paths).
+    them for every loop), and this is the process that started the pool (GNU OpenMP's pool does not
+    survive fork(): a forked child that starts a parallel loop is aborted by Numba, so a child uses
+    the serial paths).
 Otherwise the products are NumPy's (its BLAS threads) and the loops serial, as without a pool.
 """
 import contextlib
 import functools
 import os
-import types as pytypes
 from pathlib import Path
 
 import numba
@@ -31,6 +27,7 @@ import scipy.linalg  # noqa: F401  (loads SciPy's own BLAS, so that it is pinned
 from threadpoolctl import ThreadpoolController
 
 from .. import config
+from . import cache
 
 _started = None              # (pid, threading layer) of the process that started Numba's pool here
 
@@ -64,12 +61,11 @@ def threads() -> int:
 def pin_scipy_blas(threads: int = config.SCIPY_BLAS_THREADS) -> list:
     """Give the BLAS that SciPy bundles for itself ``threads`` threads; returns the libraries pinned.
 
-    ``blas.gemm_acc`` calls GEMM through ``scipy.linalg.blas`` on the calling thread, and the pool's
-    GEMM tasks (``blas.matmul``) call it one per pool thread. NumPy and SciPy wheels each bundle
-    their own OpenBLAS, and two thread pools that spin between calls fight over the cores:
-    x·Wᵀ in NumPy's BLAS followed by a rank-8 GEMM in SciPy's took 10.7 ms instead of 0.55 ms
-    (64×200 @ 200×2000, r = 8, 2 cores). So SciPy's own copy never starts threads of its own;
-    the pool supplies them. A shared BLAS (one library for both) is left alone.
+    ``blas.gemm_acc`` calls GEMM through ``scipy.linalg.blas`` on the calling thread, and Numba's
+    ``np.dot`` (``blas.matmul``) calls SciPy's BLAS once per pool thread. NumPy and SciPy wheels each
+    bundle their own OpenBLAS, and two thread pools that spin between calls fight over the cores; so
+    SciPy's own copy never starts threads of its own, the pool supplies them. A shared BLAS (one
+    library for both) is left alone.
     """
     own = Path(scipy.__file__).resolve().parent.parent / "scipy.libs"
     pinned = [lib for lib in ThreadpoolController().lib_controllers
@@ -87,7 +83,7 @@ def limit(n: int):
     """Within: every CPU thread pool the kernels use limited to ``n`` threads, restored after: Numba's
     (this pool; numba.set_num_threads, per calling thread) and, through threadpoolctl, NumPy's BLAS
     and every OpenMP pool. SciPy's own BLAS stays at one thread (``pin_scipy_blas``): the pool's
-    GEMM tasks call it, one per pool thread. Numba first: starting its OpenMP layer resets other
+    products call it, one per pool thread. Numba first: starting its OpenMP layer resets other
     OpenMP pools (torch's), so threadpoolctl must come after it to leave them limited."""
     from threadpoolctl import threadpool_limits
     if n < 1:
@@ -104,24 +100,22 @@ def limit(n: int):
 
 def jit(**options):
     """Decorator: ``f`` compiled twice by Numba, serial and with its ``prange`` loops on the pool; a call
-    runs the parallel one while the pool is usable (``threads()`` > 1) and its first argument, the array
-    the loop walks, has ``config.NUMBA_POOL_MIN_ELEMENTS`` elements or more; else the serial one. The two
-    are compiled from copies of ``f`` under different names: Numba's on-disk cache keys a function by
-    its name, line and code, not by its options, and would hand one the other's machine code."""
+    runs the parallel one while the pool is usable (``threads()`` > 1), ``config.NUMBA_POOL_LOOPS`` is on
+    and its first argument, the array the loop walks, has ``config.NUMBA_POOL_MIN_ELEMENTS`` elements or
+    more; else the serial one. ``cache=True`` keeps both on disk (``cache.KernelCache`` keys them apart)."""
+    cached = options.pop("cache", False)
+
     def decorate(f):
         serial = numba.njit(**options)(f)
-        parallel = numba.njit(parallel=True, **options)(_renamed(f, "_parallel"))
+        parallel = numba.njit(parallel=True, **options)(f)
+        if cached:
+            cache.enable(serial, parallel=False)
+            cache.enable(parallel, parallel=True)
 
         def run(*args):
             big = getattr(args[0], "size", 0) >= config.NUMBA_POOL_MIN_ELEMENTS
-            return (parallel if big and threads() > 1 else serial)(*args)
+            return (parallel if big and config.NUMBA_POOL_LOOPS and threads() > 1 else serial)(*args)
         functools.update_wrapper(run, f)
         run.serial, run.parallel = serial, parallel
         return run
     return decorate
-
-
-def _renamed(f, suffix):
-    g = pytypes.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
-    g.__qualname__, g.__module__ = f.__qualname__ + suffix, f.__module__
-    return g

@@ -1,23 +1,18 @@
 """e^x that LLVM can vectorize, for the Numba loops of the softmax and SiLU (backend-private).
 
-Numba's ``math.exp``/``np.exp`` in a loop is a call to libm's scalar exp here (no SVML), which
-keeps the loop scalar: about five times slower than NumPy's vectorized exp, so the loops used to
-leave the exp to NumPy, a whole-array pass of its own. ``exp`` below is straight-line arithmetic
-(no call, no branch), so a loop that uses it vectorizes, and the exp joins the loop's one pass:
+Numba's ``math.exp``/``np.exp`` in a loop is a call to libm's scalar exp here (no SVML), which keeps
+the loop scalar. ``exp`` below is straight-line arithmetic (no call, no branch), so a loop that uses it
+vectorizes and the exp joins the loop's one pass; ``config.NUMBA_VEXP`` off makes it Numba's np.exp.
 
     x = n ln2 + r,  n = round(x / ln2),  |r| <= ln2 / 2      (Cody and Waite: ln2 = hi + lo, n·hi exact)
     e^r = Σ_{k<=K} r^k / k!                                  (Taylor; Horner)
     e^x = e^r · 2^⌊n/2⌋ · 2^(n − ⌊n/2⌋)                        (each factor a normal float built from its bits)
 
 Truncation: r^(K+1)/(K+1)! <= 0.347^(K+1)/(K+1)!, i.e. 5e-9 for K = 7 (float32, half an ulp is 6e-8) and
-4e-18 for K = 13 (float64, 1.1e-16); measured over 10^6 points: at most 1.3 ulps (float32).
-Splitting 2^n in two keeps both factors normal while the result underflows gradually to the
-denormals and 0, and overflows to inf, as libm does. x is clamped first to a range just beyond
-where e^x is 0 or inf (the clamp cannot change the result), and a NaN comes out as NaN.
-tests/test_vexp.py holds it to 2 ulps and to these edges.
-
-Numba's on-disk cache keys a kernel on its own file, not on this one: after editing this file,
-delete the ``*.nbi``/``*.nbc`` files under ``__pycache__`` or the kernels keep the old exp.
+4e-18 for K = 13 (float64, 1.1e-16). Splitting 2^n in two keeps both factors normal while the result
+underflows gradually to the denormals and 0, and overflows to inf, as libm does. x is clamped first to
+a range just beyond where e^x is 0 or inf (the clamp cannot change the result), and a NaN comes out as
+NaN. tests/kernels/test_vexp.py holds it to 2 ulps and to these edges.
 """
 import numpy as np
 from numba import njit, types
@@ -85,6 +80,8 @@ def exp(x):
 
 @overload(exp)
 def _exp_impl(x):
+    if not config.NUMBA_VEXP:
+        return lambda x: np.exp(x)
     if x == types.float32:
         return lambda x: _exp32(x)
     if x == types.float64:
