@@ -97,7 +97,7 @@ def test_quick_elementwise_benchmark_times_every_decoder_kernel(tmp_path, backen
     from benchmarks import elementwise
     from lowrank.kernels import api, backends
     out = tmp_path / "elementwise_quick.json"
-    backend = backend if backend == "numba" else str(Path(__file__).resolve().parents[1] / backend)
+    backend = backend if backend == "numba" else str(Path(__file__).resolve().parents[2] / backend)
     rows = elementwise.main(["--quick", "--threads", "1", "--backend", backend, "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == rows
     assert {r["kernel"] for r in rows} == {n for n in api.API if n.split("_")[0] in ("rope", "causal", "silu", "rms")}
