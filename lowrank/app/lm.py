@@ -26,7 +26,7 @@ import numpy as np
 
 SUBCOMMANDS = {
     "pretrain": ("lowrank.app.lm_pretrain", "train a small byte-level Llama from scratch on pydoc's English"),
-    "finetune": ("lowrank.app.lm_finetune", "fine-tune a checkpoint on stdlib code: lora, qlora, dora, full, head"),
+    "finetune": ("lowrank.app.lm_finetune", "fine-tune a checkpoint on stdlib code or your --data: lora, qlora, dora, full, head"),
     "demo": ("lowrank.app.lm_demo", "the language-model report: methods, ranks, Table 5, spectra, samples"),
 }
 SHIPPED = "pydoc-byte-4x128"
@@ -130,10 +130,17 @@ def provenance() -> dict:
 
 # -- training and evaluation ------------------------------------------------------------------
 def evaluate_loss(model, windows, batch_size: int = 16) -> float:
-    """Mean next-token loss (nats per token) of ``model`` over ``windows`` (n, T+1), in eval mode."""
+    """Mean next-token loss (nats per token) of ``model`` over ``windows`` (n, T+1), in eval mode; or over
+    a list of padded ``training.sft.Batch`` es, each weighted by the tokens it predicts."""
     from ..nn.losses_lm import CausalLMLoss
     model.eval()
     loss_fn, total = CausalLMLoss(), 0.0
+    if isinstance(windows, list):
+        counted = [int((b.labels[:, 1:] != loss_fn.ignore_index).sum()) for b in windows]
+        for b, n in zip(windows, counted):
+            total += loss_fn.forward(model.forward(b.input_ids, attention_mask=b.attention_mask), b.labels) * n
+            loss_fn._cache = None
+        return total / sum(counted)
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
         total += loss_fn.forward(model.forward(batch), batch) * len(batch)       # every window counts T tokens
@@ -150,18 +157,24 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def train_steps(model, batcher, val_windows, *, steps: int, lr: float, warmup: int, eval_every: int,
-                comm=None, say=None) -> dict:
-    """``steps`` Adam steps on ``batcher``'s global batches (B, T+1), each window its own labels; the validation
-    loss every ``eval_every`` steps and at the end. With ``comm``, data-parallel: each rank takes its
-    ``shard_bounds`` rows of every global batch and ``DataParallel.step`` all-reduces the gradients.
+                comm=None, say=None, optimizer=None, start: int = 0, on_step=None, log_every=None) -> dict:
+    """``steps`` Adam steps on ``batcher``'s global batches (B, T+1), each window its own labels, or padded
+    ``training.sft.Batch`` es (ids, labels, attention mask); the validation loss (``evaluate_loss`` of
+    ``val_windows``) every ``eval_every`` steps and at the end, and a progress line (loss, tokens/s, ETA)
+    every ``log_every``. With ``comm``, data-parallel: each rank takes its ``shard_bounds`` rows of every
+    global batch and ``DataParallel.step`` all-reduces the gradients. A resumed run passes its restored
+    ``optimizer`` and the ``start`` step it stopped after; ``on_step(i, optimizer)`` runs after step i.
     Returns the history: steps, mean training loss since the last stage, validation loss, seconds per step."""
     from ..nn.losses_lm import CausalLMLoss
     from ..nn.optim import Adam
     from ..training.loop import local_step
     loss_fn = CausalLMLoss()
-    optimizer = Adam(model.parameters(trainable_only=True), lr=lr)
+    if optimizer is None:
+        optimizer = Adam(model.parameters(trainable_only=True), lr=lr)
     if comm is None:
         def step(batch):
+            if not isinstance(batch, np.ndarray):
+                return masked_step(model, optimizer, loss_fn, batch)
             return local_step(model, optimizer, loss_fn, batch, batch)
     else:
         from ..training.distributed import DataParallel, shard_bounds
@@ -172,8 +185,8 @@ def train_steps(model, batcher, val_windows, *, steps: int, lr: float, warmup: i
             lo, hi = shard_bounds(len(batch), dp.rank, dp.size)
             return dp.step(batch[lo:hi], batch[lo:hi], len(batch))
     history = {"step": [], "train_loss": [], "val_loss": [], "seconds_per_step": []}
-    losses, seconds = [], []
-    for i in range(1, steps + 1):
+    losses, seconds, tokens, started_all = [], [], 0, time.perf_counter()
+    for i in range(start + 1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(i, steps, warmup)
         model.train()
@@ -184,6 +197,11 @@ def train_steps(model, batcher, val_windows, *, steps: int, lr: float, warmup: i
         if not math.isfinite(loss):
             raise ValueError(f"training diverged at step {i}: loss {loss}; try a lower --lr")
         losses.append(loss)
+        tokens += batch.size if isinstance(batch, np.ndarray) else int(batch.attention_mask.sum())
+        elapsed = time.perf_counter() - started_all
+        speed = f"{tokens / elapsed:,.0f} tok/s  ETA {elapsed / (i - start) * (steps - i):.0f} s"
+        if on_step is not None:
+            on_step(i, optimizer)
         if i % eval_every == 0 or i == steps:
             history["step"].append(i)
             history["train_loss"].append(float(np.mean(losses)))
@@ -193,10 +211,22 @@ def train_steps(model, batcher, val_windows, *, steps: int, lr: float, warmup: i
             if say is not None:
                 say(f"step {i}/{steps}  train loss {history['train_loss'][-1]:.4f}  val loss "
                     f"{history['val_loss'][-1]:.4f}  ppl {math.exp(history['val_loss'][-1]):.3f}  "
-                    f"{history['seconds_per_step'][-1]:.3f} s/step")
+                    f"{history['seconds_per_step'][-1]:.3f} s/step  {speed}")
+        elif log_every and i % log_every == 0 and say is not None:
+            say(f"step {i}/{steps}  loss {loss:.4f}  {speed}")
     history["seconds_per_step_median"] = float(np.median(seconds))
     model.eval()
     return history
+
+
+def masked_step(model, optimizer, loss_fn, batch) -> float:
+    """One step on a padded ``training.sft.Batch``: the attention mask to the model, −100 labels skipped."""
+    optimizer.zero_grad()
+    logits = model.forward(batch.input_ids, attention_mask=batch.attention_mask)     # (B, T, V)
+    loss = loss_fn.forward(logits, batch.labels)
+    model.backward(loss_fn.backward())
+    optimizer.step()
+    return loss
 
 
 def stage_printer(command: str, quiet: bool, root: bool = True):

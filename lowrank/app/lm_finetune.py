@@ -1,11 +1,24 @@
-"""``lowrank lm finetune``: adapt a pretrained byte-level Llama to Python code from the standard library.
+"""``lowrank lm finetune``: adapt a pretrained Llama to Python code from the standard library, or to your data.
 
     lowrank lm finetune --method lora --target q_proj,v_proj --r 8 --out runs/lora
     lowrank lm finetune --method full --model runs/pydoc --out runs/full
     mpiexec -n 2 lowrank lm finetune --distributed --method lora --out runs/lora
 
+    lowrank lm finetune --model DIR --data train.jsonl --val-fraction 0.1 --save-every 50 --out runs/sft
+    lowrank lm finetune --model DIR --data train.jsonl --val-fraction 0.1 --save-every 50 --out runs/sft --resume
+
 The base is the shipped checkpoint (``lowrank.app.lm.shipped_checkpoint``) or ``--model DIR`` (a
-transformers folder over the byte vocabulary). Methods:
+transformers folder). Without ``--data`` the run trains on windows of the built-in stdlib code corpus
+(byte tokens, so the model must cover the byte vocabulary). With ``--data FILE`` it trains on the user's
+.txt or .jsonl file (``training.sft``: text, prompt/completion with loss on the completion only, or
+chat messages through the model's chat template with loss on the assistant turns only), tokenized by the
+model folder's tokenizer (``io.tokenizer.load_tokenizer``, checked against the embedding), each example
+at most ``--max-seq-len`` tokens (default: the model's context), padded per batch with an attention mask;
+documents are not packed. Validation is ``--val-data FILE`` or a ``--val-fraction`` of the examples.
+
+``--save-every N`` writes OUT/checkpoint (``training.checkpoints``: the adapter or model, the optimizer
+state, the step, the data position and the generators' states) every N steps, as one commit; ``--resume``
+continues from it exactly: the final weights equal an uninterrupted run's bit for bit. Methods:
 
     lora    LoRA on --target (PEFT's names; "all-linear" for every projection)
     dora    the same with DoRA's magnitude vector (use_dora)
@@ -18,8 +31,8 @@ transformers folder over the byte vocabulary). Methods:
 OUT gets ``adapter/`` (PEFT's files: lora, dora, qlora) or ``model/`` (a transformers folder: full,
 head) and ``summary.json`` (validation perplexity before and after, trainable parameters, seconds
 per step, the Python version and corpus sizes), committed as one. Every flag, the model folder and
---out are checked before training (an earlier run's outputs are replaced only with --overwrite);
-nothing is written before training ends. ``--distributed`` trains data-parallel over the
+--out are checked, and --data read, before training (an earlier run's outputs are replaced only with
+--overwrite); nothing but OUT/checkpoint is written before training ends. ``--distributed`` trains data-parallel over the
 ranks of ``mpiexec`` as ``lowrank train --distributed`` does (the same global batches, each split by
 ``shard_bounds``; rank 0 writes and prints).
 """
@@ -28,6 +41,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 from .lm import add_training_arguments, command_line, evaluate_loss, resolve, shipped_checkpoint, stage_printer, \
     train_steps
@@ -39,6 +54,11 @@ DEFAULTS = dict(steps=200, batch_size=16, seq_len=128, warmup=20, eval_every=50,
 LR = {"lora": 2e-3, "qlora": 2e-3, "dora": 2e-3, "full": 3e-4, "head": 2e-3}
 CORPUS = "stdlib"
 OUTPUTS = ("adapter/", "model/", "summary.json")          # what a run writes in OUT (--overwrite replaces it)
+CHECKPOINT = "checkpoint"                                  # OUT/checkpoint, written every --save-every steps
+LOG_EVERY = 10
+# the flags a checkpoint must share with the run that resumes it (the rest change only what is printed)
+RUN_SETTINGS = ("model", "method", "target", "r", "alpha", "dropout", "steps", "batch_size", "seq_len", "lr",
+                "warmup", "seed", "dtype", "data", "val_data", "val_fraction", "max_seq_len")
 
 
 def add_arguments(parser):
@@ -51,6 +71,18 @@ def add_arguments(parser):
     parser.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2r: scaling 2)")
     parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
     add_training_arguments(parser, {**DEFAULTS, "lr": "by method: " + ", ".join(f"{k} {v:g}" for k, v in LR.items())})
+    parser.add_argument("--data", default=None, help="a .txt or .jsonl file to train on (text, prompt/completion "
+                        "or messages records), tokenized by the model's tokenizer (default: the stdlib corpus)")
+    parser.add_argument("--val-data", default=None, help="a validation file in the same formats (with --data)")
+    parser.add_argument("--val-fraction", type=float, default=None, help="the share of --data's examples held out "
+                        "for validation (default 0.1 without --val-data)")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="the most tokens of one example (with --data; "
+                        "default the model's max_position_embeddings)")
+    parser.add_argument("--log-every", type=int, default=LOG_EVERY, help=f"steps between progress lines: loss, "
+                        f"tokens/s, ETA (default {LOG_EVERY})")
+    parser.add_argument("--save-every", type=int, default=None, help="steps between checkpoints in OUT/checkpoint "
+                        "(default: none)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
     parser.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of mpiexec")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
 
@@ -73,30 +105,94 @@ def flags_lora_config(args):
 
 
 def check_flags(args):
-    """Refuse a bad method, flag, model folder or --out before anything is loaded or trained."""
+    """Refuse a bad method, flag, model folder, data file or --out before anything is loaded or trained;
+    sets ``args.data_sets`` (train, validation examples) and ``args.tokenizer`` with --data."""
     if args.method not in METHODS:
         raise ValueError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    check_data_flags(args)
     resolve(args, {**DEFAULTS, "lr": LR[args.method]})
     args.model = str(shipped_checkpoint() if args.model is None else args.model)
     if args.method in ADAPTER_METHODS:
         flags_lora_config(args)
     from ..models.llama.configuration import LlamaConfig
-    from ..io.tokenizer import ByteTokenizer
     config_file = Path(args.model) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"--model {args.model}: no config.json there (expected a folder written by "
                          f"save_pretrained or lowrank lm pretrain)")
     config = LlamaConfig.from_json_file(config_file)
-    if config.vocab_size < ByteTokenizer.vocab_size:
-        raise ValueError(f"--model {args.model}: vocab_size {config.vocab_size} is smaller than the byte "
-                         f"tokenizer's {ByteTokenizer.vocab_size}")
-    if args.seq_len + 1 > config.max_position_embeddings:
-        raise ValueError(f"--seq-len {args.seq_len}: windows of {args.seq_len + 1} tokens exceed the model's "
-                         f"max_position_embeddings {config.max_position_embeddings}")
+    if args.data is None:
+        from ..io.tokenizer import ByteTokenizer
+        if config.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(f"--model {args.model}: vocab_size {config.vocab_size} is smaller than the byte "
+                             f"tokenizer's {ByteTokenizer.vocab_size}")
+        if args.seq_len + 1 > config.max_position_embeddings:
+            raise ValueError(f"--seq-len {args.seq_len}: windows of {args.seq_len + 1} tokens exceed the model's "
+                             f"max_position_embeddings {config.max_position_embeddings}")
+    else:
+        load_data(args, config, config_file)
     from .train import check_out
-    check_out(args.out, OUTPUTS, args.overwrite)
+    check_out(args.out, OUTPUTS + (() if args.resume else (CHECKPOINT + "/",)), args.overwrite)
+    if args.resume:
+        from ..training.checkpoints import read_trainer_state
+        args.resumed = read_trainer_state(Path(args.out) / CHECKPOINT, run_settings(args, config_file))
+
+
+def check_data_flags(args):
+    """The flags that go with --data (and only with it), and the checkpoint flags."""
+    if args.data is None:
+        given = [f for f in ("val_data", "val_fraction", "max_seq_len") if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} goes with --data")
+    else:
+        if args.seq_len is not None:
+            raise ValueError("--seq-len cuts the built-in corpus; with --data use --max-seq-len")
+        if args.val_data is not None and args.val_fraction is not None:
+            raise ValueError("give --val-data or --val-fraction, not both")
+        if args.distributed:
+            raise ValueError("--distributed trains on the built-in corpus only; drop --data or --distributed")
+    for name in ("log_every", "save_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.distributed and (args.save_every is not None or args.resume):
+        raise ValueError("--save-every and --resume run in one process; drop --distributed")
+
+
+def load_data(args, config, config_file: Path):
+    """The model's tokenizer (checked against its embedding) and --data's examples, split for validation."""
+    from ..io.tokenizer import check_vocab, load_tokenizer
+    from ..training.sft import load_examples, split_validation
+    if args.max_seq_len is None:
+        args.max_seq_len = config.max_position_embeddings
+    if args.max_seq_len > config.max_position_embeddings:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds {config_file}'s max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    args.tokenizer = load_tokenizer(args.model)
+    check_vocab(args.tokenizer, config.vocab_size, str(config_file))
+    train = load_examples(args.data, args.tokenizer, args.max_seq_len)
+    if args.val_data is not None:
+        val = load_examples(args.val_data, args.tokenizer, args.max_seq_len)
+    else:
+        args.val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
+        train, val = split_validation(train, args.val_fraction, args.seed)
+    if len(train) < args.batch_size:
+        raise ValueError(f"{args.data}: {len(train)} training examples (validation held out) can't fill a "
+                         f"--batch-size of {args.batch_size}")
+    args.data_sets = train, val
+
+
+def run_settings(args, config_file: Path) -> dict:
+    """The flags a checkpoint must share with the run resuming it, with the digests of the model's config
+    and the data files (another base, or other data, is another run)."""
+    import hashlib
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    settings.update({k: str(Path(settings[k]).resolve()) for k in ("model", "data", "val_data") if settings[k]})
+    files = {"config.json": config_file, "data": args.data, "val_data": args.val_data}
+    settings.update({f"sha256 of {k}": hashlib.sha256(Path(v).read_bytes()).hexdigest()
+                     for k, v in files.items() if v is not None})
+    return settings
 
 
 def build_model(base, method: str, config=None, adapter_name: str = "default"):
@@ -145,16 +241,14 @@ def run(args) -> int:
 
 
 def finetune(args, comm, say) -> tuple[dict, object]:
-    """Load, evaluate, adapt, train; returns (summary, the fine-tuned model)."""
+    """Load, evaluate, adapt, train (from OUT/checkpoint with --resume); returns (summary, the fine-tuned model)."""
     from ..models.llama import LlamaForCausalLM
-    from ..training.text import Batcher, corpus_info, load_splits, windows
-    splits = load_splits(CORPUS, args.seed)
-    train = windows(splits.train, args.seq_len)
-    val = windows(splits.validation, args.seq_len, args.eval_windows)
+    from ..nn.optim import Adam
+    train, val, batcher, data_info = training_data(args)
     base = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     before = evaluate_loss(base, val)
-    say(f"{args.model}: validation loss {before:.4f} (perplexity {math.exp(before):.3f}) on {CORPUS} code "
-        f"before fine-tuning; {len(train)} training windows")
+    say(f"{args.model}: validation loss {before:.4f} (perplexity {math.exp(before):.3f}) on {data_info['name']} "
+        f"before fine-tuning; {len(train)} training {data_info['unit']}")
     model = build_model(base, args.method, flags_lora_config(args) if args.method in ADAPTER_METHODS else None)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     say(f"--method {args.method}: {trainable:,d} of {total:,d} parameters trainable "
@@ -164,20 +258,66 @@ def finetune(args, comm, say) -> tuple[dict, object]:
                "val_loss_before": before, "val_perplexity_before": math.exp(before)}
     if args.method == "qlora":
         summary["val_loss_quantized_before"] = evaluate_loss(model, val)      # B = 0: the 4-bit base alone
-    history = train_steps(model, Batcher(train, args.batch_size, args.seed + 1), val, steps=args.steps, lr=args.lr,
-                          warmup=args.warmup, eval_every=args.eval_every, comm=comm, say=say)
+    optimizer = Adam(model.parameters(trainable_only=True), lr=args.lr)
+    start, on_step = checkpointing(args, model, optimizer, batcher, say)
+    history = train_steps(model, batcher, val, steps=args.steps, lr=args.lr, warmup=args.warmup,
+                          eval_every=args.eval_every, comm=comm, say=say, optimizer=optimizer, start=start,
+                          on_step=on_step, log_every=args.log_every)
     summary.update(val_loss=history["val_loss"][-1], val_perplexity=math.exp(history["val_loss"][-1]),
-                   seconds_per_step=history["seconds_per_step_median"], history=history,
-                   command=command_line(args, "finetune", ("model", "method", "target", "r", "alpha", "dropout",
+                   seconds_per_step=history["seconds_per_step_median"], history=history, resumed_from_step=start,
+                   command=command_line(args, "finetune", ("model", "data", "val_data", "val_fraction", "max_seq_len",
+                                                           "method", "target", "r", "alpha", "dropout",
                                                            "steps", "batch_size", "seq_len", "lr", "warmup",
-                                                           "eval_every", "eval_windows", "seed", "dtype",
-                                                           "distributed")),
-                   corpus_info=corpus_info(args.seed))
+                                                           "eval_every", "eval_windows", "save_every", "seed",
+                                                           "dtype", "distributed")),
+                   **{"corpus_info" if args.data is None else "data_info": data_info["info"]})
     if args.method in ADAPTER_METHODS:
         c = model.peft_config["default"]
         summary["lora"] = {"r": c.r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
                            "target_modules": c.target_modules, "use_dora": c.use_dora}
     return summary, model
+
+
+def training_data(args) -> tuple:
+    """(train, validation, batcher, info): the stdlib corpus's windows, or --data's examples (padded batches)."""
+    if args.data is None:
+        from ..training.text import Batcher, corpus_info, load_splits, windows
+        splits = load_splits(CORPUS, args.seed)
+        train = windows(splits.train, args.seq_len)
+        val = windows(splits.validation, args.seq_len, args.eval_windows)
+        info = {"name": f"{CORPUS} code", "unit": "windows", "info": corpus_info(args.seed)}
+        return train, val, Batcher(train, args.batch_size, args.seed + 1), info
+    from ..training.sft import ExampleBatcher, batches
+    train, val = args.data_sets
+    tok = args.tokenizer
+    pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+    if len(val) > args.eval_windows:                                   # evenly spaced, as the corpus's windows
+        val = [val[round(i)] for i in np.linspace(0, len(val) - 1, args.eval_windows)]
+    info = {"name": args.data, "unit": "examples",
+            "info": {"train_examples": len(train), "val_examples": len(val), "max_seq_len": args.max_seq_len,
+                     "train_tokens": int(sum(len(e.input_ids) for e in train))}}
+    return (train, batches(val, args.batch_size, pad_id), ExampleBatcher(train, args.batch_size, args.seed + 1, pad_id),
+            info)
+
+
+def checkpointing(args, model, optimizer, batcher, say) -> tuple:
+    """(the step to start after, ``on_step``): OUT/checkpoint restored with --resume, and saved every
+    --save-every steps (not after the last: the run's outputs follow it)."""
+    from ..training.checkpoints import load_checkpoint, save_checkpoint
+    folder, start = Path(args.out) / CHECKPOINT, 0
+    if getattr(args, "resumed", None) is not None:
+        start = load_checkpoint(folder, model, optimizer, batcher, args.resumed)
+        say(f"resumed from {folder} after step {start}")
+    if args.save_every is None:
+        return start, None
+    settings = run_settings(args, Path(args.model) / "config.json")
+    name = "adapter" if args.method in ADAPTER_METHODS else "model"
+
+    def on_step(i, optimizer):
+        if i % args.save_every == 0 and i < args.steps:
+            save_checkpoint(folder, model, optimizer, batcher, i, settings, name)
+            say(f"step {i}: checkpoint saved in {folder}")
+    return start, on_step
 
 
 def write_outputs(args, summary: dict, model):

@@ -95,8 +95,11 @@ def run(args) -> int:
 
 
 def write_checkpoint(model, folder, dtype: str, record: dict, overwrite: bool = False):
-    """config.json + model.safetensors (``dtype``, the provenance in its metadata; bound to the other two
-    files) + training_args.json, all or nothing."""
+    """config.json + model.safetensors (``dtype``, the provenance in its metadata; bound to the other
+    files) + training_args.json + byte_tokenizer.json (the folder's model reads bytes), all or nothing."""
+    from ..io.tokenizer import BYTE_TOKENIZER_FILE
+    from .lm import shipped_checkpoint
     metadata = {f"lowrank.{k}": str(record[k]) for k in ("command", "seed", "python", "commit")}
     model.save_pretrained(folder, overwrite=overwrite, dtype=dtype, metadata=metadata,
-                          extra_files={"training_args.json": (json.dumps(record, indent=1) + "\n").encode()})
+                          extra_files={"training_args.json": (json.dumps(record, indent=1) + "\n").encode(),
+                                       BYTE_TOKENIZER_FILE: (shipped_checkpoint() / BYTE_TOKENIZER_FILE).read_bytes()})

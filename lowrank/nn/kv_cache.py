@@ -9,40 +9,54 @@ attends over all P0 + T_new cached keys. The padding mask is kept beside them, s
 left-padded prompt's padding stays invisible at every later step. A sliding-window layer
 (Mistral, Qwen) caches every position too; its attention applies the window to them.
 
-Memory: ``nbytes`` = 2 · L · B · H_kv · T_max · h · itemsize bytes (keys and values; the
-(B, T_max) mask adds B · T_max bytes). The demo's model, L = 4, B = 16, H_kv = 8, h = 32,
-T_max = 64, float32: 2 · 4 · 16 · 8 · 64 · 32 · 4 = 8,388,608 bytes (8 MiB).
+Memory: ``nbytes`` = 2 · L · B · H_kv · T_cap · h · itemsize bytes (keys and values; the
+(B, T_cap) mask adds B · T_cap bytes), T_cap = ``capacity`` the positions allocated so far. A cache
+made with ``capacity`` < ``max_length`` grows when a step needs more, to max(needed, 2 · T_cap) up to
+``max_length`` (amortised one copy per position), so a generation that EOS cuts short holds only
+what it used, not its whole ``max_new_tokens``. The demo's model, L = 4, B = 16, H_kv = 8, h = 32,
+T_cap = 64, float32: 2 · 4 · 16 · 8 · 64 · 32 · 4 = 8,388,608 bytes (8 MiB).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .device import get_array_module
+
 
 class KVCache:
-    """Rotated keys and values of every layer, k, v (L, B, H_kv, T_max, h), filled left to right.
+    """Rotated keys and values of every layer, k, v (L, B, H_kv, T_cap, h), filled left to right.
 
     One step: the model calls ``start(attention_mask, T_new)``, each layer i calls
     ``update(i, k, v)``, and the model calls ``advance(T_new)`` after the last layer.
+    ``max_length`` bounds the positions; ``capacity`` (default ``max_length``) is how many to allocate
+    now, the rest as steps need them.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
-                 dtype="float32", xp=np):
-        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
-        self.k = xp.zeros(shape, dtype)                        # (L, B, H_kv, T_max, h)
-        self.v = xp.zeros(shape, dtype)                        # (L, B, H_kv, T_max, h)
-        self.mask = xp.zeros((batch_size, max_length), bool)   # (B, T_max): True = a real token, not padding
+                 dtype="float32", xp=np, capacity: int | None = None):
+        capacity = max_length if capacity is None else min(max(int(capacity), 1), max_length)
+        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
+        self.k = xp.zeros(shape, dtype)                        # (L, B, H_kv, T_cap, h)
+        self.v = xp.zeros(shape, dtype)                        # (L, B, H_kv, T_cap, h)
+        self.mask = xp.zeros((batch_size, capacity), bool)     # (B, T_cap): True = a real token, not padding
         self.length = 0                                        # P0: positions filled by earlier steps
         self.max_length = max_length
 
     @classmethod
-    def for_model(cls, config, batch_size: int, max_length: int, dtype="float32", xp=np) -> "KVCache":
+    def for_model(cls, config, batch_size: int, max_length: int, dtype="float32", xp=np,
+                  capacity: int | None = None) -> "KVCache":
         """A cache sized for a Llama ``config`` (num_hidden_layers, num_key_value_heads, head_dim)."""
         return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim, max_length,
-                   dtype, xp)
+                   dtype, xp, capacity)
+
+    @property
+    def capacity(self) -> int:
+        """T_cap: the positions allocated (``length`` <= T_cap <= ``max_length``)."""
+        return self.k.shape[3]
 
     @property
     def nbytes(self) -> int:
-        """2 · L · B · H_kv · T_max · h · itemsize: the keys and values."""
+        """2 · L · B · H_kv · T_cap · h · itemsize: the keys and values."""
         return int(self.k.nbytes + self.v.nbytes)
 
     def start(self, attention_mask, T_new: int):
@@ -51,6 +65,8 @@ class KVCache:
         if end > self.max_length:
             raise ValueError(f"KVCache: {self.length} cached + {T_new} new positions exceed its max_length "
                              f"{self.max_length}")
+        if end > self.capacity:
+            self._grow(min(self.max_length, max(end, 2 * self.capacity)))
         if attention_mask is not None and tuple(attention_mask.shape) != (B, T_new):
             raise ValueError(f"KVCache: attention_mask must have shape (B, T_new) = ({B}, {T_new}) for the new "
                              f"tokens only (the cache keeps the earlier ones), got {tuple(attention_mask.shape)}")
@@ -64,11 +80,23 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.mask[:, :end]
 
+    def _grow(self, capacity: int):
+        """Reallocate k, v (L, B, H_kv, capacity, h) and the mask (B, capacity), keeping the P0 cached positions."""
+        xp, P0 = get_array_module(self.k), self.length
+        L, B, H_kv, _, h = self.k.shape
+        for name in ("k", "v"):
+            grown = xp.zeros((L, B, H_kv, capacity, h), self.k.dtype)
+            grown[:, :, :, :P0] = getattr(self, name)[:, :, :, :P0]
+            setattr(self, name, grown)
+        mask = xp.zeros((B, capacity), bool)
+        mask[:, :P0] = self.mask[:, :P0]
+        self.mask = mask
+
     def advance(self, T_new: int):
         """End a step: the T_new new positions are cached."""
         self.length += T_new
 
     def __repr__(self):
-        L, B, H_kv, T_max, h = self.k.shape
-        return (f"KVCache(layers={L}, batch={B}, kv_heads={H_kv}, max_length={T_max}, head_dim={h}, "
-                f"length={self.length}, {self.nbytes:,d} bytes)")
+        L, B, H_kv, T_cap, h = self.k.shape
+        return (f"KVCache(layers={L}, batch={B}, kv_heads={H_kv}, max_length={self.max_length}, capacity={T_cap}, "
+                f"head_dim={h}, length={self.length}, {self.nbytes:,d} bytes)")

@@ -193,3 +193,31 @@ def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, 
     order = np.random.default_rng(seed).permutation(len(examples))
     n_val = min(len(examples) - 1, max(1, round(fraction * len(examples))))
     return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in sorted(order[:n_val])]
+
+
+class ExampleBatcher:
+    """Padded batches of ``examples`` forever, as ``text.Batcher`` draws windows: every example once per
+    epoch, in an order drawn from ``seed`` (a new order each epoch), a batch never spanning two epochs.
+    Its data position is ``order``, ``at``, ``epoch`` and ``rng`` (``checkpoints.batcher_state``)."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+        if batch_size < 1:
+            raise ValueError(f"ExampleBatcher: batch_size must be >= 1, got {batch_size}")
+        if len(examples) < batch_size:
+            raise DataError(f"{len(examples)} training examples can't fill a batch of --batch-size {batch_size}")
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.rng = np.random.default_rng(seed)
+        self.order, self.at, self.epoch = self.rng.permutation(len(examples)), 0, 0
+
+    def next(self) -> Batch:
+        """The next padded batch (B, T), T the longest of its examples."""
+        if self.at + self.batch_size > len(self.order):
+            self.order, self.at, self.epoch = self.rng.permutation(len(self.examples)), 0, self.epoch + 1
+        rows = self.order[self.at:self.at + self.batch_size]
+        self.at += self.batch_size
+        return pad_batch([self.examples[i] for i in rows], self.pad_id)
+
+
+def batches(examples: list[Example], batch_size: int, pad_id: int) -> list[Batch]:
+    """``examples`` in order, padded ``batch_size`` at a time (a fixed validation set)."""
+    return [pad_batch(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]

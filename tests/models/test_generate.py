@@ -5,7 +5,9 @@ cache); a mixed-adapter batch generates, row by row, exactly what each prompt ge
 with its adapter; the CLI prints what the API returns.
 """
 import re
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,9 @@ from lowrank.app.generate import _shown
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 from lowrank.models.llama.generation import pick
 from lowrank.nn.dispatch import kernels_for
-from lowrank.io.tokenizer import ByteTokenizer
+from lowrank.io.tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer
+
+SHIPPED = Path(lr.__file__).parent / "models" / "checkpoints" / "pydoc-byte-4x128"
 
 V = 37
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -109,8 +113,11 @@ def test_rows_stop_at_eos_and_are_padded_and_all_finished_stops_early():
         end = len(new) if stop is None else stop + 1
         np.testing.assert_array_equal(new[:end], ref[:end])
         assert (new[end:] == 36).all()
-    one = model.generate(ids[1:2], max_new_tokens=8, eos_token_id=[99, eos])
+    unseen = next(i for i in range(V) if i not in free[1])
+    one = model.generate(ids[1:2], max_new_tokens=8, eos_token_id=[unseen, eos])
     np.testing.assert_array_equal(one, free[1:2, :8])            # stopped after EOS: 3 new tokens, not 8
+    for ids_as in (np.array([unseen, eos]), np.array(eos), np.int64(eos)):
+        np.testing.assert_array_equal(model.generate(ids[1:2], max_new_tokens=8, eos_token_id=ids_as), one)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -119,7 +126,7 @@ def test_rows_stop_at_eos_and_are_padded_and_all_finished_stops_early():
     (dict(do_sample=True, top_p=0.0), r"top_p must lie in \(0, 1\]"),
     (dict(do_sample=True, top_p=1.5), r"top_p must lie in \(0, 1\]"),
     (dict(do_sample=True, top_k=0), "top_k must be an integer >= 1"),
-    (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+    (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0"),
     (dict(input_ids=np.zeros((2, 0), np.int64)), "empty prompt"),
     (dict(attention_mask=np.array([[0, 0, 0], [1, 1, 1]])), r"empty prompt in rows \[0\]"),
     (dict(attention_mask=np.array([[1, 1, 0], [1, 1, 1]])), "pad prompts on the left"),
@@ -211,6 +218,7 @@ def folders(tmp_path_factory):
     kw = dict(vocab_size=259, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=24)
     LlamaForCausalLM(LlamaConfig(**kw), seed=0).save_pretrained(root / "model")
+    shutil.copy(SHIPPED / BYTE_TOKENIZER_FILE, root / "model")              # a byte-level model says so
     for i, targets in enumerate([["q_proj", "v_proj"], ["v_proj", "down_proj"]]):
         m = lr.get_lora_model(LlamaForCausalLM.from_pretrained(root / "model"),
                               lr.LoraConfig(r=2, target_modules=targets))
@@ -266,7 +274,7 @@ def test_cli_sampling_is_seeded(folders, capsys):
     ("empty", "empty prompt"),
     ("zero_new", "--max-new-tokens must be >= 1"),
     ("top_p", r"--top-p must lie in \(0, 1\]"),
-    ("count", "need one --prompt each"),
+    ("count", "need one --prompt or --chat each"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(folders, tmp_path, capsys, case, match):
     args = {"model": folders / "model", "prompt": "ab", "max-new-tokens": 4}
@@ -326,3 +334,89 @@ def test_stacked_B_factors_are_laid_out_as_the_kernels_read_them():
     assert Bt.flags.c_contiguous, name
     for i, n in enumerate(plan.names):
         np.testing.assert_array_equal(plan.B_stack[i, :, :layer.r[n]], layer.lora_B[n].data)
+
+
+# -- absurd sampling settings and sizes (issue #29) --------------------------------------------
+def test_a_tiny_temperature_is_greedy_not_token_0():
+    """T -> 0 is the argmax's limit; logits / 1e-308 used to overflow to inf, give NaN probabilities and
+    draw token 0 every step."""
+    logits = np.array([[0.5, 3.0, -1.0, 2.0], [9.0, -2.0, 9.5, 0.0]])
+    for T in (1e-308, 5e-324, 1e-30):
+        got = pick(logits, True, temperature=T, rng=np.random.default_rng(0))
+        np.testing.assert_array_equal(got, [1, 2])
+        got = pick(logits, True, temperature=T, top_k=2, top_p=0.5, rng=np.random.default_rng(0))
+        np.testing.assert_array_equal(got, [1, 2])
+    model = tiny_llama()
+    ids = np.random.default_rng(2).integers(0, V, (2, 4))
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=5, do_sample=True, temperature=1e-308, seed=0),
+                                  model.generate(ids, max_new_tokens=5))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(do_sample=True, temperature=float("inf")), "temperature must be a finite number > 0"),
+    (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite number > 0"),
+    (dict(eos_token_id=10 ** 30), r"eos_token_id must be token ids in \[0, 37\).*, got 10{30}$"),
+    (dict(eos_token_id=[3, -1]), r"eos_token_id must be token ids in \[0, 37\)"),
+    (dict(eos_token_id=V), r"eos_token_id must be token ids in \[0, 37\)"),
+    (dict(eos_token_id=2.5), r"eos_token_id must be token ids"),
+    (dict(eos_token_id=3, pad_token_id=V), r"pad_token_id must be a token id in \[0, 37\)"),
+])
+def test_absurd_sampling_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_llama().generate(np.array([[1, 2, 3]]), max_new_tokens=2, **kwargs)
+
+
+def test_the_kv_cache_grows_with_the_tokens_generated_not_max_new_tokens():
+    """A huge max_new_tokens that EOS cuts short allocates what the generated tokens need: the cache for
+    10**6 positions would be 2·L·B·H_kv·T·h·8 = 2·2·1·2·10**6·4·8 bytes = 256 MB."""
+    import tracemalloc
+    model = tiny_llama(max_position_embeddings=10 ** 6 + 8)
+    ids = np.random.default_rng(0).integers(0, V, (1, 5))
+    free = model.generate(ids, max_new_tokens=8)
+    eos = int(free[0, 8])                                        # the 4th new token
+    tracemalloc.start()
+    try:
+        got = model.generate(ids, max_new_tokens=10 ** 6, eos_token_id=eos)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, free[:, :9])
+    assert peak < 1_000_000, peak
+
+
+def test_the_cache_reallocates_geometrically_and_keeps_what_it_holds():
+    from lowrank.nn.kv_cache import KVCache
+    model = tiny_llama(max_position_embeddings=64)
+    ids = np.random.default_rng(0).integers(0, V, (2, 3))
+    caches = []
+    real = KVCache.for_model
+    import lowrank.models.llama.generation as generation
+    generation.KVCache.for_model = lambda *a, **k: caches.append(real(*a, **k)) or caches[-1]
+    try:
+        got = model.generate(ids, max_new_tokens=40)
+    finally:
+        generation.KVCache.for_model = real
+    np.testing.assert_array_equal(got, greedy_without_cache(model.forward, ids, 40))   # grown caches hold the past
+    cache, = caches
+    assert cache.length == 3 + 39 and cache.max_length == 43
+    assert cache.length <= cache.capacity < 2 * cache.length           # doubled as needed, never the whole bound
+
+
+def test_cli_a_tiny_temperature_generates_the_greedy_text_not_nul_bytes(capsys):
+    """On the shipped model --temperature 1e-308 used to overflow to inf, sample token 0 every step and print
+    "hi\\x00\\x00..."."""
+    args = ["--model", SHIPPED, "--prompt", "hi", "--max-new-tokens", 8]
+    assert cli_rows(capsys, args + ["--temperature", 1e-308]) == cli_rows(capsys, args + ["--greedy"])
+
+
+def test_cli_refuses_a_byte_model_whose_embedding_has_ids_without_text_before_generating(folders, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """ids >= 259 have no bytes: a byte-level folder with vocab_size 300 used to generate, then fail to decode."""
+    kw = dict(vocab_size=300, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=24)
+    LlamaForCausalLM(LlamaConfig(**kw), seed=0).save_pretrained(tmp_path / "wide_vocab")
+    shutil.copy(SHIPPED / BYTE_TOKENIZER_FILE, tmp_path / "wide_vocab")
+    monkeypatch.setattr(LlamaForCausalLM, "generate", lambda *a, **k: pytest.fail("generated before the check"))
+    assert main(["generate", "--model", str(tmp_path / "wide_vocab"), "--prompt", "ab"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "byte_tokenizer.json" in err and "vocab_size is 300" in err, err
