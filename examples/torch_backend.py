@@ -2,7 +2,7 @@
 
 Not part of the library. It implements the dense, single-adapter and multi-adapter (BGMV, SGMV)
 functions of ``lowrank.kernels.api.API`` and attention's batched ``matmul``, with the reference's
-signatures; the NF4 functions and the decoder's elementwise ones (RoPE, causal softmax, SwiGLU, RMSNorm) are left out, so the registry
+signatures; the NF4 and GGUF functions and the decoder's elementwise ones (RoPE, causal softmax, SwiGLU, RMSNorm) are left out, so the registry
 runs the reference's for them (``lowrank.kernels.backends.describe("torch")`` says so).
 Semantics: the reference's (``lowrank/kernels/reference``); here only how.
 

@@ -36,6 +36,7 @@ OUTPUTS = {
     "lora_forward_multi": ("y", "h"), "lora_backward_multi": ("dx", "dA_stack", "dB_stack"),
     "lora_forward_sgmv": ("y", "h"), "lora_backward_sgmv": ("dx", "dA_stack", "dB_stack"),
     "nf4_dequantize": ("W",), "nf4_matmul": ("y",), "nf4_matmul_dx": ("dx",),
+    "gguf_dequantize": ("W",), "gguf_matmul": ("y",), "gguf_matmul_dx": ("dx",),
     "matmul": ("y",), "rope_forward": ("y",), "rope_backward": ("dx",), "causal_softmax": ("P",), "causal_softmax_backward": ("dS",),
     "silu_and_mul": ("y",), "silu_and_mul_backward": ("dg", "du"),
     "rms_norm": ("y", "rstd"), "rms_norm_backward": ("dx", "dw"),
@@ -204,7 +205,7 @@ def _poisoned_empty():
         yield
 
 
-_ORDER = ("N", "D_in", "D_out", "r", "K", "ranks", "index", "indptr", "seg_index", "blocksize", "double_quant",
+_ORDER = ("N", "D_in", "D_out", "r", "K", "ranks", "index", "indptr", "seg_index", "blocksize", "double_quant", "blocks", "qtype",
           "B", "lead", "heads", "T", "past", "half", "key_mask", "shape", "d", "eps", "need_dw",
           "scaling", "masked", "base", "bias", "need_dx", "need_dW", "need_db", "keep_x", "layout", "seed")
 

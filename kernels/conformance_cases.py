@@ -5,7 +5,8 @@ A case is a dict of small ints and flags (what hypothesis shrinks and the report
 arrays come from ``case["seed"]``, O(1) standard normals, so the relative tolerances of ``config``
 mean something. What the cases cover, on purpose:
 
-    shapes      N = 0 and 1, odd sizes, r = 1, r > min(D_in, D_out) (PEFT allows it)
+    shapes      N = 0 and 1, odd sizes, r = 1, r > min(D_in, D_out) (PEFT allows it); dense products of
+                2 … 70 rows (decode-shaped: numba_cpu's few-row kernel and BLAS on either side of its threshold)
     layouts     C, F and step-2 strided (non-contiguous) views of every float input
     LoRA        dropout masks (scaled by 1/keep), W=None (the LoRA term alone), bias or none, need_dx
     BGMV        index with repeats, gaps and −1 (base only), ranks zero-padded to the largest
@@ -18,13 +19,17 @@ mean something. What the cases cover, on purpose:
     LM loss     N = 0, V = 1, no label ignored, some, all; with and without dx and dW
     NF4         odd weight counts (a half-used last byte), block sizes 2 … 128, zero scales, and
                 absmax with and without double quantization (an 8-bit round trip of the scales)
+    GGUF        Q8_0, Q4_0, Q4_1 and Q4_K by name and by gguf type number, 1 to 3 blocks a row, a
+                zero-scale block
 
-NF4 inputs are built here with plain NumPy: any uint8 is a valid pair of codes, so random bytes
-and random scales are the whole format (``reference/nf4.py``).
+NF4 and GGUF inputs are built here with plain NumPy: any uint8 is a valid pair of codes, so random bytes
+and random scales are the whole format (``reference/nf4.py``); a GGUF block is random bytes with
+finite f16 scales in its first 2 or 4 bytes (Q4_K's 6-bit scales are any bytes; ``reference/gguf.py``).
 """
 import numpy as np
 from hypothesis import strategies as st
 
+from . import validate
 from .common import xp
 
 N_ = st.integers(0, 9)                          # rows, 0 included
@@ -53,7 +58,10 @@ def _normal(rng, dtype, layout="C"):
 
 
 # -- dense -----------------------------------------------------------------------------------
-DENSE = st.fixed_dictionaries(dict(N=N_, D_in=D_, D_out=D_, bias=st.booleans(), layout=LAYOUT, seed=SEED))
+FEW_ROWS = st.fixed_dictionaries(dict(N=st.integers(2, 70), D_in=st.integers(1, 40), D_out=st.integers(1, 40),
+                                      bias=st.booleans(), layout=LAYOUT, seed=SEED))
+DENSE = st.one_of(st.fixed_dictionaries(dict(N=N_, D_in=D_, D_out=D_, bias=st.booleans(), layout=LAYOUT, seed=SEED)),
+                  FEW_ROWS)     # decode-shaped: a few rows (2 … 70) against a W of odd sizes
 DENSE_GRAD = st.fixed_dictionaries(dict(N=N_, D_in=D_, D_out=D_, need_dx=st.booleans(), need_dW=st.booleans(),
                                         need_db=st.booleans(), keep_x=st.booleans(), layout=LAYOUT, seed=SEED))
 
@@ -203,6 +211,45 @@ def nf4_matmul_dx(c, dtype, oracle):
     return _normal(rng, dtype, c["layout"])(c["N"], shape[0]), packed, absmax, shape, blocksize
 
 
+# -- GGUF: a frozen W in llama.cpp's quantized blocks -----------------------------------------
+GGUF = st.fixed_dictionaries(dict(N=st.integers(0, 5), D_out=D_, blocks=st.integers(1, 3),
+                                  qtype=st.sampled_from(["Q4_0", "Q8_0", "Q4_1", "Q4_K", 2, 8, 3, 12]),
+                                  bias=st.booleans(), layout=LAYOUT, seed=SEED))
+
+
+_GGUF_SCALE = {"Q8_0": 1 / 64, "Q4_0": 1 / 8, "Q4_1": 1 / 8, "Q4_K": 1 / 256}
+
+
+def _gguf(c):
+    """blocks (D_out, D_in / B · S) uint8: random bytes with finite f16 scales (one block's zero), shape, qtype."""
+    rng = np.random.default_rng(c["seed"])
+    name = validate.gguf_qtype(c["qtype"])
+    B, S = validate.GGUF_FORMATS[name]
+    D_out, D_in = c["D_out"], c["blocks"] * B
+    raw = rng.integers(0, 256, (D_out * c["blocks"], S), dtype=np.uint8)
+    halves = 1 if name in ("Q8_0", "Q4_0") else 2                   # d, or d and m / dmin
+    scales = (rng.uniform(-1, 1, (raw.shape[0], halves)) * _GGUF_SCALE[name]).astype(np.float16)   # O(1) weights
+    scales[rng.integers(raw.shape[0])] = 0                          # an all-zero block
+    raw[:, :2 * halves] = scales.view(np.uint8).reshape(raw.shape[0], 2 * halves)
+    return rng, raw.reshape(D_out, -1), c["qtype"], (D_out, D_in)
+
+
+def gguf_dequantize(c, dtype, oracle):
+    _, blocks, qtype, shape = _gguf(c)
+    return blocks, qtype, shape, np.dtype(dtype).name
+
+
+def gguf_matmul(c, dtype, oracle):
+    rng, blocks, qtype, shape = _gguf(c)
+    f = _normal(rng, dtype, c["layout"])
+    return f(c["N"], shape[1]), blocks, qtype, shape, f(shape[0]) if c["bias"] else None
+
+
+def gguf_matmul_dx(c, dtype, oracle):
+    rng, blocks, qtype, shape = _gguf(c)
+    return _normal(rng, dtype, c["layout"])(c["N"], shape[0]), blocks, qtype, shape
+
+
 # -- attention: the products, RoPE and the causal softmax -----------------------------------------
 MATMUL = st.fixed_dictionaries(dict(lead=st.lists(st.integers(1, 3), max_size=3),
                                     repeat=st.lists(st.integers(0, 2), min_size=3, max_size=3), drop=st.integers(0, 3),
@@ -308,6 +355,8 @@ def linear_cross_entropy(c, dtype, oracle):
 
 
 # -- per API function: (strategy, inputs(case, dtype, oracle) -> args, explicit edge cases) --------
+_EDGE_FEW_ROWS = [dict(N=2, D_in=1, D_out=1), dict(N=5, D_in=9, D_out=7), dict(N=33, D_in=17, D_out=13),
+                  dict(N=64, D_in=33, D_out=6), dict(N=70, D_in=40, D_out=5)]
 _EDGE_LORA = [dict(N=0, D_in=1, D_out=1, r=1), dict(N=1, D_in=1, D_out=1, r=1), dict(N=3, D_in=6, D_out=2, r=8)]
 _EDGE_MULTI = [dict(N=1, D_in=1, D_out=1, K=1, ranks=[1], index=[-1]), dict(N=0, D_in=2, D_out=3, K=2, ranks=[1, 2],
                index=[]), dict(N=5, D_in=2, D_out=3, K=3, ranks=[7, 2, 1], index=[2, -1, 0, 2, 0])]
@@ -315,6 +364,9 @@ _EDGE_SGMV = [dict(N=0, D_in=1, D_out=1, K=1, ranks=[1], indptr=[0, 0], seg_inde
               dict(N=9, D_in=6, D_out=2, K=2, ranks=[8, 3], indptr=[0, 3, 3, 7, 9], seg_index=[1, 0, -1, 1])]
 _EDGE_NF4 = [dict(N=0, D_out=1, D_in=1, blocksize=2, double_quant=False), dict(N=3, D_out=3, D_in=5, blocksize=4,
              double_quant=True), dict(N=2, D_out=5, D_in=64, blocksize=64, double_quant=True)]
+
+_EDGE_GGUF = [dict(N=n, D_out=d, blocks=k, qtype=q) for q in ("Q8_0", "Q4_0", "Q4_1", "Q4_K")
+              for n, d, k in ((0, 1, 1), (1, 3, 2), (3, 5, 1))]
 
 _EDGE_MATMUL = [dict(lead=[], repeat=[0, 0, 0], drop=0, M=1, K=0, N=3),
                 dict(lead=[2, 3, 2], repeat=[0, 0, 1], drop=0, M=5, K=4, N=1),
@@ -340,7 +392,8 @@ def _edges(edges, **defaults):
 _LORA_F = dict(scaling=2.0, masked=True, base=True, bias=True, layout="strided", seed=0)
 _LORA_B = dict(scaling=2.0, masked=True, base=True, need_dx=True, layout="strided", seed=0)
 CASES = {
-    "dense_forward": (DENSE, dense_forward, [dict(N=0, D_in=1, D_out=1, bias=True, layout="C", seed=0)]),
+    "dense_forward": (DENSE, dense_forward, [dict(N=0, D_in=1, D_out=1, bias=True, layout="C", seed=0)]
+                      + _edges(_EDGE_FEW_ROWS, bias=True, layout="C", seed=0)),
     "dense_backward": (DENSE_GRAD, dense_backward, [dict(N=1, D_in=1, D_out=1, need_dx=True, need_dW=False,
                                                          need_db=True, keep_x=False, layout="strided", seed=0)]),
     "lora_forward": (LORA, lora_forward, _edges(_EDGE_LORA, **_LORA_F) + _edges(_EDGE_LORA[2:], **{**_LORA_F,
@@ -355,6 +408,9 @@ CASES = {
     "nf4_dequantize": (NF4, nf4_dequantize, _edges(_EDGE_NF4, bias=False, layout="C", seed=0)),
     "nf4_matmul": (NF4, nf4_matmul, _edges(_EDGE_NF4, bias=True, layout="F", seed=0)),
     "nf4_matmul_dx": (NF4, nf4_matmul_dx, _edges(_EDGE_NF4, bias=False, layout="strided", seed=0)),
+    "gguf_dequantize": (GGUF, gguf_dequantize, _edges(_EDGE_GGUF, bias=False, layout="C", seed=0)),
+    "gguf_matmul": (GGUF, gguf_matmul, _edges(_EDGE_GGUF, bias=True, layout="strided", seed=0)),
+    "gguf_matmul_dx": (GGUF, gguf_matmul_dx, _edges(_EDGE_GGUF, bias=False, layout="F", seed=0)),
     "matmul": (MATMUL, matmul, _edges(_EDGE_MATMUL, layout="strided", seed=0)),
     "rope_forward": (ROPE, rope_forward, _edges(_EDGE_ROPE, layout="strided", seed=0)),
     "rope_backward": (ROPE, rope_backward, _edges(_EDGE_ROPE, layout="F", seed=0)),

@@ -270,3 +270,51 @@ def nf4_operand(name, a, width, bias=None, width_bias=None, dtypes=NF4_FLOATS):
     if bias is not None and (np.dtype(bias.dtype) != np.dtype(a.dtype) or tuple(bias.shape) != (width_bias,)):
         raise ValueError(f"NF4: bias must be {a.dtype} of shape ({width_bias},), "
                          f"got {bias.dtype} {tuple(bias.shape)}")
+
+
+# -- GGUF: llama.cpp's quantized blocks --------------------------------------------------------
+GGUF_FORMATS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}   # name: (B weights, S bytes)
+GGUF_TYPES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 12: "Q4_K"}    # gguf.GGMLQuantizationType values of those names
+
+
+def gguf_qtype(qtype):
+    """The format's name from a name ('Q4_0') or a gguf.GGMLQuantizationType (an int); ValueError otherwise."""
+    if isinstance(qtype, (int, np.integer)) and not isinstance(qtype, bool) and int(qtype) in GGUF_TYPES:
+        return GGUF_TYPES[int(qtype)]
+    if isinstance(qtype, str) and qtype.upper() in GGUF_FORMATS:
+        return qtype.upper()
+    raise ValueError(f"GGUF: qtype must be one of {sorted(GGUF_FORMATS)} (a name or a gguf.GGMLQuantizationType), "
+                     f"got {qtype!r}")
+
+
+def gguf(blocks, qtype, shape):
+    """Validate a GGUF-quantized weight, rows of whole blocks; returns (name, D_out, D_in)."""
+    name = gguf_qtype(qtype)
+    B, S = GGUF_FORMATS[name]
+    if len(tuple(shape)) != 2 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+                                     for d in shape):
+        raise ValueError(f"GGUF: shape must be (D_out, D_in) with positive ints, got {shape!r}")
+    D_out, D_in = (int(d) for d in shape)
+    if D_in % B:
+        raise ValueError(f"GGUF: {name} rows are whole blocks of {B} weights, got D_in = {D_in}")
+    if np.dtype(blocks.dtype) != np.uint8 or tuple(blocks.shape) != (D_out, D_in // B * S):
+        raise ValueError(f"GGUF: {name} blocks must be uint8 of shape ({D_out}, {D_in // B * S}) for shape "
+                         f"{(D_out, D_in)}, got {blocks.dtype} {tuple(blocks.shape)}")
+    return name, D_out, D_in
+
+
+def gguf_dtype(dtype, floats=NF4_FLOATS):
+    """The dequantized dtype: one of ``floats``; TypeError otherwise."""
+    if np.dtype(dtype) not in floats:
+        raise TypeError(f"GGUF: dtype must be {' or '.join(str(d) for d in floats)}, got {np.dtype(dtype)}")
+    return np.dtype(dtype)
+
+
+def gguf_operand(name, a, width, bias=None, width_bias=None, dtypes=NF4_FLOATS):
+    """As ``nf4_operand``, for a GGUF product's operand: (N, width) of one of ``dtypes``, and its bias."""
+    if np.dtype(a.dtype) not in dtypes:
+        raise TypeError(f"GGUF: {name} must be {' or '.join(str(d) for d in dtypes)}, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[1] != width:
+        raise ValueError(f"GGUF: {name} has shape {tuple(a.shape)}, expected (N, {width})")
+    if bias is not None and (np.dtype(bias.dtype) != np.dtype(a.dtype) or tuple(bias.shape) != (width_bias,)):
+        raise ValueError(f"GGUF: bias must be {a.dtype} of shape ({width_bias},), got {bias.dtype} {tuple(bias.shape)}")

@@ -34,6 +34,8 @@ GRADIENT_TESTS = {      # class (module.qualname) -> "file::test" whose body run
     **{f"lowrank.nn.losses.{c}": "test_losses.py::test_loss_value_and_gradient"
        for c in ("BCEWithLogitsLoss", "CrossEntropyLoss", "MSELoss")},
     "lowrank.nn.nf4_dense.NF4Dense": "test_qlora.py::test_nf4dense_gradients_match_finite_differences_of_the_dequantized_layer",
+    "lowrank.nn.gguf_dense.GGUFDense":
+        "test_gguf_dense.py::test_ggufdense_gradients_match_finite_differences_of_the_dequantized_layer",
     "lowrank.nn.activations.SiLU": "test_llama_layers.py::test_silu_matches_finite_differences",
     "lowrank.nn.embedding.Embedding": "test_llama_layers.py::test_embedding_gradient_is_a_scatter_add",
     "lowrank.nn.norm.RMSNorm": "test_llama_layers.py::test_rmsnorm_matches_formula_and_finite_differences",

@@ -24,7 +24,7 @@ get ``np.ascontiguousarray`` copies (a no-op for C-ordered inputs).
 
 Fallback, declared once (``blas.half_to_reference``): float16 has neither BLAS nor Numba
 arithmetic here, so float16 dense/LoRA/BGMV/SGMV/attention/activation/norm calls run
-the reference. NF4 takes float32/64.
+the reference. NF4 and GGUF take float32/64.
 """
 from ..api import API
 from .activations import silu_and_mul, silu_and_mul_backward
@@ -32,6 +32,7 @@ from .attention import causal_softmax, causal_softmax_backward, matmul, rope_bac
 from .loss import linear_cross_entropy
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv
+from .gguf import gguf_dequantize, gguf_matmul, gguf_matmul_dx
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx
 from .norm import rms_norm, rms_norm_backward
 

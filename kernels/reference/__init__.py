@@ -7,6 +7,7 @@ Letters: N rows, D_in, D_out, r rank, K adapters. Row-major activations.
     lora.py   dense and single-adapter LoRA, forward and backward
     multi.py  multi-adapter batches: BGMV (a per-row index) and SGMV (sorted segments)
     nf4.py    products with a 4-bit (NF4) frozen W
+    gguf.py   products with a frozen W in llama.cpp's quantized blocks (GGUF: Q8_0, Q4_0, Q4_1, Q4_K)
     attention.py  RoPE and the causal softmax, the elementwise parts of attention
     activations.py  SwiGLU's gate, silu(g) ⊙ u
     norm.py   RMSNorm
@@ -22,6 +23,7 @@ from .attention import causal_softmax, causal_softmax_backward, matmul, rope_bac
 from .loss import linear_cross_entropy
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv
+from .gguf import gguf_dequantize, gguf_matmul, gguf_matmul_dx
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx
 from .norm import rms_norm, rms_norm_backward
 

@@ -18,7 +18,9 @@ COMMANDS = {
     "inspect": ("lowrank.app.inspect", "show what an adapter directory or a model file holds"),
     "analyze": ("lowrank.app.analyze", "SVD, ranks of ΔW, subspace similarity, intrinsic dimension d90"),
     "generate": ("lowrank.app.generate", "continue text with a decoder (KV cache), through LoRA adapters: one mixed batch"),
+    "serve": ("lowrank.app.serve", "an OpenAI-compatible HTTP server: continuous batching of mixed adapters"),
     "lm": ("lowrank.app.lm", "a small Llama on pydoc's English: pretrain, then finetune to stdlib code"),
+    "export-gguf": ("lowrank.app.export_gguf", "a PEFT LoRA adapter as llama.cpp's LoRA GGUF (--merge: the merged model)"),
 }
 
 

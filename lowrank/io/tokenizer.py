@@ -143,6 +143,20 @@ class Tokenizer:
         return cls(backend, named, listed, read_generation_ids(folder), template, template_file,
                    clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
+    @classmethod
+    def from_gguf(cls, path) -> "Tokenizer":
+        """The tokenizer a llama.cpp GGUF file holds (``gguf_tokenizer``), its ``tokenizer.chat_template`` as the
+        chat template; generation stops on its eos, eot and eom tokens."""
+        from .gguf import read_gguf
+        from .gguf_tokenizer import tokenizer_from_gguf
+
+        gguf = read_gguf(path)
+        backend, named, template = tokenizer_from_gguf(gguf)
+        stops = [gguf.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        stops = list(dict.fromkeys(i for i in stops if i is not None))
+        return cls(backend, named, generation_ids={"eos_token_id": stops},
+                   chat_template=template, chat_template_file=f"{gguf.path}: tokenizer.chat_template")
+
     # -- ids ----------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
@@ -235,7 +249,9 @@ class ByteTokenizer:
 
 def load_tokenizer(folder) -> Tokenizer | ByteTokenizer:
     """``folder``'s Tokenizer, or ``ByteTokenizer`` for a byte-level model folder (``byte_tokenizer.json``);
-    FileFormatError when the folder has neither."""
+    FileFormatError when the folder has neither. A path ending in ``.gguf`` gives the GGUF's tokenizer."""
+    if str(folder).endswith(".gguf"):
+        return Tokenizer.from_gguf(folder)
     folder = Path(folder)
     if (folder / TOKENIZER_FILE).is_file():
         return Tokenizer.from_pretrained(folder)

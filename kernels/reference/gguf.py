@@ -1,0 +1,110 @@
+"""Reference GGUF kernels: products with a frozen W kept in llama.cpp's own quantized blocks.
+
+Letters: N rows, D_in, D_out; B weights per block, S bytes per block (``GGUF_FORMATS``).
+
+Storage (ggml's layout, as ``gguf``'s GGUFReader gives a tensor). Each row of W (D_out, D_in) is
+D_in / B whole blocks of S bytes, so ``blocks`` is uint8 (D_out, D_in / B · S); the values are
+little-endian. Block layouts, for block weights w_0 .. w_{B-1} (f16 read as float32):
+
+    Q8_0  B = 32,  S = 34:   f16 d | 32 × int8 q                               w_i = d · q_i
+    Q4_0  B = 32,  S = 18:   f16 d | 16 bytes: byte j = q_{j+16} << 4 | q_j     w_i = d · (q_i − 8)
+    Q4_1  B = 32,  S = 20:   f16 d | f16 m | 16 bytes as Q4_0                    w_i = d · q_i + m
+    Q4_K  B = 256, S = 144:  f16 d | f16 dmin | 12 bytes: 8 × (6-bit sc, 6-bit mn) | 128 bytes of nibbles
+                             sub-block s = 0..7 of 32 weights: w = (d · sc_s) · q − dmin · mn_s
+                             nibbles: byte 32g + j holds q of sub-block 2g (low) and 2g+1 (high), element j
+                             scales: bytes 0-3 low 6 bits = sc_0..3, bytes 4-7 low 6 bits = mn_0..3,
+                             bytes 8-11 low nibble | (bytes 0-3 >> 6) << 4 = sc_4..7,
+                             bytes 8-11 high nibble | (bytes 4-7 >> 6) << 4 = mn_4..7
+
+    gguf_dequantize  W                (D_out, D_in)
+    gguf_matmul      y  = x Wᵀ + b    (N, D_in) -> (N, D_out)
+    gguf_matmul_dx   dx = dy W        (N, D_out) -> (N, D_in)      (no dW: W is frozen)
+
+W's values are gguf's ``dequantize``: each is computed in float32 exactly as ggml does (every
+product above is exact in float32, so only the final sum or difference rounds), then widened to
+the requested dtype. The products dequantize ``config.NF4_TILE_ROWS`` rows of W at a time, so the
+full float W never exists during a forward or backward.
+"""
+import numpy as np
+
+from .. import config, validate
+from ..common import xp
+from ..validate import GGUF_FORMATS
+
+
+# -- GGUF: a frozen W in llama.cpp's quantized blocks -----------------------------------------
+def _f16(b, at):
+    """The f16 at byte ``at`` of each block, as float32: (n_blocks, 1)."""
+    return xp(b).ascontiguousarray(b[:, at:at + 2]).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs):
+    """16 bytes per block -> 32 codes, low nibbles first: (n_blocks, 32) float32."""
+    return xp(qs).concatenate([qs & 15, qs >> 4], axis=1).astype(np.float32)
+
+
+def _q8_0(b):
+    return b[:, 2:].view(np.int8).astype(np.float32) * _f16(b, 0)
+
+
+def _q4_0(b):
+    return (_nibbles(b[:, 2:]) - np.float32(8)) * _f16(b, 0)
+
+
+def _q4_1(b):
+    return _nibbles(b[:, 4:]) * _f16(b, 0) + _f16(b, 2)
+
+
+def _q4_k(b):
+    n, cat = b.shape[0], xp(b).concatenate
+    s = b[:, 4:16]
+    sc = cat([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)   # (n, 8)
+    mn = cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)   # (n, 8)
+    qs = b[:, 16:].reshape(n, 4, 1, 32)
+    q = cat([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)   # (n, 8 sub-blocks, 32)
+    scale = (_f16(b, 0) * sc.astype(np.float32))[:, :, None]
+    offset = (_f16(b, 2) * mn.astype(np.float32))[:, :, None]
+    return (scale * q - offset).reshape(n, 256)
+
+
+_DECODE = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
+
+
+def _dequantize_rows(blocks, name, o0, o1, dtype):
+    """Rows o0:o1 of W: (o1 − o0, D_in) of ``dtype`` (gguf's float32 values, widened)."""
+    B, S = GGUF_FORMATS[name]
+    rows = blocks[o0:o1]
+    w = _DECODE[name](rows.reshape(-1, S))                     # (rows · D_in / B, B) float32
+    return w.reshape(o1 - o0, -1).astype(dtype, copy=False)
+
+
+def gguf_dequantize(blocks, qtype, shape, dtype="float32"):
+    """Semantics: W[o, bB + i] = w_i of block b of row o (layouts above) -> W (D_out, D_in), float32/64."""
+    name, D_out, D_in = validate.gguf(blocks, qtype, shape)
+    return _dequantize_rows(blocks, name, 0, D_out, validate.gguf_dtype(dtype))
+
+
+def gguf_matmul(x, blocks, qtype, shape, bias=None):
+    """Semantics: y = x · dequant(W)ᵀ + b.   x (N, D_in) -> y (N, D_out); NF4_TILE_ROWS rows of W at a time."""
+    name, D_out, D_in = validate.gguf(blocks, qtype, shape)
+    validate.gguf_operand("x", x, D_in, bias, D_out)
+    y = xp(x).empty((x.shape[0], D_out), x.dtype)
+    T = config.NF4_TILE_ROWS
+    for o0 in range(0, D_out, T):
+        o1 = min(o0 + T, D_out)
+        y[:, o0:o1] = x @ _dequantize_rows(blocks, name, o0, o1, x.dtype).T      # (N, D_in) @ (D_in, t)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def gguf_matmul_dx(dy, blocks, qtype, shape):
+    """Semantics: dx = dy · dequant(W) (no dW: W is frozen).   dy (N, D_out) -> dx (N, D_in); tiles as gguf_matmul."""
+    name, D_out, D_in = validate.gguf(blocks, qtype, shape)
+    validate.gguf_operand("dy", dy, D_out)
+    dx = xp(dy).zeros((dy.shape[0], D_in), dy.dtype)
+    T = config.NF4_TILE_ROWS
+    for o0 in range(0, D_out, T):
+        o1 = min(o0 + T, D_out)
+        dx += dy[:, o0:o1] @ _dequantize_rows(blocks, name, o0, o1, dy.dtype)    # (N, t) @ (t, D_in)
+    return dx

@@ -1,0 +1,94 @@
+"""GGUFDense: a frozen base layer whose weight stays in llama.cpp's quantized GGUF blocks.
+
+Letters: N rows, D_in, D_out. Ŵ = dequant(blocks) (D_out, D_in) is the weight llama.cpp multiplies
+(Q8_0, Q4_0, Q4_1 or Q4_K; layouts in ``lowrank.kernels.reference.gguf``); it never exists in full:
+the kernels dequantize a tile of rows at a time, and the layer holds the blocks at their GGUF size.
+
+    forward   y  = x Ŵᵀ + b          gguf_matmul      (N, D_in) -> (N, D_out)
+    backward  dx = dy Ŵ              gguf_matmul_dx   (N, D_out) -> (N, D_in)
+              db = Σ_rows dy         only when the bias is trainable (PEFT's bias="all")
+              no dW: the quantized weight is frozen and keeps no input, no gradient, no optimizer state
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..kernels import validate
+from .dispatch import kernels_for
+from .layers import Dense, check_dtype
+from .module import Module, Parameter
+
+
+class GGUFDenseCache(NamedTuple):
+    rows: int              # N of the forward input; x itself is not kept (no dW for a frozen quantized W)
+
+
+class GGUFWeight(NamedTuple):
+    """The quantized weight as the layers above see it (NF4Dense's NF4Tensor's counterpart): ``data`` the blocks."""
+    data: object           # uint8 (D_out, D_in / B · S)
+    qtype: str
+    shape: tuple           # (D_out, D_in)
+    dtype: np.dtype        # what it computes in
+
+
+class GGUFDense(Module):
+    """y = x Ŵᵀ + b with Ŵ held as GGUF blocks: ``weight_blocks``, a frozen uint8 Parameter
+    (D_out, D_in / B · S) that state_dict() carries; ``qtype`` names the block format."""
+
+    lora_targetable = True     # get_lora_model may wrap it in LoraLinear: QLoRA over llama.cpp's quantization
+
+    def __init__(self, blocks, qtype, shape, bias=None, *, dtype="float32", backend: str | None = None):
+        super().__init__()
+        try:
+            self.qtype, self.out_features, self.in_features = validate.gguf(blocks, qtype, shape)
+        except ValueError as e:
+            raise ValueError(f"GGUFDense: {e}") from None
+        self.dtype = check_dtype("GGUFDense", dtype)
+        self.backend = backend
+        self.weight_blocks = Parameter(blocks, trainable=False, numel=self.out_features * self.in_features)
+        if bias is not None and (np.dtype(bias.dtype) != self.dtype or tuple(bias.shape) != (self.out_features,)):
+            raise ValueError(f"GGUFDense: bias must be {self.dtype} of shape ({self.out_features},), "
+                             f"got {bias.dtype} {tuple(bias.shape)}")
+        self.bias = Parameter(bias) if bias is not None else None
+
+    @property
+    def shape(self) -> tuple:
+        return self.out_features, self.in_features
+
+    @property
+    def weight(self) -> GGUFWeight:
+        """The quantized weight, a view on the current blocks Parameter."""
+        return GGUFWeight(self.weight_blocks.data, self.qtype, self.shape, self.dtype)
+
+    def forward(self, x):
+        self._check_input(x, self.in_features, self.dtype)
+        b = self.bias.data if self.bias is not None else None
+        self._cache = GGUFDenseCache(x.shape[0])
+        return kernels_for(x, self.backend).gguf_matmul(x, self.weight_blocks.data, self.qtype, self.shape, b)  # (N, D_out)
+
+    def backward(self, dy):
+        cache = self._need_cache()
+        self._cache = None
+        if tuple(dy.shape) != (cache.rows, self.out_features):
+            raise ValueError(f"{self.label}: dy has shape {tuple(dy.shape)}, "
+                             f"expected {(cache.rows, self.out_features)}")
+        if self.bias is not None and self.bias.trainable:
+            self.bias.accumulate(dy.sum(axis=0))                                   # (D_out,)
+        return kernels_for(dy, self.backend).gguf_matmul_dx(dy, self.weight_blocks.data, self.qtype, self.shape)  # (N, D_in)
+
+    def dequantized(self) -> Dense:
+        """A float Dense holding Ŵ and a copy of the bias: the layer this one computes, exactly."""
+        dense = Dense(self.in_features, self.out_features, self.bias is not None, dtype=self.dtype,
+                      backend=self.backend)
+        W = kernels_for(self.weight_blocks.data, self.backend).gguf_dequantize(
+            self.weight_blocks.data, self.qtype, self.shape, self.dtype)
+        dense.weight = Parameter(W, trainable=False)
+        if self.bias is not None:
+            dense.bias = Parameter(self.bias.data.copy(), trainable=self.bias.trainable)
+        return dense
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"qtype={self.qtype}")

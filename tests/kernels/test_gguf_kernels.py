@@ -1,0 +1,103 @@
+"""GGUF kernels (Q8_0, Q4_0, Q4_1, Q4_K): dequantize bit-exact to ``gguf``'s own ``dequantize`` in
+the reference and in Numba; the products against float64 products with gguf's dequantized W; tiles
+shrunk so tiny weights cross tile borders and the GEMV switched on for N > 1 to cover its row loop;
+the blocks as gguf's writer and reader lay them out; and the errors."""
+from unittest import mock
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowrank.kernels import config
+from lowrank.kernels.numba_cpu import gguf as numba_gguf
+from lowrank.kernels.reference import gguf as reference_gguf
+
+BACKENDS = [reference_gguf, numba_gguf]
+TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K]
+
+
+def blocks_of(rng, qtype, D_out, n_blocks):
+    """Blocks of a (D_out, D_in) weight in gguf's layout: Q8_0/Q4_0/Q4_1 quantized by gguf from random
+    floats; Q4_K (gguf-py has no Q4_K quantizer) random bytes with finite f16 d and dmin."""
+    B, S = gguf.GGML_QUANT_SIZES[qtype]
+    if qtype != Q.Q4_K:
+        return quants.quantize(rng.standard_normal((D_out, n_blocks * B)).astype(np.float32), qtype)
+    raw = rng.integers(0, 256, (D_out * n_blocks, S), dtype=np.uint8)
+    raw[:, :4] = rng.uniform(-0.02, 0.02, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+    return raw.reshape(D_out, n_blocks * S)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda m: m.__name__.split(".")[-2])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@given(D_out=st.integers(1, 9), n_blocks=st.integers(1, 3), seed=st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+def test_dequantize_is_bit_exact_to_gguf(backend, qtype, D_out, n_blocks, seed):
+    blocks = blocks_of(np.random.default_rng(seed), qtype, D_out, n_blocks)
+    shape = (D_out, n_blocks * gguf.GGML_QUANT_SIZES[qtype][0])
+    want = quants.dequantize(blocks, qtype)                              # float32, gguf's own numbers
+    got = backend.gguf_dequantize(blocks, qtype, shape)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    got64 = backend.gguf_dequantize(blocks, qtype.name, shape, "float64")   # gguf's values, widened
+    assert got64.dtype == np.float64 and np.array_equal(got64, want.astype(np.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda m: m.__name__.split(".")[-2])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("N", [0, 1, 3])
+def test_products_equal_float64_products_with_ggufs_weights(backend, qtype, N):
+    rng = np.random.default_rng(N)
+    blocks = blocks_of(rng, qtype, 11, 2)
+    W = quants.dequantize(blocks, qtype).astype(np.float64)              # (D_out, D_in)
+    x, dy, b = rng.standard_normal((N, W.shape[1])), rng.standard_normal((N, 11)), rng.standard_normal(11)
+    with mock.patch.object(config, "NF4_TILE_ROWS", 4), mock.patch.object(config, "NF4_POOL_TILE_ROWS", 4), \
+            mock.patch.object(config, "NF4_GEMV_MAX_N", 3 if N == 3 and backend is numba_gguf else 1):
+        y = backend.gguf_matmul(x, blocks, qtype, W.shape, b)
+        dx = backend.gguf_matmul_dx(dy, blocks, int(qtype), W.shape)
+        y32 = backend.gguf_matmul(x.astype(np.float32), blocks, qtype, W.shape)
+    np.testing.assert_allclose(y, x @ W.T + b, rtol=1e-12, atol=1e-12 * np.abs(W).sum())
+    np.testing.assert_allclose(dx, dy @ W, rtol=1e-12, atol=1e-12 * np.abs(W).sum())
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, x @ W.T, rtol=1e-5, atol=1e-6 * np.abs(W).sum())
+
+
+def test_blocks_are_what_ggufs_writer_writes_and_its_reader_gives(tmp_path):
+    """A tensor written by GGUFWriter and read back by GGUFReader: data is (D_out, bytes a row), shape reversed."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 64)).astype(np.float32)
+    writer = gguf.GGUFWriter(tmp_path / "w.gguf", "llama")
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        writer.add_tensor(f"w.{qtype.name}", quants.quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for t in gguf.GGUFReader(tmp_path / "w.gguf").tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))                 # GGUF lists (D_in, D_out)
+        W = reference_gguf.gguf_dequantize(t.data, t.tensor_type, shape)
+        assert shape == (6, 64) and np.array_equal(W, quants.dequantize(quants.quantize(w, t.tensor_type),
+                                                                        t.tensor_type))
+        np.testing.assert_array_equal(numba_gguf.gguf_matmul(w[:1], t.data, t.tensor_type, shape),
+                                      numba_gguf.gguf_matmul(w[:1], np.array(t.data), t.tensor_type, shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda m: m.__name__.split(".")[-2])
+def test_bad_inputs_are_named(backend):
+    blocks = quants.quantize(np.ones((2, 32), np.float32), Q.Q4_0)       # (2, 18)
+    with pytest.raises(ValueError, match="qtype must be one of"):
+        backend.gguf_dequantize(blocks, "Q5_0", (2, 32))
+    with pytest.raises(ValueError, match="qtype must be one of"):
+        backend.gguf_dequantize(blocks, int(Q.Q6_K), (2, 32))
+    with pytest.raises(ValueError, match=r"Q4_0 rows are whole blocks of 32 weights, got D_in = 30"):
+        backend.gguf_dequantize(blocks, Q.Q4_0, (2, 30))
+    with pytest.raises(ValueError, match=r"blocks must be uint8 of shape \(2, 36\)"):
+        backend.gguf_dequantize(blocks, Q.Q4_0, (2, 64))
+    with pytest.raises(TypeError, match="x must be float32 or float64, got dtype float16"):
+        backend.gguf_matmul(np.ones((1, 32), np.float16), blocks, Q.Q4_0, (2, 32))
+    with pytest.raises(ValueError, match=r"dy has shape \(1, 3\), expected \(N, 2\)"):
+        backend.gguf_matmul_dx(np.ones((1, 3)), blocks, Q.Q4_0, (2, 32))
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        backend.gguf_dequantize(blocks, Q.Q4_0, (2, 32), "float16")
