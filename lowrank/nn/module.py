@@ -32,6 +32,15 @@ def check_number(owner: str, name: str, value, low: float = 0.0, inclusive: bool
         raise ValueError(f"{owner}: {name} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}{context}")
 
 
+FINITE_CHUNK = 1 << 20                       # values checked at a time: no NaN/Inf mask the size of a weight
+
+
+def _all_finite(a) -> bool:
+    """Whether ``a`` (NumPy or CuPy) holds no NaN/Inf, checked a chunk at a time."""
+    xp, flat = get_array_module(a), a.reshape(-1)
+    return all(bool(xp.isfinite(flat[i:i + FINITE_CHUNK]).all()) for i in range(0, flat.size, FINITE_CHUNK))
+
+
 class Parameter:
     """An array with a gradient slot. ``grad`` stays None until a backward fills it."""
 
@@ -171,9 +180,11 @@ class Module:
         """name -> array (the live arrays, not copies)."""
         return OrderedDict((name, p.data) for name, p in self.named_parameters())
 
-    def load_state_dict(self, state: dict, strict: bool = True, allow_nonfinite: bool = False):
+    def load_state_dict(self, state: dict, strict: bool = True, allow_nonfinite: bool = False, assign: bool = False):
         """Copy arrays in by name, all or nothing: every key, shape and dtype is checked, and
-        NaN/Inf refused unless ``allow_nonfinite``, before anything changes."""
+        NaN/Inf refused unless ``allow_nonfinite``, before anything changes. ``assign=True`` (PyTorch's
+        name) makes the given arrays the parameters, uncopied where they are writable, contiguous and
+        on the parameter's device: for arrays nothing else holds, such as those just read from a file."""
         own = dict(self.named_parameters())
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -188,15 +199,16 @@ class Module:
                                  f"expected {tuple(p.shape)}")
             if np.dtype(arr.dtype) != np.dtype(p.dtype):
                 raise TypeError(f"{self.label}.load_state_dict: {name!r} has dtype {arr.dtype}, expected {p.dtype}")
-            xp = get_array_module(arr)
-            if not allow_nonfinite and np.dtype(arr.dtype).kind == "f" and not bool(xp.isfinite(arr).all()):
+            if not allow_nonfinite and np.dtype(arr.dtype).kind == "f" and not _all_finite(arr):
                 raise ValueError(f"{self.label}.load_state_dict: {name!r} holds NaN or Inf; pass "
                                  f"allow_nonfinite=True to load it")
         with all_or_nothing(self):
             for name, arr in state.items():
                 if name in own:
                     xp = get_array_module(own[name].data)
-                    own[name].data = xp.array(to_device(arr, device_of(own[name].data)), copy=True)
+                    moved = to_device(arr, device_of(own[name].data))
+                    keep = assign and getattr(moved.flags, "writeable", True) and moved.flags.c_contiguous
+                    own[name].data = moved if keep else xp.array(moved, copy=True)
         return self
 
     def to(self, device: str):

@@ -331,9 +331,10 @@ def test_bad_checkpoints_name_the_file_and_tensor(tmp_path, problem):
     write_checkpoint(tmp_path, model, tensors, shards)
     if problem == "shard_mismatch":                       # b.safetensors holds more than the index says
         (tmp_path / "b.safetensors").write_bytes(tensor_file_bytes({n: tensors[n] for n in list(tensors)[-2:]}))
-    expected = {"missing": r"model\.safetensors: missing tensors \['model.layers.1.mlp.up_proj.weight'\]",
+    expected = {"missing": r"config\.json does not match the checkpoint beside it: missing tensors "
+                           r"\['model.layers.1.mlp.up_proj.weight'\]",
                 "extra": r"unexpected tensors \['model.layers.0.self_attn.rotary.inv_freq'\]",
-                "shape": r"model\.safetensors: 'model.norm.weight' \(parameter\) has shape \(9,\), expected \(8,\)",
+                "shape": r"model\.safetensors: 'model.norm.weight' has shape \(9,\), but config\.json \(.*\) gives \(8,\)",
                 "tied_head": r"unexpected tensors \['lm_head.weight'\].*tie_word_embeddings",
                 "shard_mismatch": r"b\.safetensors: the index lists \['model.norm.weight'\]"}[problem]
     with pytest.raises(FileFormatError, match=expected):

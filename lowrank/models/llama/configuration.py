@@ -13,9 +13,34 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ...nn.module import check_number
 from ...nn.rotary import ROPE_TYPES
 from . import families
 from .families import ARCHITECTURES, BIAS_FIELDS, FAMILY_DEFAULTS, LAYER_TYPES
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")     # integers >= 1 (None: derived)
+BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def check_settings(values: dict):
+    """ValueError naming the key unless every size present is an integer >= 1 (the two derived ones may be
+    None), every switch a JSON boolean and every float setting finite and in range."""
+    for name in SIZE_FIELDS:
+        v = values.get(name)
+        if v is None and name in ("num_key_value_heads", "head_dim"):
+            continue
+        if name in values and (type(v) is not int or v < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    for name in BOOL_FIELDS:
+        if name in values and not isinstance(values[name], bool):
+            raise ValueError(f"{name} must be true or false (a JSON boolean), got {values[name]!r}")
+    for name, low, inclusive in (("rms_norm_eps", 0.0, False), ("rope_theta", 0.0, False),
+                                 ("initializer_range", 0.0, True)):
+        if name in values:
+            check_number("LlamaConfig", name, values[name], low, inclusive)
+    for k, v in (values.get("rope_scaling") or {}).items():
+        check_number("LlamaConfig", f"rope_scaling[{k!r}]", v)
 
 
 @dataclass
@@ -44,6 +69,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         families.check_model_type(self.model_type)
+        check_settings({f.name: getattr(self, f.name) for f in fields(self)})
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -64,8 +90,9 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be even and >= 2 for RoPE, got {self.head_dim} (hidden_size "
+                             f"{self.hidden_size} / num_attention_heads {self.num_attention_heads} when not given)")
         if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window >= 1):
             raise ValueError(f"sliding_window must be an integer >= 1 or null, got {self.sliding_window!r}")
         if self.layer_types is not None and (len(self.layer_types) != self.num_hidden_layers
@@ -95,12 +122,15 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
         """From a transformers config dict of any family in ``families``; unknown keys ignored."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object {{key: value}}, got {type(d).__name__}")
         model_type = d.get("model_type", "llama")
         families.check_model_type(model_type)
         d = {**FAMILY_DEFAULTS[model_type], **d}
         read = {f.name for f in fields(cls)} - {"rope_theta", "rope_type", "rope_scaling", "dtype", "model_type",
                                                 "sliding_window", "layer_types", "attention_bias", "mlp_bias"}
         kwargs = {k: d[k] for k in read | set(BIAS_FIELDS[model_type]) if k in d}
+        check_settings({**kwargs, **{k: d[k] for k in ("rope_theta",) if k in d}})   # before sizes build lists
         if d.get("attention_dropout", 0.0):
             raise ValueError(f"attention_dropout {d['attention_dropout']} is not supported; lowrank's attention has "
                              f"no dropout (0.0)")
@@ -111,14 +141,23 @@ class LlamaConfig:
         kwargs["dtype"] = d.get("dtype", d.get("torch_dtype"))
         return cls(model_type=model_type, **kwargs)
 
-    @classmethod
-    def from_json_file(cls, path) -> "LlamaConfig":
-        """From a ``config.json``; errors name the file."""
+    @staticmethod
+    def read_json(path) -> dict:
+        """The JSON object in ``config.json``; ValueError naming the file when it is unreadable or not an object."""
         path = Path(path)
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: can't read a config.json: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a config.json must hold a JSON object {{key: value}}, got {type(d).__name__}")
+        return d
+
+    @classmethod
+    def from_json_file(cls, path) -> "LlamaConfig":
+        """From a ``config.json``; errors name the file."""
+        path = Path(path)
+        d = cls.read_json(path)
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:

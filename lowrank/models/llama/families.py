@@ -22,6 +22,7 @@ computes the rope types in ``ROPE_TYPES`` (nn.rotary has the formulas) and refus
 """
 from __future__ import annotations
 
+from ...nn.module import check_number
 from ...nn.rotary import ROPE_TYPES
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -107,4 +108,6 @@ def rope_from_dict(d: dict, max_position_embeddings: int) -> tuple[float, str, d
     if missing:
         raise ValueError(f"{key} of rope_type {rope_type!r} lacks {', '.join(missing)}")
     scaling = {k: rope[k] for k in ROPE_TYPES[rope_type]} or None
+    for k, v in {"rope_theta": rope["rope_theta"], **(scaling or {})}.items():
+        check_number("LlamaConfig", f"{key}[{k!r}]" if k in given.get(key, {}) else k, v)
     return float(rope["rope_theta"]), rope_type, scaling
