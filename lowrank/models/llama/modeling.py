@@ -16,6 +16,14 @@ so ``named_parameters()`` gives its state-dict names (``model.embed_tokens.weigh
       lm_head: Dense (V, d) or, when tie_word_embeddings, TiedLMHead -> model.embed_tokens.weight
 
 A residual's backward adds the branch's dx to the skip's dy: dh = dy + dbranch(dy).
+
+Training at a real vocabulary: ``forward(input_ids, labels=labels)`` returns the mean next-token loss
+through ``LinearCrossEntropyLoss`` (the head's product and the loss a chunk of rows at a time), so the
+(B·T, V) logits never exist; ``backward()`` then starts from that loss. A LoRA-adapted or otherwise
+wrapped lm_head takes the logits path (``CausalLMLoss``) instead. With ``gradient_checkpointing_enable()``
+a decoder layer keeps only its input (B, T, d) and redoes its forward at backward time, its dropout
+generators rewound so that it draws the same masks. The backward stops at the lowest decoder layer that
+holds a trainable parameter when the embedding is frozen: below it no gradient is needed.
 With tied embeddings there is one Parameter, listed once (as ``model.embed_tokens.weight``,
 the name transformers writes; ``lm_head.weight`` is absent from its file); lm_head's dW and the
 embedding's scatter-add both accumulate into its ``.grad``.
@@ -28,11 +36,23 @@ import numpy as np
 
 from ...nn.dispatch import kernels_for
 from ...nn.layers import Dense, check_dtype
+from ...nn.losses_lm import CausalLMLoss, LinearCrossEntropyLoss
 from ...nn.module import Module, Sequential
 from ...nn import Embedding, LlamaAttention, LlamaMLP, RMSNorm
 from .checkpoint import from_pretrained, save_pretrained
 from .configuration import LlamaConfig
 from .generation import generate
+
+
+def trainable(module: Module) -> bool:
+    """Whether any parameter of ``module`` (or below it) is trainable."""
+    return any(p.trainable for p in module.parameters())
+
+
+class LayerCheckpoint(NamedTuple):
+    x: object              # (B, T, d) the layer's input, the one activation it keeps
+    attention_mask: object  # (B, T) or None, as given to forward
+    rng_states: list       # each dropout generator's state before the forward, to draw the same masks again
 
 
 class LlamaDecoderLayer(Module):
@@ -51,8 +71,17 @@ class LlamaDecoderLayer(Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 
-    def forward(self, x, attention_mask=None, kv_cache=None, layer: int = 0):
-        """x (B, T, d); with a ``kv_cache`` (inference), attention also sees the cached positions."""
+    def forward(self, x, attention_mask=None, kv_cache=None, layer: int = 0, checkpoint: bool = False):
+        """x (B, T, d); with a ``kv_cache`` (inference), attention also sees the cached positions. With
+        ``checkpoint``, the sublayers' caches are dropped and only x is kept; backward recomputes them."""
+        if checkpoint:
+            generators = self._generators()
+            states = [g.bit_generator.state for g in generators]
+            y = self.forward(x, attention_mask)
+            self.release()
+            self._cache = LayerCheckpoint(x, attention_mask, states)
+            return y
+        self._cache = None
         a = self.input_layernorm.forward(x)                                               # (B, T, d)
         a = (self.self_attn.forward(a, attention_mask) if kv_cache is None
              else self.self_attn.forward_cached(a, kv_cache, layer))
@@ -60,8 +89,26 @@ class LlamaDecoderLayer(Module):
         return h + self.mlp.forward(self.post_attention_layernorm.forward(h))              # (B, T, d)
 
     def backward(self, dy):
+        if self._cache is not None:                                # checkpointed: redo the forward first
+            x, attention_mask, states = self._cache
+            generators = self._generators()
+            now = [g.bit_generator.state for g in generators]
+            for g, state in zip(generators, states):
+                g.bit_generator.state = state                      # the same dropout masks as the first time
+            self.forward(x, attention_mask)
+            for g, state in zip(generators, now):
+                g.bit_generator.state = state
         dh = dy + self.post_attention_layernorm.backward(self.mlp.backward(dy))           # (B, T, d)
         return dh + self.input_layernorm.backward(self.self_attn.backward(dh))             # (B, T, d)
+
+    def _generators(self) -> list:
+        """The random generators of the sublayers' dropout (LoRA's), in module order."""
+        return [m._rng for _, m in self.named_modules() if isinstance(getattr(m, "_rng", None), np.random.Generator)]
+
+    def release(self):
+        """Drop every cache in this layer (its checkpoint included): no backward will come through it."""
+        for _, m in self.named_modules():
+            m._cache = None
 
 
 class LlamaModel(Module):
@@ -75,6 +122,7 @@ class LlamaModel(Module):
         self.layers = Sequential(*[LlamaDecoderLayer(config, dtype=dtype, seed=int(rng.integers(2**31)), layer_idx=i)
                                    for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.gradient_checkpointing = False          # transformers' name; set by gradient_checkpointing_enable
 
     def forward(self, input_ids, attention_mask=None, kv_cache=None):
         """With a ``kv_cache`` (nn.kv_cache.KVCache, inference only): input_ids (B, T_new) follow the cached
@@ -88,17 +136,26 @@ class LlamaModel(Module):
                              f"{self.config.max_position_embeddings} (RoPE positions beyond it were never trained)")
         if kv_cache is not None:
             kv_cache.start(attention_mask, input_ids.shape[1])
+        checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
         h = self.embed_tokens.forward(input_ids)                                # (B, T, d)
         for i in range(len(self.layers)):
-            h = self.layers[i].forward(h, attention_mask, kv_cache, i)         # (B, T, d)
+            h = self.layers[i].forward(h, attention_mask, kv_cache, i, checkpoint)   # (B, T, d)
         if kv_cache is not None:
             kv_cache.advance(input_ids.shape[1])
         return self.norm.forward(h)                                            # (B, T, d)
 
     def backward(self, dy):
         dh = self.norm.backward(dy)                                            # (B, T, d)
-        for i in reversed(range(len(self.layers))):
+        n, embedding = len(self.layers), trainable(self.embed_tokens)
+        stop = 0 if embedding else next((i for i in range(n) if trainable(self.layers[i])), n)
+        for i in reversed(range(stop, n)):
             dh = self.layers[i].backward(dh)
+        for i in range(stop):                                  # nothing trainable in layers 0..stop-1
+            self.layers[i].release()
+        if not embedding:                                      # a frozen embedding needs no gradient
+            for _, m in self.embed_tokens.named_modules():
+                m._cache = None
+            return None
         return self.embed_tokens.backward(dh)                                  # None: ids get no gradient
 
 
@@ -140,10 +197,17 @@ class TiedLMHead(Module):
         return f"tied to {self.embedding.label}"
 
 
-class LlamaForCausalLM(Module):
-    """Token ids (B, T) [+ padding mask (B, T)] -> logits (B, T, V); ``backward(dlogits)`` fills ``.grad``."""
+class CausalLMCache(NamedTuple):
+    B: int
+    T: int
+    loss: object       # the LinearCrossEntropyLoss or CausalLMLoss of a forward given labels, else None
 
-    def __init__(self, config: LlamaConfig, *, dtype="float32", seed=None):
+
+class LlamaForCausalLM(Module):
+    """Token ids (B, T) [+ padding mask (B, T)] -> logits (B, T, V), and ``backward(dlogits)`` fills ``.grad``;
+    with ``labels`` (B, T) -> the mean next-token loss (no logits), and ``backward()`` fills ``.grad``."""
+
+    def __init__(self, config: LlamaConfig, *, dtype="float32", seed=None, init_weights: bool = True):
         super().__init__()
         check_dtype("LlamaForCausalLM", dtype)                   # float32 or float64; files in 16 bits are upcast
         rng = np.random.default_rng(seed)
@@ -153,8 +217,8 @@ class LlamaForCausalLM(Module):
             self.lm_head = TiedLMHead(self.model.embed_tokens)
         else:
             self.lm_head = Dense(config.hidden_size, config.vocab_size, False, dtype=dtype)
-        for name, p in self.named_parameters():                    # transformers' init: N(0, std) weights, ones, zeros
-            if p.data.ndim == 2:
+        for name, p in self.named_parameters() if init_weights else ():   # transformers' init (skipped when
+            if p.data.ndim == 2:                                                # weights are loaded over it)
                 p.data = (rng.standard_normal(p.shape) * config.initializer_range).astype(p.dtype)
             elif name.endswith(".bias"):
                 p.data = np.zeros_like(p.data)
@@ -163,28 +227,70 @@ class LlamaForCausalLM(Module):
     def dtype(self):
         return self.model.embed_tokens.weight.dtype
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Keep only each decoder layer's input in training forwards and recompute the rest in backward."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    def _head_weight(self):
+        """The head's weight (V, d) when the head is the plain product h Wᵀ (tied or a bias-free Dense), else
+        None: an adapted or wrapped lm_head (LoRA, modules_to_save) computes its own logits."""
+        head = self.lm_head
+        if type(head) is TiedLMHead or (type(head) is Dense and head.bias is None):
+            return head.weight
+        return None
+
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, labels=None):
         h = self.model.forward(input_ids, attention_mask, kv_cache)            # (B, T, d)
         B, T, d = h.shape
+        if labels is not None:
+            if kv_cache is not None:
+                raise ValueError(f"{self.label}: labels (training) and kv_cache (inference) do not go together")
+            weight = self._head_weight()
+            if weight is not None:                                             # no (B·T, V) logits
+                loss_fn = LinearCrossEntropyLoss()
+                loss = loss_fn.forward(h, weight, labels, need_grad=self.training)
+            else:
+                loss_fn = CausalLMLoss()
+                loss = loss_fn.forward(self.lm_head.forward(h.reshape(B * T, d)).reshape(B, T, -1), labels)
+            self._cache = CausalLMCache(B, T, loss_fn)
+            return loss
         logits = self.lm_head.forward(h.reshape(B * T, d))                     # (B·T, V)
-        self._cache = (B, T) if kv_cache is None else None                     # a cached forward has no backward
+        self._cache = CausalLMCache(B, T, None) if kv_cache is None else None  # a cached forward has no backward
         return logits.reshape(B, T, -1)                                        # (B, T, V)
 
     def generate(self, input_ids, max_new_tokens: int = 20, **kwargs):
         """Hugging Face's ``generate``: prompt ids (B, T) -> ids (B, T + new); see ``generation``."""
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
-    def backward(self, dlogits):
-        B, T = self._need_cache()
-        self._check_dy(dlogits, (B, T, self.config.vocab_size))
+    def backward(self, dlogits=None):
+        """From dlogits (B, T, V) after a forward without labels; from the loss (no argument) after one with."""
+        B, T, loss_fn = self._need_cache()
+        if (loss_fn is None) != (dlogits is not None):
+            raise ValueError(f"{self.label}: backward takes dlogits (B, T, V) after a forward without labels and "
+                             f"nothing after one with labels; got {'nothing' if dlogits is None else 'dlogits'} "
+                             f"after a forward {'without' if loss_fn is None else 'with'} labels")
+        if loss_fn is None:
+            self._check_dy(dlogits, (B, T, self.config.vocab_size))
         self._cache = None
+        if isinstance(loss_fn, LinearCrossEntropyLoss):
+            self.model.backward(loss_fn.backward())                            # (B, T, d)
+            return
+        if loss_fn is not None:
+            dlogits = loss_fn.backward()                                       # (B, T, V)
         dh = self.lm_head.backward(dlogits.reshape(B * T, -1))                 # (B·T, d)
         self.model.backward(dh.reshape(B, T, -1))
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype="float32") -> "LlamaForCausalLM":
+    def from_pretrained(cls, path, *, dtype="float32", allow_nonfinite: bool = False) -> "LlamaForCausalLM":
         """Load a folder written by transformers' ``save_pretrained`` (see ``checkpoint``)."""
-        return from_pretrained(cls, path, dtype=dtype)
+        return from_pretrained(cls, path, dtype=dtype, allow_nonfinite=allow_nonfinite)
 
     def save_pretrained(self, path, *, overwrite: bool = False, dtype: str | None = None, **kwargs):
         """Write ``config.json`` + ``model.safetensors`` that transformers loads (``dtype`` "bfloat16"

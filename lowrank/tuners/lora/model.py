@@ -320,8 +320,9 @@ class LoraModel(Module):
         with mixed_batch(self, adapter_names, len(input_ids), "prompts") as lora_layers, frozen_stacks(lora_layers):
             return generate_ids(self.model, input_ids, **kwargs)     # row b -> adapter_names[b] at every step
 
-    def backward(self, dy):
-        return self.model.backward(dy)
+    def backward(self, dy=None):
+        """The wrapped model's backward: from dy, or from the loss of a forward given ``labels`` (no argument)."""
+        return self.model.backward() if dy is None else self.model.backward(dy)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, as PEFT counts them."""

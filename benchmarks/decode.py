@@ -1,0 +1,96 @@
+"""Decode-shaped products: x (M, D_in) · Wᵀ for a few rows M against a frozen W, the product of every
+weight in a batched greedy-decoding step.
+
+    python -m benchmarks.decode --threads 1      # the real 135M decoder's weights; writes results/decode_t1.json
+    python -m benchmarks.decode --threads 2
+    python -m benchmarks.decode --quick          # small shapes, seconds (CI)
+
+Shapes (float32, no bias): W 576×576 (q, o), 1536×576 (gate, up), 576×1536 (down) and 49152×576 (the tied
+LM head), M = 1, 2, 4, 8, 16, 32, 64. Variants, interleaved round by round (``harness.interleaved``, the
+order rotated each round, each timed sample after ``settle_s`` of its own untimed calls):
+
+    small_m     numba_cpu's few-row kernel (numba_cpu/small_m.py) at every M, 1 included
+    numba_blas  numba_cpu's BLAS path (GEMV at M = 1, GEMM tasks on the pool above): what it ran before
+    numpy       NumPy's x @ W.T (OpenBLAS, --threads threads)
+numba_cpu's dense_forward runs small_m where 2 ≤ M ≤ config.NUMBA_SMALL_M and numba_blas elsewhere; the
+threshold is where small_m stops beating numba_blas (both compared round by round).
+
+Floors: ``floor_us`` is W's bytes over this run's copy bandwidth (``harness.copy_bandwidth_gbs``, a 256 MiB
+copy: memory, not cache); a W that fits the last-level cache is read faster than that when one product is
+timed over and over, so the one-row GEMV of the same W (``gemv_us``, the numpy variant at M = 1) is printed
+beside it: reading W once from where it lives. ``spread`` is each variant's (max − min) / median over rounds.
+"""
+from __future__ import annotations
+
+import sys
+from unittest import mock
+
+import numpy as np
+
+from lowrank.kernels import config
+from lowrank.kernels import numba_cpu as nb
+from lowrank.kernels.numba_cpu import small_m
+
+from . import harness
+
+FULL = dict(shapes=[(576, 576), (1536, 576), (576, 1536), (49152, 576)], Ms=(1, 2, 4, 8, 16, 32, 64),
+            rounds=7, target_s=0.02, settle_s=0.05)
+QUICK = dict(shapes=[(96, 64), (64, 96)], Ms=(1, 2, 8, 64), rounds=3, target_s=0.002, settle_s=0.001)
+
+
+def numba_blas(x, W):
+    """numba_cpu's dense_forward with the few-row kernel off (config.NUMBA_SMALL_M = 0)."""
+    with mock.patch.object(config, "NUMBA_SMALL_M", 0):
+        return nb.dense_forward(x, W)
+
+
+def run(cfg, copy_gbs):
+    rows = []
+    rng = np.random.default_rng(0)
+    for D_out, D_in in cfg["shapes"]:
+        W = (rng.standard_normal((D_out, D_in)) / np.sqrt(D_in)).astype(np.float32)
+        floor_us = W.nbytes / (copy_gbs * 1e9) * 1e6
+        gemv_us = None
+        for M in cfg["Ms"]:
+            x = rng.standard_normal((M, D_in)).astype(np.float32)
+            np.testing.assert_allclose(small_m.product(x, W), x @ W.T, rtol=1e-4, atol=1e-4)
+            variants = {"numpy": lambda: x @ W.T, "small_m": lambda: small_m.product(x, W),
+                        "numba_blas": lambda: numba_blas(x, W)}
+            res = harness.interleaved(variants, cfg["rounds"], "numpy", cfg["target_s"], cfg["settle_s"])
+            us = {n: r["median_s"] * 1e6 for n, r in res.items()}
+            gemv_us = us["numpy"] if M == 1 else gemv_us
+            spread = {n: (max(r["samples_s"]) - min(r["samples_s"])) / r["median_s"] for n, r in res.items()}
+            row = dict(D_out=D_out, D_in=D_in, M=M, dense_forward_runs="small_m" if 2 <= M <= config.NUMBA_SMALL_M
+                       else "numba_blas", us=us, small_m_over_numpy=res["small_m"]["ratio"],
+                       small_m_over_numba_blas=float(np.median(np.array(res["small_m"]["samples_s"])
+                                                               / np.array(res["numba_blas"]["samples_s"]))),
+                       floor_us=floor_us, gemv_us=gemv_us, small_m_over_floor=us["small_m"] / floor_us,
+                       small_m_over_gemv=us["small_m"] / gemv_us, spread=spread,
+                       gflops={n: 2 * M * D_in * D_out / (t * 1e3) for n, t in us.items()}, raw=res)
+            rows.append(row)
+            print(f"W {D_out:5d}x{D_in:<5d} M {M:3d}  small_m {us['small_m']:9.1f}  numba_blas {us['numba_blas']:9.1f}  "
+                  f"numpy {us['numpy']:9.1f} us   small_m/numba_blas {row['small_m_over_numba_blas']:5.2f}  "
+                  f"/numpy {row['small_m_over_numpy']:5.2f}  /gemv {row['small_m_over_gemv']:5.2f}  "
+                  f"/floor {row['small_m_over_floor']:5.2f} (floor {floor_us:.0f} us)  spread {max(spread.values()):.2f}",
+                  flush=True)
+    return rows
+
+
+def main(argv=None):
+    a = harness.parse_args(argv, __doc__, "decode")
+    if a.out.endswith("decode.json"):
+        a.out = a.out.replace("decode.json", f"decode_t{a.threads}.json")
+    cfg = QUICK if a.quick else FULL
+    with harness.pinned_threads(a.threads) as info:
+        print(f"threads pinned: {info}")
+        mach = harness.machine(a.threads, info, quick=a.quick)
+        print(f"BLAS sgemm peak {mach['blas_peak_gflops']:.1f} GF/s, copy bandwidth {mach['copy_gbs']:.1f} GB/s, "
+              f"NUMBA_SMALL_M {config.NUMBA_SMALL_M}")
+        rows = run(cfg, mach["copy_gbs"])
+    harness.write_json(a.out, dict(machine=mach, numba_small_m=config.NUMBA_SMALL_M, config=cfg, rows=rows,
+                                   command="python -m benchmarks.decode " + " ".join(argv or sys.argv[1:])))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
