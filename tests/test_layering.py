@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["kernels", "nn", "io", "models", "tuners", "training", "analysis", "app"]
+LAYERS = ["kernels", "nn", "io", "models", "tuners", "training", "analysis", "serving", "app"]
 TOP_LEVEL = {"lowrank", "lowrank.__main__"}          # the public API gathers every layer; it is imported by none
 
 

@@ -1,0 +1,122 @@
+"""Per-row KV-cache slots and the decode step over them: each row at its own position.
+
+Letters: L layers, S slots (the batch bound), B running rows (slots 0..B−1), H_kv key/value heads,
+G = H / H_kv query heads per key head, h = head_dim, T_max positions a slot holds, K = the longest
+row's length + 1 (the keys one decode step reads), d = hidden_size, V = vocab_size.
+
+``models.llama.generation`` keeps one ``length`` for the whole batch, so a prompt can only join at
+the start. Here slot b holds row b's keys and values at its own positions 0 .. len_b − 1, exactly
+where ``generate`` puts them when the row runs alone; a decode step feeds each row's last token at
+position len_b:
+
+    q_b, k_b, v_b = projections of row b's token (through row b's adapter: BGMV)
+    q_b, k_b      = RoPE at position len_b                         (cos, sin)[len_b]  (B, h)
+    slot b[len_b] = k_b, v_b
+    P_b = softmax(q_b · keys of slot b / sqrt(h)) over keys j <= len_b (and j > len_b − W in a
+          sliding-window layer); keys beyond a row's length are masked to an exact 0
+    out_b = P_b · values of slot b
+
+so every row sees the positions, keys and mask it sees alone; only the batching of the products
+differs (rounding). A prompt is prefilled alone by the model's own cached forward into a
+one-row ``nn.kv_cache.KVCache`` and copied into a free slot (``put``).
+
+Memory: ``nbytes`` = 2 · L · S · H_kv · T_max · h · itemsize.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels.common import host
+from ..nn.device import get_array_module
+from ..nn.dispatch import kernels_for
+
+
+class SlotCache:
+    """k, v (L, S, H_kv, T_max, h) and each slot's length (S,); running rows occupy slots 0..B−1."""
+
+    def __init__(self, config, slots: int, max_length: int, dtype="float32", xp=np):
+        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_length, config.head_dim)
+        self.k = xp.zeros(shape, dtype)                  # (L, S, H_kv, T_max, h)
+        self.v = xp.zeros(shape, dtype)                  # (L, S, H_kv, T_max, h)
+        self.lengths = np.zeros(slots, np.int64)         # (S,) positions filled per slot
+        self.max_length = max_length
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+    def put(self, slot: int, kv_cache):
+        """Copy a one-row KVCache's filled positions (its prefill) into ``slot``."""
+        n = kv_cache.length
+        if n > self.max_length:
+            raise ValueError(f"SlotCache: a prefill of {n} positions exceeds the slots' max_length {self.max_length}")
+        self.k[:, slot, :, :n] = kv_cache.k[:, 0, :, :n]
+        self.v[:, slot, :, :n] = kv_cache.v[:, 0, :, :n]
+        self.lengths[slot] = n
+
+    def move(self, src: int, dst: int):
+        """Slot ``src``'s row moves to ``dst`` (keeps the running rows in slots 0..B−1)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
+def decode_step(llama, cache: SlotCache, tokens) -> np.ndarray:
+    """Feed token b (B,) at position ``cache.lengths[b]`` to row b of slots 0..B−1 -> logits (B, V) on the host.
+
+    ``llama``: a LlamaForCausalLM (with the LoRA layers' ``row_adapters`` set by the caller for a
+    mixed batch). Each slot's length grows by one.
+    """
+    tokens = np.asarray(tokens, np.int64)
+    B = len(tokens)
+    positions = cache.lengths[:B].copy()                                  # (B,) each row's new position
+    if (positions >= cache.max_length).any():
+        raise ValueError(f"decode_step: a row is full ({cache.max_length} positions, the slots' max_length)")
+    xp = get_array_module(cache.k)
+    m = llama.model
+    x = m.embed_tokens.forward(xp.asarray(tokens[:, None]))               # (B, 1, d)
+    for i in range(len(m.layers)):
+        layer = m.layers[i]
+        a = _attend(layer.self_attn, layer.input_layernorm.forward(x), cache, i, positions)
+        x = x + a                                                          # (B, 1, d)
+        x = x + layer.mlp.forward(layer.post_attention_layernorm.forward(x))
+    x = m.norm.forward(x)                                                  # (B, 1, d)
+    logits = llama.lm_head.forward(x.reshape(B, -1))                       # (B, V)
+    cache.lengths[:B] += 1
+    return host(logits)
+
+
+def _attend(attn, x, cache: SlotCache, layer: int, positions):
+    """One token per row, x (B, 1, d), row b at position positions[b] of slot b -> (B, 1, d)."""
+    xp = get_array_module(x)
+    B, _, d = x.shape
+    H_kv, G, h = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim
+    K = int(positions.max()) + 1
+    kern = kernels_for(x, attn.backend)
+    cos, sin = attn.rotary.tables(K, x.dtype, xp)
+    pos = xp.asarray(positions)
+    cos, sin = cos[pos], sin[pos]                                          # (B, h): row b's position
+    x2 = x.reshape(B, d)
+    q = attn.q_proj.forward(x2).reshape(B, 1, H_kv, G, h)
+    k = attn.k_proj.forward(x2).reshape(B, 1, H_kv, h)
+    if attn.qk_norm:
+        q, k = attn.q_norm.forward(q), attn.k_norm.forward(k)
+    q = kern.rope_forward(q.reshape(B, H_kv, G, h).transpose(1, 2, 0, 3), cos, sin)   # (H_kv, G, B, h): B as T
+    q *= attn.scaling
+    k = kern.rope_forward(k.reshape(B, H_kv, h).transpose(1, 0, 2), cos, sin)         # (H_kv, B, h)
+    v = attn.v_proj.forward(x2).reshape(B, H_kv, h)
+    rows = xp.arange(B)
+    cache.k[layer, rows, :, pos] = k.transpose(1, 0, 2)                    # (B, H_kv, h) at each row's position
+    cache.v[layer, rows, :, pos] = v
+    keys, values = cache.k[layer, :B, :, :K], cache.v[layer, :B, :, :K]    # (B, H_kv, K, h)
+    q = q.transpose(2, 0, 1, 3)[:, :, :, None, :]                          # (B, H_kv, G, 1, h)
+    S = kern.matmul(q, keys[:, :, None].swapaxes(-1, -2))                  # (B, H_kv, G, 1, K)
+    j = np.arange(K)[None, :]
+    visible = j <= positions[:, None]                                      # (B, K): the row's own keys
+    if attn.sliding_window is not None:
+        visible &= j > positions[:, None] - attn.sliding_window
+    P = kern.causal_softmax(S, xp.asarray(visible), K - 1)                 # (B, H_kv, G, 1, K)
+    O = kern.matmul(P, values[:, :, None])                                 # (B, H_kv, G, 1, h)
+    O2 = O.transpose(0, 3, 1, 2, 4).reshape(B, H_kv * G * h)               # (B, H·h)
+    return attn.o_proj.forward(O2).reshape(B, 1, d)

@@ -1,0 +1,119 @@
+"""The continuous-batching engine, driven step by step: rows that join mid-run, leave early and use
+different adapters each get the tokens they get alone (``generate`` on one prompt), adapters are
+evicted and reloaded without changing anyone's output, and a busy adapter refuses to unload."""
+import numpy as np
+import pytest
+
+import lowrank as lr
+from lowrank.io.tokenizer import ByteTokenizer
+from lowrank.models.llama import LlamaForCausalLM
+from lowrank.serving.engine import AdapterBusy, Engine, QueueFull, Request
+from lowrank.tuners.lora.mixed import BASE
+
+from serving_fixtures import MODEL, save_adapters, solo_tokens
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    return save_adapters(tmp_path_factory.mktemp("adapters"), 3)
+
+
+def request(prompt, adapter, max_tokens, events, **kwargs):
+    return Request(TOK.encode(prompt), adapter, max_tokens, lambda kind, value: events.append((kind, value)),
+                   stop_ids=(TOK.eos_token_id,), **kwargs)
+
+
+def tokens_of(events):
+    return [v for k, v in events if k == "token"]
+
+
+def run(engine, steps=10_000):
+    for _ in range(steps):
+        if not (engine.rows or engine.waiting):
+            return
+        engine.step()
+
+
+def engine_for(adapters, **kwargs):
+    model = LlamaForCausalLM.from_pretrained(MODEL)
+    model.eval()
+    return Engine(model, {n: str(p) for n, p in adapters.items()}, **kwargs)
+
+
+CASES = [("def ", "a0", 12), ("import os\n", "a1", 5), ("The ", BASE, 9), ("class Foo(", "a2", 14),
+         ("x = ", "a0", 3), ("# a comment that is longer than the others\n", "a1", 10)]
+
+
+def test_rows_joining_and_leaving_mid_run_get_their_solo_tokens(adapters):
+    engine = engine_for(adapters, max_batch=4)
+    events = [[] for _ in CASES]
+    for i, (prompt, name, n) in enumerate(CASES[:2]):
+        engine.submit(request(prompt, name, n, events[i]))
+    engine.step()
+    engine.step()                                        # the next requests join a running batch
+    for i, (prompt, name, n) in enumerate(CASES[2:], start=2):
+        engine.submit(request(prompt, name, n, events[i]))
+        engine.step()
+    run(engine)
+    for (prompt, name, n), ev in zip(CASES, events):
+        expected = solo_tokens(prompt, None if name == BASE else adapters[name], n)
+        assert tokens_of(ev) == expected, (prompt, name)
+        assert ev[-1] == ("done", "stop" if expected[-1] == TOK.eos_token_id else "length")
+    assert engine.rows == [] and (engine.cache.lengths == 0).all()
+
+
+def test_evicted_adapters_reload_from_their_files_with_the_same_outputs(adapters):
+    engine = engine_for(adapters, max_batch=2, max_adapters=2)
+    assert list(engine.loaded) == ["a0", "a1"]
+    events = [[] for _ in CASES]
+    for i, (prompt, name, n) in enumerate(CASES):
+        engine.submit(request(prompt, name, n, events[i]))
+    run(engine)
+    assert len(engine.loaded) <= 2 and "a2" in engine.loaded       # a2 loaded, something evicted
+    for (prompt, name, n), ev in zip(CASES, events):
+        assert tokens_of(ev) == solo_tokens(prompt, None if name == BASE else adapters[name], n), (prompt, name)
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unchanged(adapters):
+    engine = engine_for(adapters)
+    kept, dropped = [], []
+    engine.submit(request("def ", "a0", 12, kept))
+    r = request("import ", "a1", 50, dropped)
+    engine.submit(r)
+    engine.step()
+    r.cancel()
+    engine.step()
+    assert dropped[-1] == ("done", "cancelled") and len(engine.rows) == 1
+    run(engine)
+    assert tokens_of(kept) == solo_tokens("def ", adapters["a0"], 12)
+
+
+def test_a_seeded_sampled_row_draws_what_generate_draws_alone(adapters):
+    model = LlamaForCausalLM.from_pretrained(MODEL)
+    runner = lr.LoraModel.from_pretrained(model, adapters["a1"])
+    runner.eval()
+    ids = np.asarray([TOK.encode("def ")])
+    alone = np.asarray(runner.generate(ids, max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.95,
+                                       seed=7))[0, ids.shape[1]:].tolist()
+    engine = engine_for(adapters)
+    events, other = [], []
+    engine.submit(request("x = 1\n", "a2", 10, other))
+    engine.submit(request("def ", "a1", 10, events, temperature=0.9, top_p=0.95, seed=7))
+    run(engine)
+    assert tokens_of(events) == alone
+
+
+def test_unloading_a_busy_adapter_refuses_and_the_queue_is_bounded(adapters):
+    engine = engine_for(adapters, max_queue=1)
+    events = []
+    engine.submit(request("def ", "a0", 5, events))
+    with pytest.raises(QueueFull):
+        engine.submit(request("def ", "a0", 5, []))
+    engine.step()
+    with pytest.raises(AdapterBusy):
+        engine.unregister("a0")
+    run(engine)
+    engine.unregister("a0")
+    assert "a0" not in engine.paths and "a0" not in engine.loaded
