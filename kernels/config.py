@@ -43,7 +43,7 @@ NUMBA_COL_BLOCK = 512
 SCIPY_BLAS_THREADS = 1
 
 # --- cupy_gpu -------------------------------------------------------------------------
-# CUDA block sizes, passed to kernels/cuda/*.cu as -D macros (a change recompiles).
+# CUDA block sizes, passed to kernels/cupy_gpu/cuda/*.cu as -D macros (a change recompiles).
 CUPY_SHRINK_ROWS = 4        # rows of x per shrink block (h = x Aᵀ)
 CUPY_SHRINK_RANKS = 16      # ranks per shrink block (grid.y covers r in chunks of this)
 CUPY_SHRINK_THREADS = 256   # threads per shrink block (a multiple of 32)
