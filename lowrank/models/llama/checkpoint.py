@@ -25,6 +25,8 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from ...io.atomic import commit_files
 from ...nn.snapshot import all_or_nothing
 from ...io.model_files import FileFormatError, check_tensors, read_tensor_file, tensor_file_bytes
@@ -191,7 +193,10 @@ def from_pretrained(cls, folder, *, dtype="float32", allow_nonfinite: bool = Fal
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_path}: {e}") from e
     check_claims(config_path, config, shapes)
-    return load_weights(cls(config, dtype=dtype, seed=0, init_weights=False), folder, allow_nonfinite)
+    model = cls(config, dtype=dtype, seed=0, init_weights=False)
+    for p in model.parameters():           # the layers' own initial draws, freed before the file's arrays come in
+        p.data = np.broadcast_to(np.zeros((), p.dtype), p.shape)             # same shape and dtype, no memory
+    return load_weights(model, folder, allow_nonfinite)
 
 
 def save_pretrained(model, folder, *, overwrite: bool = False, dtype: str | None = None,

@@ -94,18 +94,22 @@ class LoraConfig:
         return asdict(self)
 
     def rank_for(self, name: str) -> int:
-        return _pattern_value(self.rank_pattern, name, self.r)
+        pattern = matching_pattern(self.rank_pattern, name)
+        return self.r if pattern is None else self.rank_pattern[pattern]
 
     def alpha_for(self, name: str) -> float:
-        return _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        pattern = matching_pattern(self.alpha_pattern, name)
+        return self.lora_alpha if pattern is None else self.alpha_pattern[pattern]
+
+    def rank_key(self, name: str) -> str:
+        """The adapter_config.json key that sets layer ``name``'s rank: "r" or "rank_pattern['<pattern>']"."""
+        pattern = matching_pattern(self.rank_pattern, name)
+        return "r" if pattern is None else f"rank_pattern[{pattern!r}]"
 
 
-def _pattern_value(table: dict, name: str, default):
-    """PEFT's rule: the first pattern p with re.match(rf"(.*\\.)?({p})$", name) wins."""
-    for pattern, value in table.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
+def matching_pattern(table: dict, name: str) -> str | None:
+    """PEFT's rule: the first pattern p with re.match(rf"(.*\\.)?({p})$", name) wins; None if none does."""
+    return next((p for p in table if re.match(rf"(.*\.)?({p})$", name)), None)
 
 
 def matches(target_modules, name: str) -> bool:

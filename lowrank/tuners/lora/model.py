@@ -21,6 +21,7 @@ import zlib
 from contextlib import contextmanager
 
 from ...models.llama.generation import generate as generate_ids
+from ...models.llama.modeling import TiedLMHead
 from ...nn.embedding import Embedding
 from ...nn.layers import Dense
 from ...nn.module import Module
@@ -67,6 +68,53 @@ def _seed(adapter_name: str, layer_name: str, r: int) -> int:
     return zlib.crc32(f"{adapter_name}/{layer_name}/r={r}".encode())
 
 
+def layers_to_adapt(model: Module, config: LoraConfig) -> list[str]:
+    """Dotted names of the layers of base ``model`` that ``config`` injects LoRA into (computed without building
+    anything: loading checks a file's tensors against them before a factor is allocated)."""
+    saved = saved_modules(model, config)
+    return [n for n in _targets(model, config) if n not in saved or config.target_modules != "all-linear"]
+
+
+def _targets(model: Module, config: LoraConfig) -> list[str]:
+    """Dotted names of the layers ``config`` targets; a clear error for names that match nothing."""
+    if config.target_modules is None:
+        raise ValueError("LoraConfig.target_modules is None: name the layers to adapt "
+                         f"(e.g. ['0', '2'] or 'all-linear'); this model's layers: {_layer_names(model)}")
+    names = [n for n, _ in model.named_modules() if n and not _is_adapter_part(n)]
+    if isinstance(config.target_modules, list):
+        unmatched = [t for t in config.target_modules if not any(matches([t], n) for n in names)]
+        if unmatched:
+            raise ValueError(f"target_modules {unmatched} match no layer; this model's layers: {_layer_names(model)}")
+    hits = [n for n in names if matches(config.target_modules, n)]
+    if config.target_modules == "all-linear":       # PEFT: every linear layer but the output head
+        head = output_head(model)
+        hits = [n for n in hits if linear(model.get_submodule(n)) and n != head]
+    bad = [n for n in hits if not adaptable(model.get_submodule(n))]
+    if bad:
+        raise TypeError(f"target_modules selects {bad}, which are not Dense layers or embeddings "
+                        f"({[type(model.get_submodule(n)).__name__ for n in bad]})")
+    if not hits:
+        raise ValueError(f"target_modules {config.target_modules!r} match no layer; this model's layers: "
+                         f"{_layer_names(model)}")
+    return hits
+
+
+def saved_modules(model: Module, config: LoraConfig) -> list[str]:
+    """Names of the layers ``config.modules_to_save`` selects (a clear error for unmatched entries)."""
+    saved = []
+    for entry in config.modules_to_save or []:
+        hits = [n for n, _ in model.named_modules() if n and matches([entry], n) and not _is_adapter_part(n)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no layer; this model's layers: "
+                             f"{_layer_names(model)}")
+        saved += [n for n in hits if n not in saved]
+    return saved
+
+
+def _layer_names(model: Module) -> list[str]:
+    return [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and not _is_adapter_part(n)]
+
+
 class LoraModel(Module):
     """A base model with LoRA adapters injected; PEFT's LoraModel/PeftModel surface."""
 
@@ -81,32 +129,7 @@ class LoraModel(Module):
         self.set_adapter(adapter_name)
 
     # -- injection ------------------------------------------------------------------
-    def _targets(self, config: LoraConfig) -> list[str]:
-        """Dotted names of the layers ``config`` targets; a clear error for names that match nothing."""
-        if config.target_modules is None:
-            raise ValueError("LoraConfig.target_modules is None: name the layers to adapt "
-                             f"(e.g. ['0', '2'] or 'all-linear'); this model's layers: {self._layer_names()}")
-        names = [n for n, _ in self.model.named_modules() if n and not _is_adapter_part(n)]
-        if isinstance(config.target_modules, list):
-            unmatched = [t for t in config.target_modules if not any(matches([t], n) for n in names)]
-            if unmatched:
-                raise ValueError(f"target_modules {unmatched} match no layer; this model's layers: "
-                                 f"{self._layer_names()}")
-        hits = [n for n in names if matches(config.target_modules, n)]
-        if config.target_modules == "all-linear":       # PEFT: every linear layer but the output head
-            head = output_head(self.model)
-            hits = [n for n in hits if linear(self.model.get_submodule(n)) and n != head]
-        bad = [n for n in hits if not adaptable(self.model.get_submodule(n))]
-        if bad:
-            raise TypeError(f"target_modules selects {bad}, which are not Dense layers or embeddings "
-                            f"({[type(self.model.get_submodule(n)).__name__ for n in bad]})")
-        if not hits:
-            raise ValueError(f"target_modules {config.target_modules!r} match no layer; this model's layers: "
-                             f"{self._layer_names()}")
-        return hits
-
-    def _layer_names(self):
-        return [f"{n} ({type(m).__name__})" for n, m in self.model.named_modules() if n and not _is_adapter_part(n)]
+    layers_to_adapt = staticmethod(layers_to_adapt)     # loading reads it from the class it builds
 
     def add_adapter(self, adapter_name: str, config: LoraConfig):
         """Inject adapter ``adapter_name`` into the layers ``config`` targets (not made active).
@@ -116,8 +139,8 @@ class LoraModel(Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.peft_config)}")
-        saved = self._saved_modules(config)
-        targets = [n for n in self._targets(config) if n not in saved or config.target_modules != "all-linear"]
+        saved = saved_modules(self.model, config)
+        targets = layers_to_adapt(self.model, config)
         both = sorted(set(targets) & set(saved))
         if both:
             raise ValueError(f"layers {both} are both in target_modules and modules_to_save; a layer is either "
@@ -132,17 +155,6 @@ class LoraModel(Module):
                 else:
                     self.model.set_submodule(n, ModulesToSave(m, adapter_name))
         self.peft_config[adapter_name] = config
-
-    def _saved_modules(self, config: LoraConfig) -> list[str]:
-        """Names of the layers ``config.modules_to_save`` selects (a clear error for unmatched entries)."""
-        saved = []
-        for entry in config.modules_to_save or []:
-            hits = [n for n, _ in self.model.named_modules() if n and matches([entry], n) and not _is_adapter_part(n)]
-            if not hits:
-                raise ValueError(f"modules_to_save entry {entry!r} matches no layer; this model's layers: "
-                                 f"{self._layer_names()}")
-            saved += [n for n in hits if n not in saved]
-        return saved
 
     def _create_and_replace(self, name: str, adapter_name: str, config: LoraConfig):
         """Add the adapter to layer ``name``, wrapping it in a LoraLinear/DoraLinear/LoraEmbedding first if it
@@ -258,7 +270,8 @@ class LoraModel(Module):
         """Fold the adapters into the base weights and return the plain base model (no LoRA layers).
 
         Over a 4-bit (NF4) base the merged weight is requantized, which is lossy (as in PEFT);
-        ``keep_float=True`` keeps those merged layers as exact float Dense layers instead.
+        ``keep_float=True`` keeps those merged layers as exact float Dense layers instead. A tied head
+        trained through modules_to_save stays a head of its own: ``config.tie_word_embeddings`` becomes False.
         """
         quantized = {n for n, layer in self.lora_layers() if not layer._fusable}
         for name, layer in self.lora_layers():
@@ -268,7 +281,10 @@ class LoraModel(Module):
             layer.merge([n for n in (adapter_names or [layer.active_adapter]) if n in layer.lora_A])
             self.model.set_submodule(name, layer.base_layer)
         for name, w in [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSave)]:
-            self.model.set_submodule(name, w._module_for(w.active_adapter))
+            kept = w._module_for(w.active_adapter)
+            self.model.set_submodule(name, kept)
+            if isinstance(w.original_module, TiedLMHead) and kept is not w.original_module:
+                self.model.config.tie_word_embeddings = False      # the trained head is a weight of its own now
         return self.model
 
     def get_base_model(self) -> Module:

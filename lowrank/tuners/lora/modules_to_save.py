@@ -1,13 +1,28 @@
-"""PEFT's ModulesToSaveWrapper: layers trained in full, one copy per adapter (e.g. a task's head)."""
+"""PEFT's ModulesToSaveWrapper: layers trained in full, one copy per adapter (e.g. a task's head; a head
+tied to the embedding gets an untied copy of its own, as in PEFT)."""
 from __future__ import annotations
 
 import copy
 
 import numpy as np
 
+from ...models.llama.modeling import TiedLMHead
 from ...nn.device import get_array_module
+from ...nn.layers import Dense
 from ...nn.module import Module
 from .mixed import BASE, rows_for
+
+
+def trainable_copy(module: Module) -> Module:
+    """A trainable deep copy of ``module``. A tied head (which borrows the embedding's weight and owns no
+    Parameter) becomes a bias-free Dense with its own copy of that weight (V, d), as PEFT's copy of a tied
+    nn.Linear does: the copy trains and is saved, the embedding stays frozen."""
+    if isinstance(module, TiedLMHead):
+        W = module.weight                                               # (V, d)
+        head = Dense(W.shape[1], W.shape[0], bias=False, dtype=W.dtype, backend=module.backend)
+        head.weight.data = W.data.copy()
+        return head.requires_grad_(True)
+    return copy.deepcopy(module).requires_grad_(True)
 
 
 class ModuleDict(Module):
@@ -43,7 +58,7 @@ class ModulesToSave(Module):
         self.update(adapter_name)
 
     def update(self, adapter_name: str):
-        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module).requires_grad_(True)
+        self.modules_to_save[adapter_name] = trainable_copy(self.original_module)
 
     def set_adapter(self, name):
         self.active_adapter = name if name in self.modules_to_save else None

@@ -21,11 +21,14 @@ so tensors beside a config from another save (a killed save, a foreign writer, a
 are refused at load, naming both files. Files without that key (PEFT's) load as before.
 
 Loading reads and checks everything first (config fields and values, file integrity, tensor keys,
-shapes against the model and the config's r, dtypes, NaN/Inf): it injects the adapter into a scratch
-copy of the model whose parameters share the model's arrays and checks every tensor against it; only
-then does it inject into the real model and copy the tensors in, inside ``all_or_nothing`` so that
-even an unforeseen failure leaves the model exactly as it was. Bad input raises FileFormatError (a
-ValueError; AdapterFileError for the config and layout checks) naming the file and the problem.
+shapes against the model and the config's r, dtypes, NaN/Inf). The rank each targeted layer gets from
+r or rank_pattern is checked against its A's shape in the tensor file's header before any factor is
+allocated (``check_ranks``: a hand-edited ``"r": 10**9`` is refused, not allocated). Then it injects
+the adapter into a scratch copy of the model whose parameters share the model's arrays and checks
+every tensor against it; only then does it inject into the real model and copy the tensors in,
+inside ``all_or_nothing`` so that even an unforeseen failure leaves the model exactly as it was. Bad
+input raises FileFormatError (a ValueError; AdapterFileError for the config and layout checks) naming
+the file and the problem.
 Loading injects with ``init_lora_weights=True`` whatever the config says (the tensors are overwritten,
 and a PiSSA init would rewrite the base weights): a PiSSA adapter's A, B apply to the residual base
 saved with it (``save_model`` after training).
@@ -42,9 +45,11 @@ from pathlib import Path
 from ...io.atomic import commit
 from ...io.tensor_files import cast_for_saving, check_tensors, read_tensor_file, tensor_file_bytes
 from ...nn.device import device_of, get_array_module, to_device
+from ...nn.embedding import Embedding
 from ...nn.module import ParameterDict
 from ...nn.snapshot import all_or_nothing
 from .config import AdapterFileError, config_to_dict, read_config
+from .embedding import LoraEmbedding
 from .mixed import BASE
 from .modules_to_save import ModuleDict
 
@@ -232,6 +237,27 @@ def _injected(make, config_path):
         raise AdapterFileError(f"{config_path}: this adapter does not fit the model: {e}") from e
 
 
+def check_ranks(layers, base, config, config_path, tensors, weights_path):
+    """Each rank the config claims for a layer in ``layers`` (names in ``base``) checked against the shape of
+    that layer's A in the file's header, before any factor of that rank is allocated: a claimed r of 10**9
+    would otherwise be allocated first and refused after."""
+    missing = []
+    for name in layers:
+        embedding = isinstance(base.get_submodule(name), (Embedding, LoraEmbedding))
+        key = PREFIX + name + (".lora_embedding_A" if embedding else ".lora_A.weight")
+        if key not in tensors:
+            missing.append(key)
+            continue
+        shape, r = tuple(tensors[key].shape), config.rank_for(name)        # A: (r, D_in) or (r, V)
+        if len(shape) != 2 or shape[0] != r:
+            found = f"rank {shape[0]}" if len(shape) == 2 else "not a matrix"
+            raise AdapterFileError(f"{config_path}: {config.rank_key(name)} is {r} for layer {name!r}, but "
+                                   f"{weights_path} holds its {'lora_embedding_A' if embedding else 'lora_A'} with "
+                                   f"shape {shape}, {found}: the config does not describe these tensors")
+    if missing:
+        raise AdapterFileError(f"{weights_path}: missing tensors {missing} for the layers {config_path} targets")
+
+
 def check_adapter_tensors(scratch, adapter_name, tensors, weights_path) -> dict:
     """The file's tensors checked against the adapter as injected into ``scratch``."""
     optional = {k: p for k, p in embedding_base_parameters(scratch, adapter_name).items() if k in tensors}
@@ -253,8 +279,11 @@ def load_adapter(model, model_id, adapter_name: str, is_trainable: bool = False,
     active, so frozen until ``set_adapter``; PEFT's ``is_trainable=False`` also calls ``eval()``).
     FileFormatError (a ValueError) naming the file and the problem leaves the model exactly as it was."""
     config, injected, tensors, weights_path = _prepare(model_id, adapter_name, is_trainable, allow_nonfinite)
+    config_path = Path(model_id) / ADAPTER_CONFIG_NAME
+    layers = _injected(lambda: type(model).layers_to_adapt(model.model, injected), config_path)
+    check_ranks(layers, model.model, injected, config_path, tensors, weights_path)
     scratch = scratch_copy(model)
-    _injected(lambda: scratch.add_adapter(adapter_name, injected), Path(model_id) / ADAPTER_CONFIG_NAME)
+    _injected(lambda: scratch.add_adapter(adapter_name, injected), config_path)
     checked = check_adapter_tensors(scratch, adapter_name, tensors, weights_path)
     with all_or_nothing(model):
         model.add_adapter(adapter_name, injected)
@@ -272,8 +301,10 @@ def from_pretrained(cls, model, model_id, adapter_name: str = "default", is_trai
     ``is_trainable=False`` (PEFT's default) freezes everything and calls ``eval()``. On error
     ``model`` is left as it was."""
     config, injected, tensors, weights_path = _prepare(model_id, adapter_name, is_trainable, allow_nonfinite)
-    scratch = _injected(lambda: cls(scratch_copy(model), injected, adapter_name),
-                        Path(model_id) / ADAPTER_CONFIG_NAME)
+    config_path = Path(model_id) / ADAPTER_CONFIG_NAME
+    layers = _injected(lambda: cls.layers_to_adapt(model, injected), config_path)
+    check_ranks(layers, model, injected, config_path, tensors, weights_path)
+    scratch = _injected(lambda: cls(scratch_copy(model), injected, adapter_name), config_path)
     checked = check_adapter_tensors(scratch, adapter_name, tensors, weights_path)
     with all_or_nothing(model):
         lora_model = cls(model, injected, adapter_name)
