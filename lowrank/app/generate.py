@@ -100,7 +100,7 @@ def _model_and_tokenizer(path, dtype):
     model.eval()
     tok = load_tokenizer(path)
     V = model.config.vocab_size
-    check_vocab(tok, V, "the model")
+    check_vocab(tok, V, str(Path(path) / "config.json"))
     if isinstance(tok, ByteTokenizer) and V > tok.vocab_size:               # its decode refuses such ids
         raise ValueError(f"{Path(path) / BYTE_TOKENIZER_FILE}: a byte-level model has {tok.vocab_size} ids but the "
                          f"model's vocab_size is {V}: ids >= {tok.vocab_size} it generates have no text")
@@ -238,9 +238,10 @@ def _settings(args, folder: Path, T: int, context: int) -> dict:
         s["do_sample"] = True
     if args.greedy:
         s["do_sample"] = False
+    where = f"{folder / 'config.json'}: max_position_embeddings"
     if T > context:
         raise ValueError(f"a prompt of {T} tokens (special tokens included) is longer than the model's context of "
-                         f"{context} positions")
+                         f"{context} positions ({where})")
     if args.max_new_tokens is not None:
         if T + args.max_new_tokens > context:
             raise ValueError(f"a prompt of {T} tokens (special tokens included) + --max-new-tokens "
@@ -249,7 +250,7 @@ def _settings(args, folder: Path, T: int, context: int) -> dict:
         s["max_new_tokens"] = args.max_new_tokens
     if T == context:
         raise ValueError(f"a prompt of {T} tokens (special tokens included) fills the model's context of {context} "
-                         f"positions: no room for new tokens")
+                         f"positions ({where}): no room for new tokens")
     s["max_new_tokens"] = min(s["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS, context - T)
     return {**s, "seed": args.seed}
 

@@ -116,12 +116,7 @@ def check_flags(args):
     args.model = str(shipped_checkpoint() if args.model is None else args.model)
     if args.method in ADAPTER_METHODS:
         flags_lora_config(args)
-    from ..models.llama.configuration import LlamaConfig
-    config_file = Path(args.model) / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"--model {args.model}: no config.json there (expected a folder written by "
-                         f"save_pretrained or lowrank lm pretrain)")
-    config = LlamaConfig.from_json_file(config_file)
+    config_file, config = model_config(args.model)
     if args.data is None:
         from ..io.tokenizer import ByteTokenizer
         if config.vocab_size < ByteTokenizer.vocab_size:
@@ -137,6 +132,26 @@ def check_flags(args):
     if args.resume:
         from ..training.checkpoints import read_trainer_state
         args.resumed = read_trainer_state(Path(args.out) / CHECKPOINT, run_settings(args, config_file))
+
+
+def model_config(model: str) -> tuple:
+    """(the file that holds --model's config, its LlamaConfig), checked against the tensor headers only: a
+    transformers folder's config.json, or a GGUF file's metadata (``models.llama.gguf``; from_gguf checks the
+    tensors' shapes before anything is allocated)."""
+    from ..models.llama.checkpoint import check_claims, read_shapes
+    from ..models.llama.configuration import LlamaConfig
+    if model.endswith(".gguf"):
+        from ..models.llama.gguf import load_config
+        if not Path(model).is_file():
+            raise ValueError(f"--model {model}: no such GGUF file")
+        return Path(model), load_config(model)
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"--model {model}: no config.json there (expected a folder written by "
+                         f"save_pretrained or lowrank lm pretrain, or a .gguf file)")
+    config = LlamaConfig.from_json_file(config_file)
+    check_claims(config_file, config, read_shapes(model))           # the tensor headers only: nothing allocated
+    return config_file, config
 
 
 def check_data_flags(args):
@@ -164,16 +179,18 @@ def load_data(args, config, config_file: Path):
     """The model's tokenizer (checked against its embedding) and --data's examples, split for validation."""
     from ..io.tokenizer import check_vocab, load_tokenizer
     from ..training.sft import load_examples, split_validation
+    limit = None
     if args.max_seq_len is None:
         args.max_seq_len = config.max_position_embeddings
+        limit = f"the model's context ({config_file}: max_position_embeddings {args.max_seq_len})"
     if args.max_seq_len > config.max_position_embeddings:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds {config_file}'s max_position_embeddings "
                          f"{config.max_position_embeddings}")
     args.tokenizer = load_tokenizer(args.model)
     check_vocab(args.tokenizer, config.vocab_size, str(config_file))
-    train = load_examples(args.data, args.tokenizer, args.max_seq_len)
+    train = load_examples(args.data, args.tokenizer, args.max_seq_len, limit)
     if args.val_data is not None:
-        val = load_examples(args.val_data, args.tokenizer, args.max_seq_len)
+        val = load_examples(args.val_data, args.tokenizer, args.max_seq_len, limit)
     else:
         args.val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
         train, val = split_validation(train, args.val_fraction, args.seed)
@@ -189,7 +206,12 @@ def run_settings(args, config_file: Path) -> dict:
     import hashlib
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
     settings.update({k: str(Path(settings[k]).resolve()) for k in ("model", "data", "val_data") if settings[k]})
-    files = {"config.json": config_file, "data": args.data, "val_data": args.val_data}
+    files = {"data": args.data, "val_data": args.val_data}
+    if config_file.suffix == ".gguf":            # the config it holds (hashing a whole GGUF would read gigabytes)
+        from ..models.llama.gguf import load_config
+        settings["config of the GGUF"] = load_config(config_file).to_dict()
+    else:
+        files["config.json"] = config_file
     settings.update({f"sha256 of {k}": hashlib.sha256(Path(v).read_bytes()).hexdigest()
                      for k, v in files.items() if v is not None})
     return settings
@@ -197,10 +219,15 @@ def run_settings(args, config_file: Path) -> dict:
 
 def build_model(base, method: str, config=None, adapter_name: str = "default"):
     """``base`` (modified in place) set up for ``method``: a LoraModel of LoraConfig ``config`` (its adapter
-    named ``adapter_name``) for lora, qlora and dora, or the Llama with the right weights trainable."""
+    named ``adapter_name``) for lora, qlora and dora, or the Llama with the right weights trainable. qlora on a
+    base read from a GGUF keeps the file's quantized matrices as their blocks (``keep_gguf_blocks``), else NF4."""
+    from ..models.llama.gguf import keep_gguf_blocks
     from ..tuners.lora.model import get_lora_model
     from ..tuners.lora.qlora import quantize_model
     if method in ("lora", "dora"):
+        return get_lora_model(base, config, adapter_name=adapter_name)
+    if method == "qlora" and getattr(base, "gguf_path", None) is not None:
+        keep_gguf_blocks(base, base.gguf_path)
         return get_lora_model(base, config, adapter_name=adapter_name)
     if method == "qlora":
         return get_lora_model(quantize_model(base), config, adapter_name=adapter_name)
@@ -310,7 +337,7 @@ def checkpointing(args, model, optimizer, batcher, say) -> tuple:
         say(f"resumed from {folder} after step {start}")
     if args.save_every is None:
         return start, None
-    settings = run_settings(args, Path(args.model) / "config.json")
+    settings = run_settings(args, model_config(args.model)[0])
     name = "adapter" if args.method in ADAPTER_METHODS else "model"
 
     def on_step(i, optimizer):

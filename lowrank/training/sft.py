@@ -43,6 +43,8 @@ def read_records(path) -> list[tuple[str, dict]]:
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise DataError(f"{path}: a data file is .txt or .jsonl, got {path.suffix or 'no suffix'!r}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -136,10 +138,10 @@ def chat_pieces(messages, tokenizer, where: str) -> list[tuple[str, bool]]:
     return [(text, trained) for text, trained in pieces + [(rest, False)] if text]
 
 
-def load_examples(path, tokenizer, max_seq_len: int) -> list[Example]:
+def load_examples(path, tokenizer, max_seq_len: int, limit: str | None = None) -> list[Example]:
     """Every record of a data file tokenized; DataError for an empty file, a bad record, a record
-    with nothing to train, or one longer than ``max_seq_len`` tokens. A .txt file is cut into
-    windows of ``max_seq_len`` tokens instead."""
+    with nothing to train, or one longer than ``max_seq_len`` tokens (``limit`` says where that number
+    came from; default "--max-seq-len N"). A .txt file is cut into windows of ``max_seq_len`` tokens instead."""
     if max_seq_len < 2:
         raise DataError(f"--max-seq-len must be >= 2, got {max_seq_len}")
     records = read_records(path)
@@ -151,7 +153,8 @@ def load_examples(path, tokenizer, max_seq_len: int) -> list[Example]:
     examples = [tokenize_record(record, tokenizer, where) for where, record in records]
     for e in examples:
         if len(e.input_ids) > max_seq_len:
-            raise DataError(f"{e.where}: {len(e.input_ids)} tokens, longer than --max-seq-len {max_seq_len}")
+            raise DataError(f"{e.where}: {len(e.input_ids)} tokens, longer than "
+                            f"{limit or f'--max-seq-len {max_seq_len}'}")
         if not (e.labels[1:] != IGNORE_INDEX).any():
             raise DataError(f"{e.where}: nothing to train: every token after the first is masked")
     return examples

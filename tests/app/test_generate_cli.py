@@ -224,6 +224,16 @@ def test_sampling_settings_come_from_generation_config_and_flags_override(tmp_pa
         assert rows == [printable(auto.decode(expected[0], skip_special_tokens=True), keep="\n\t")], flags
 
 
+def test_max_length_in_generation_config_counts_the_prompt_as_transformers_does(tmp_path, capsys):
+    folder = model_folder(tmp_path / "model", {"eos_token_id": 2, "max_length": 11})
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = auto("The quick")["input_ids"]
+    new = hf_generate(folder, [ids])[0]                                   # transformers reads max_length itself
+    assert len(ids) + len(new) == 11 or 2 in new
+    rows, _ = cli(capsys, "--model", folder, "--prompt", "The quick", "--dtype", "float64")
+    assert rows == [printable(auto.decode(ids + new, skip_special_tokens=True), keep="\n\t")]
+
+
 @pytest.fixture(scope="module")
 def adapter(folder, tmp_path_factory):
     """A LoRA adapter (random B) for ``folder``'s model, saved with a chat template of its own."""
@@ -290,8 +300,8 @@ def test_bad_flags_are_one_line_and_exit_2(folder, capsys, args, match):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("vocab", r"tokenizer.json: the tokenizer produces ids up to 359 but the model's vocab_size is 100"),
-    ("eos", r"generation_config.json: eos_token_id\[1\] is 100000 but the model's vocab_size is 360"),
+    ("vocab", r"tokenizer.json: the tokenizer produces ids up to 359 but \S*bad/config.json's vocab_size is 100"),
+    ("eos", r"generation_config.json: eos_token_id\[1\] is 100000 but \S*bad/config.json's vocab_size is 360"),
     ("temperature", r"generation_config.json: temperature must be a finite number > 0, got 'hot'"),
     ("max_length", r"generation_config.json: max_length 2 leaves no room after a prompt of \d+ tokens"),
     ("no_template", "has no chat template"),
@@ -321,6 +331,26 @@ def test_bad_folders_are_one_line_and_exit_2_before_generating(folder, tmp_path,
     assert main(["generate", "--model", str(bad), *prompt]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lowrank generate: error: ") and re.search(match, err), err
+
+
+def test_ids_of_a_padded_embedding_without_text_print_nothing_as_transformers_decodes_them(folder, tmp_path, capsys):
+    """An embedding larger than the tokenizer (models pad it to a round size) is accepted: an id with no token
+    decodes to no text, in the stream as in transformers' decode."""
+    import shutil
+    padded = shutil.copytree(folder, tmp_path / "padded")
+    config = transformers.AutoConfig.from_pretrained(padded)
+    config.vocab_size = 400                                               # the tokenizer's ids end at 359
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        hf.lm_head.weight[380:] *= 1.5                                    # so that greedy picks some ids >= 360
+    hf.save_pretrained(padded)
+    auto = transformers.AutoTokenizer.from_pretrained(padded)
+    ids = auto("The quick")["input_ids"]
+    new = hf_generate(padded, [ids], max_new_tokens=12)[0]
+    assert any(t >= 360 for t in new) and any(t < 360 for t in new), new
+    rows, _ = cli(capsys, "--model", padded, "--prompt", "The quick", "--max-new-tokens", 12, "--dtype", "float64")
+    assert rows == [printable(auto.decode(ids + new, skip_special_tokens=True), keep="\n\t")]
 
 
 def test_a_folder_lm_pretrain_writes_generates_with_the_byte_tokenizer(tmp_path, capsys):

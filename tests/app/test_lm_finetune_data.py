@@ -5,8 +5,9 @@ trained here and a ChatML chat template (tests/tiny_models.py):
                transformers' AutoTokenizer and masks written by hand
     padding    a padded batch's loss is the token-weighted mean of its examples' losses alone
     PEFT       the final adapter loads in PEFT with logits equal to lowrank's
-    resume     a run SIGKILLed at a random step after a checkpoint, then resumed, ends with the adapter
-               of an uninterrupted run, bit for bit in float64
+    resume     a run SIGKILLed at a random step after a checkpoint, or at a random moment with a checkpoint
+               every step (often inside a save), then resumed, ends with the adapter of an uninterrupted
+               run, bit for bit in float64
     bad input  one line naming the file and field, exit code 2, nothing written
 """
 import json
@@ -158,6 +159,45 @@ def test_a_run_killed_at_a_random_step_and_resumed_ends_with_the_same_adapter(mo
         assert np.array_equal(whole[name], resumed[name]), f"{name}: killed at step {kill_at} (seed {seed})"
 
 
+def saved_step(state) -> int:
+    """The step of the checkpoint whose trainer_state.json is ``state`` (0 while none, or while it is replaced)."""
+    try:
+        return json.loads(state.read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_a_run_killed_at_a_random_moment_even_while_saving_resumes_to_the_same_adapter(model_dir, data, tmp_path):
+    """--save-every 1: a checkpoint is being written most of the time, so a SIGKILL at a random moment after a
+    random checkpoint often lands inside a save; the resumed run still ends with the uninterrupted run's adapter."""
+    import time
+    steps = 30
+    flags = ["--model", model_dir, "--data", data / "train.jsonl", "--val-fraction", "0.2", "--steps", steps,
+             "--batch-size", "4", "--lr", "1e-2", "--warmup", "2", "--eval-every", "10", "--dropout", "0.1",
+             "--dtype", "float64", "--threads", "1", "--save-every", "1", "--quiet"]
+    finetune(*flags, "--out", tmp_path / "whole")
+    seed = int.from_bytes(os.urandom(4), "little")
+    run = subprocess.Popen(CLI + [str(f) for f in flags] + ["--out", str(tmp_path / "cut")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = np.random.default_rng(seed)
+    after, state = int(rng.integers(1, steps - 8)), tmp_path / "cut" / "checkpoint" / "trainer_state.json"
+    while saved_step(state) < after and run.poll() is None:
+        time.sleep(0.001)
+    time.sleep(rng.uniform(0, 0.05))                                  # a step and its save take about 0.05 s
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=60)
+    assert run.returncode == -signal.SIGKILL, f"the run ended before the kill after step {after} (seed {seed})"
+    assert not (tmp_path / "cut" / "adapter").exists()
+
+    done = finetune(*flags[:-1], "--out", tmp_path / "cut", "--resume")
+    assert "resumed from" in done.stdout, done.stdout
+    whole, _ = read_tensor_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed, _ = read_tensor_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert np.array_equal(whole[name], resumed[name]), f"{name} (seed {seed})"
+
+
 # -- bad input -----------------------------------------------------------------------------------
 def edited_model(model_dir, tmp_path, config=None, template=None):
     """A copy of the tiny model with config.json fields or the chat template replaced."""
@@ -182,7 +222,8 @@ BAD = {  # name: (what to change, flags, the words the error line must hold)
     "template raises": ("template", "{{ raise_exception('no chats here') }}",
                         ["train.jsonl:1", "tokenizer_config.json: chat_template", "no chats here"]),
     "too few examples": ("flags", ["--batch-size", "40"], ["train.jsonl", "36 training examples"]),
-    "small embedding": ("config", {"vocab_size": 100}, ["tokenizer.json", "config.json", "vocab_size is 100"]),
+    "vocab against the weights": ("config", {"vocab_size": 100},
+                                  ["config.json", "model.safetensors", "vocab_size 100"]),
     "wrong type": ("config", {"hidden_size": "32"}, ["config.json", "hidden_size"]),
     "absurd": ("config", {"num_hidden_layers": 0}, ["config.json", "num_hidden_layers"]),
 }
