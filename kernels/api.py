@@ -5,7 +5,7 @@
     cupy_gpu/   CuPy: cuBLAS for the big product, hand-written CUDA where it pays
 
     each backend   lora.py (dense, one adapter)  multi.py (BGMV, SGMV)  nf4.py (4-bit W)
-                   gguf.py (W in llama.cpp's quantized blocks: Q8_0, Q4_0, Q4_1, Q4_K)
+                   gguf.py (W in llama.cpp's blocks: Q8_0, Q4_0, Q4_1, Q4_K; Q5_0, Q5_1, Q5_K, Q6_K by the reference)
                    attention.py (batched products, RoPE, causal softmax)  activations.py (SwiGLU's gate)  norm.py (RMSNorm)
                    loss.py (the LM head and cross-entropy, fused)
     shared         validate.py (input checks)  config.py (tunables, tolerances)  common.py (helpers)

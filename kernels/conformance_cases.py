@@ -19,12 +19,13 @@ mean something. What the cases cover, on purpose:
     LM loss     N = 0, V = 1, no label ignored, some, all; with and without dx and dW
     NF4         odd weight counts (a half-used last byte), block sizes 2 … 128, zero scales, and
                 absmax with and without double quantization (an 8-bit round trip of the scales)
-    GGUF        Q8_0, Q4_0, Q4_1 and Q4_K by name and by gguf type number, 1 to 3 blocks a row, a
-                zero-scale block
+    GGUF        Q8_0, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q6_K by name and by gguf type number,
+                1 to 3 blocks a row, a zero-scale block
 
 NF4 and GGUF inputs are built here with plain NumPy: any uint8 is a valid pair of codes, so random bytes
 and random scales are the whole format (``reference/nf4.py``); a GGUF block is random bytes with
-finite f16 scales in its first 2 or 4 bytes (Q4_K's 6-bit scales are any bytes; ``reference/gguf.py``).
+finite f16 scales in its first 2 or 4 bytes, Q6_K's in bytes 208-209 (the 6-bit and int8 sub-block scales
+are any bytes; ``reference/gguf.py``).
 """
 import numpy as np
 from hypothesis import strategies as st
@@ -213,11 +214,14 @@ def nf4_matmul_dx(c, dtype, oracle):
 
 # -- GGUF: a frozen W in llama.cpp's quantized blocks -----------------------------------------
 GGUF = st.fixed_dictionaries(dict(N=st.integers(0, 5), D_out=D_, blocks=st.integers(1, 3),
-                                  qtype=st.sampled_from(["Q4_0", "Q8_0", "Q4_1", "Q4_K", 2, 8, 3, 12]),
+                                  qtype=st.sampled_from(["Q4_0", "Q8_0", "Q4_1", "Q4_K", 2, 8, 3, 12,
+                                                         "Q5_0", "Q5_1", "Q5_K", "Q6_K", 6, 7, 13, 14]),
                                   bias=st.booleans(), layout=LAYOUT, seed=SEED))
 
 
-_GGUF_SCALE = {"Q8_0": 1 / 64, "Q4_0": 1 / 8, "Q4_1": 1 / 8, "Q4_K": 1 / 256}
+_GGUF_SCALE = {"Q8_0": 1 / 64, "Q4_0": 1 / 8, "Q4_1": 1 / 8, "Q4_K": 1 / 256,
+               "Q5_0": 1 / 16, "Q5_1": 1 / 32, "Q5_K": 1 / 512, "Q6_K": 1 / 2048}
+_GGUF_SCALE_AT = {"Q8_0": (0, 1), "Q4_0": (0, 1), "Q5_0": (0, 1), "Q6_K": (208, 1)}   # f16 d: (byte, count)
 
 
 def _gguf(c):
@@ -227,10 +231,10 @@ def _gguf(c):
     B, S = validate.GGUF_FORMATS[name]
     D_out, D_in = c["D_out"], c["blocks"] * B
     raw = rng.integers(0, 256, (D_out * c["blocks"], S), dtype=np.uint8)
-    halves = 1 if name in ("Q8_0", "Q4_0") else 2                   # d, or d and m / dmin
+    at, halves = _GGUF_SCALE_AT.get(name, (0, 2))                  # d, or d and m / dmin at bytes 0-3
     scales = (rng.uniform(-1, 1, (raw.shape[0], halves)) * _GGUF_SCALE[name]).astype(np.float16)   # O(1) weights
     scales[rng.integers(raw.shape[0])] = 0                          # an all-zero block
-    raw[:, :2 * halves] = scales.view(np.uint8).reshape(raw.shape[0], 2 * halves)
+    raw[:, at:at + 2 * halves] = scales.view(np.uint8).reshape(raw.shape[0], 2 * halves)
     return rng, raw.reshape(D_out, -1), c["qtype"], (D_out, D_in)
 
 
@@ -365,7 +369,8 @@ _EDGE_SGMV = [dict(N=0, D_in=1, D_out=1, K=1, ranks=[1], indptr=[0, 0], seg_inde
 _EDGE_NF4 = [dict(N=0, D_out=1, D_in=1, blocksize=2, double_quant=False), dict(N=3, D_out=3, D_in=5, blocksize=4,
              double_quant=True), dict(N=2, D_out=5, D_in=64, blocksize=64, double_quant=True)]
 
-_EDGE_GGUF = [dict(N=n, D_out=d, blocks=k, qtype=q) for q in ("Q8_0", "Q4_0", "Q4_1", "Q4_K")
+_EDGE_GGUF = [dict(N=n, D_out=d, blocks=k, qtype=q) for q in ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K",
+                                                                "Q6_K")
               for n, d, k in ((0, 1, 1), (1, 3, 2), (3, 5, 1))]
 
 _EDGE_MATMUL = [dict(lead=[], repeat=[0, 0, 0], drop=0, M=1, K=0, N=3),

@@ -273,8 +273,10 @@ def nf4_operand(name, a, width, bias=None, width_bias=None, dtypes=NF4_FLOATS):
 
 
 # -- GGUF: llama.cpp's quantized blocks --------------------------------------------------------
-GGUF_FORMATS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}   # name: (B weights, S bytes)
-GGUF_TYPES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 12: "Q4_K"}    # gguf.GGMLQuantizationType values of those names
+GGUF_FORMATS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+                "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}   # name: (B weights, S bytes)
+GGUF_TYPES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 12: "Q4_K", 13: "Q5_K",
+              14: "Q6_K"}                                     # gguf.GGMLQuantizationType values of those names
 
 
 def gguf_qtype(qtype):

@@ -7,7 +7,7 @@ Letters: N rows, D_in, D_out, r rank, K adapters. Row-major activations.
     lora.py   dense and single-adapter LoRA, forward and backward
     multi.py  multi-adapter batches: BGMV (a per-row index) and SGMV (sorted segments)
     nf4.py    products with a 4-bit (NF4) frozen W
-    gguf.py   products with a frozen W in llama.cpp's quantized blocks (GGUF: Q8_0, Q4_0, Q4_1, Q4_K)
+    gguf.py   products with a frozen W in llama.cpp's GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
     attention.py  RoPE and the causal softmax, the elementwise parts of attention
     activations.py  SwiGLU's gate, silu(g) ⊙ u
     norm.py   RMSNorm

@@ -230,6 +230,10 @@ class GGUFFile:
         """The tensor's NumPy shape (ggml dims reversed)."""
         return tuple(reversed(self.tensors[name].dims))
 
+    def raw(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as stored, a read-only view of the memory map: a block format's (rows, row bytes) uint8."""
+        return self._data[name]
+
     def dequantize(self, name: str) -> np.ndarray:
         """Tensor ``name`` as float32 in NumPy order; F32 is a read-only view of the memory map."""
         from gguf import GGMLQuantizationType

@@ -1,13 +1,17 @@
-"""GGUFDense: a frozen base layer whose weight stays in llama.cpp's quantized GGUF blocks.
+"""GGUFDense and GGUFEmbedding: frozen layers whose weight stays in llama.cpp's quantized GGUF blocks.
 
 Letters: N rows, D_in, D_out. Ŵ = dequant(blocks) (D_out, D_in) is the weight llama.cpp multiplies
-(Q8_0, Q4_0, Q4_1 or Q4_K; layouts in ``lowrank.kernels.reference.gguf``); it never exists in full:
-the kernels dequantize a tile of rows at a time, and the layer holds the blocks at their GGUF size.
+(Q8_0, Q4_0, Q4_1, Q4_K with Numba kernels; Q5_0, Q5_1, Q5_K, Q6_K through the reference's tiles; layouts
+in ``lowrank.kernels.reference.gguf``); it never exists in full: the kernels dequantize a tile of rows at a
+time, and the layer holds the blocks at their GGUF size.
 
     forward   y  = x Ŵᵀ + b          gguf_matmul      (N, D_in) -> (N, D_out)
     backward  dx = dy Ŵ              gguf_matmul_dx   (N, D_out) -> (N, D_in)
               db = Σ_rows dy         only when the bias is trainable (PEFT's bias="all")
               no dW: the quantized weight is frozen and keeps no input, no gradient, no optimizer state
+
+GGUFEmbedding (V, d) is the embedding's counterpart: y[b, t] = Ŵ[ids[b, t]], only the looked-up rows
+dequantized; frozen, so its backward is nothing.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..kernels import validate
+from .device import get_array_module
 from .dispatch import kernels_for
+from .embedding import Embedding
 from .layers import Dense, check_dtype
 from .module import Module, Parameter
 
@@ -52,6 +58,16 @@ class GGUFDense(Module):
             raise ValueError(f"GGUFDense: bias must be {self.dtype} of shape ({self.out_features},), "
                              f"got {bias.dtype} {tuple(bias.shape)}")
         self.bias = Parameter(bias) if bias is not None else None
+
+    @classmethod
+    def tied(cls, embedding: "GGUFEmbedding") -> "GGUFDense":
+        """logits = h Ŵᵀ over a GGUFEmbedding's blocks (TiedLMHead's counterpart): its Parameter is referenced,
+        not listed, so nothing is held, counted or saved twice."""
+        head = cls(embedding.weight_blocks.data, embedding.qtype, embedding.weight.shape, dtype=embedding.dtype,
+                   backend=embedding.backend)
+        head._parameters.pop("weight_blocks")
+        object.__setattr__(head, "weight_blocks", embedding.weight_blocks)
+        return head
 
     @property
     def shape(self) -> tuple:
@@ -92,3 +108,42 @@ class GGUFDense(Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"qtype={self.qtype}")
+
+
+class GGUFEmbedding(Module):
+    """y = Ŵ[ids] with Ŵ (V, d) held as GGUF blocks: ``weight_blocks``, a frozen uint8 Parameter (V, d / B · S)."""
+
+    check_ids = Embedding.check_ids        # ids an integer array in [0, num_embeddings), errors naming this layer
+
+    def __init__(self, blocks, qtype, shape, *, dtype="float32", backend: str | None = None):
+        super().__init__()
+        try:
+            self.qtype, self.num_embeddings, self.embedding_dim = validate.gguf(blocks, qtype, shape)
+        except ValueError as e:
+            raise ValueError(f"GGUFEmbedding: {e}") from None
+        self.dtype = check_dtype("GGUFEmbedding", dtype)
+        self.backend = backend
+        self.weight_blocks = Parameter(blocks, trainable=False, numel=self.num_embeddings * self.embedding_dim)
+
+    @property
+    def weight(self) -> GGUFWeight:
+        """The quantized weight (V, d), a view on the current blocks Parameter."""
+        return GGUFWeight(self.weight_blocks.data, self.qtype, (self.num_embeddings, self.embedding_dim), self.dtype)
+
+    def forward(self, ids):
+        self.check_ids(ids)
+        rows = self.weight_blocks.data[ids.reshape(-1)]                           # (B·T, d / B · S) uint8
+        self._cache = tuple(ids.shape) + (self.embedding_dim,)
+        if rows.shape[0] == 0:
+            return get_array_module(rows).zeros(self._cache, self.dtype)
+        y = kernels_for(rows, self.backend).gguf_dequantize(rows, self.qtype, (rows.shape[0], self.embedding_dim),
+                                                            self.dtype)
+        return y.reshape(self._cache)                                             # (B, T, d)
+
+    def backward(self, dy):
+        self._check_dy(dy, self._need_cache())
+        self._cache = None
+        return None                                                               # frozen; ids get no gradient
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"

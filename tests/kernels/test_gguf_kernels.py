@@ -1,4 +1,5 @@
-"""GGUF kernels (Q8_0, Q4_0, Q4_1, Q4_K): dequantize bit-exact to ``gguf``'s own ``dequantize`` in
+"""GGUF kernels (Q8_0, Q4_0, Q4_1, Q4_K in Numba; Q5_0, Q5_1, Q5_K, Q6_K in the reference, which Numba
+falls back to): dequantize bit-exact to ``gguf``'s own ``dequantize`` in
 the reference and in Numba; the products against float64 products with gguf's dequantized W; tiles
 shrunk so tiny weights cross tile borders and the GEMV switched on for N > 1 to cover its row loop;
 the blocks as gguf's writer and reader lay them out; and the errors."""
@@ -17,17 +18,19 @@ from lowrank.kernels.numba_cpu import gguf as numba_gguf
 from lowrank.kernels.reference import gguf as reference_gguf
 
 BACKENDS = [reference_gguf, numba_gguf]
-TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K]
+TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K]
+K_SCALES_AT = {Q.Q4_K: slice(0, 4), Q.Q5_K: slice(0, 4), Q.Q6_K: slice(208, 210)}   # a k-quant's f16 d (and dmin)
 
 
 def blocks_of(rng, qtype, D_out, n_blocks):
-    """Blocks of a (D_out, D_in) weight in gguf's layout: Q8_0/Q4_0/Q4_1 quantized by gguf from random
-    floats; Q4_K (gguf-py has no Q4_K quantizer) random bytes with finite f16 d and dmin."""
+    """Blocks of a (D_out, D_in) weight in gguf's layout: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 quantized by gguf from random
+    floats; the k-quants (gguf-py has no quantizer for them) random bytes with finite f16 d (and dmin)."""
     B, S = gguf.GGML_QUANT_SIZES[qtype]
-    if qtype != Q.Q4_K:
+    if qtype not in K_SCALES_AT:
         return quants.quantize(rng.standard_normal((D_out, n_blocks * B)).astype(np.float32), qtype)
     raw = rng.integers(0, 256, (D_out * n_blocks, S), dtype=np.uint8)
-    raw[:, :4] = rng.uniform(-0.02, 0.02, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+    at = K_SCALES_AT[qtype]
+    raw[:, at] = rng.uniform(-0.02, 0.02, (raw.shape[0], (at.stop - at.start) // 2)).astype(np.float16).view(np.uint8)
     return raw.reshape(D_out, n_blocks * S)
 
 
@@ -88,9 +91,11 @@ def test_blocks_are_what_ggufs_writer_writes_and_its_reader_gives(tmp_path):
 def test_bad_inputs_are_named(backend):
     blocks = quants.quantize(np.ones((2, 32), np.float32), Q.Q4_0)       # (2, 18)
     with pytest.raises(ValueError, match="qtype must be one of"):
-        backend.gguf_dequantize(blocks, "Q5_0", (2, 32))
+        backend.gguf_dequantize(blocks, "Q2_K", (2, 32))
     with pytest.raises(ValueError, match="qtype must be one of"):
-        backend.gguf_dequantize(blocks, int(Q.Q6_K), (2, 32))
+        backend.gguf_dequantize(blocks, int(Q.IQ4_NL), (2, 32))
+    with pytest.raises(ValueError, match=r"Q5_0 blocks must be uint8 of shape \(2, 22\)"):
+        backend.gguf_dequantize(blocks, "Q5_0", (2, 32))
     with pytest.raises(ValueError, match=r"Q4_0 rows are whole blocks of 32 weights, got D_in = 30"):
         backend.gguf_dequantize(blocks, Q.Q4_0, (2, 30))
     with pytest.raises(ValueError, match=r"blocks must be uint8 of shape \(2, 36\)"):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowrank as lr
-from lowrank.nn.gguf_dense import GGUFDense
+from lowrank.nn.gguf_dense import GGUFDense, GGUFEmbedding
 from lowrank.nn.gradcheck import gradcheck
 
 TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K]
@@ -93,3 +93,29 @@ def test_bad_blocks_are_named():
         GGUFDense(blocks, "Q4_0", (2, 64))
     with pytest.raises(ValueError, match=r"GGUFDense: bias must be float32 of shape \(2,\)"):
         GGUFDense(blocks, "Q4_0", (2, 32), np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K], ids=lambda q: q.name)
+def test_ggufembedding_looks_up_ggufs_rows_and_a_tied_head_shares_its_blocks(qtype):
+    """y[b, t] = gguf's dequantized row ids[b, t]; frozen (backward returns None, no gradient); GGUFDense.tied
+    multiplies by the same blocks without listing them again."""
+    rng = np.random.default_rng(0)
+    V, d = 7, 256
+    if qtype == Q.Q6_K:
+        blocks = rng.integers(0, 256, (V, 210), dtype=np.uint8)
+        blocks[:, 208:] = rng.uniform(-0.001, 0.001, (V, 1)).astype(np.float16).view(np.uint8)
+    else:
+        blocks = quants.quantize(rng.standard_normal((V, d)).astype(np.float32), qtype)
+    W = quants.dequantize(blocks, qtype)                                        # (V, d) float32, gguf's values
+    emb = GGUFEmbedding(blocks, qtype, (V, d))
+    ids = np.array([[3, 0, 6], [3, 3, 1]])
+    y = emb(ids)
+    assert y.dtype == np.float32 and np.array_equal(y, W[ids])
+    assert emb.backward(np.ones_like(y)) is None and emb.weight_blocks.grad is None
+    assert emb(np.zeros((0, 4), np.int64)).shape == (0, 4, d)
+    with pytest.raises(ValueError, match=r"GGUFEmbedding '<root>': token ids must lie in \[0, 7\)"):
+        emb(np.array([[7]]))
+    head = GGUFDense.tied(emb)
+    assert head.weight_blocks is emb.weight_blocks and not list(head.named_parameters())
+    h = rng.standard_normal((4, d)).astype(np.float32)
+    np.testing.assert_allclose(head(h), h @ W.T, rtol=1e-5, atol=1e-5 * np.abs(W).sum(axis=1).max())

@@ -14,7 +14,13 @@ files Mistral under "llama"), as transformers 5.25's ``load_gguf_checkpoint`` re
 Tensor names map to transformers' (``GGUF_NAMES``). llama.cpp stores the rows of Llama's q and k in
 its rotary layout (each head's pairs (2j, 2j+1) where transformers keeps (j, j + h/2)); its converter
 permutes W (rows, cols) as ``W.reshape(H, 2, h/2, cols).swapaxes(1, 2)``, undone here by the inverse,
-``W.reshape(H, h/2, 2, cols).swapaxes(1, 2)``. Qwen files keep transformers' order.
+``W.reshape(H, h/2, 2, cols).swapaxes(1, 2)``. Qwen files keep transformers' order. The permutation moves
+whole rows, so it is undone on a quantized tensor's blocks (rows, row bytes) just as on its floats.
+
+``keep_quantized=True`` (``--method qlora`` on a GGUF) keeps each matrix the file holds in a block format
+the kernels multiply (``validate.GGUF_FORMATS``) as its blocks: a linear layer becomes a ``GGUFDense``, the
+embedding a ``GGUFEmbedding`` and a tied head a ``GGUFDense`` over the embedding's blocks (one copy), so
+the frozen base in RAM is the file's tensors at their size; F32/F16/BF16 tensors load as floats.
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ import numpy as np
 
 from ...io.gguf import read_gguf
 from ...io.tensor_files import FileFormatError
+from ...kernels.validate import GGUF_FORMATS
+from ...nn.embedding import Embedding
+from ...nn.gguf_dense import GGUFDense, GGUFEmbedding
+from ...nn.layers import Dense
 from .configuration import LlamaConfig
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")      # general.architecture values lowrank loads
@@ -176,17 +186,63 @@ def load_config(gguf) -> LlamaConfig:
         raise FileFormatError(f"{gguf.path}: {e}") from e
 
 
-def from_gguf(cls, path, *, expected_shapes, dtype="float32", allow_nonfinite: bool = False):
+def block_tensors(gguf, mapped: dict) -> dict:
+    """The part of ``mapped`` {transformers name: llama.cpp name} that are matrices in a block format the kernels
+    multiply (``GGUF_FORMATS``)."""
+    return {name: source for name, source in mapped.items() if name.endswith(".weight")
+            and len(gguf.tensors[source].dims) == 2 and gguf.tensors[source].type_name in GGUF_FORMATS}
+
+
+def keep_gguf_blocks(model, gguf, mapped: dict | None = None) -> set:
+    """Replace, in place, each layer of ``model`` whose weight the GGUF (a path or ``GGUFFile``) holds in a kernel
+    block format by a layer holding the blocks (a Dense -> GGUFDense with its bias, the embedding -> GGUFEmbedding,
+    a tied head -> a GGUFDense sharing the embedding's blocks); the float weights they held are dropped. Returns
+    the transformers names of the weights now held as blocks."""
+    gguf = read_gguf(gguf) if isinstance(gguf, (str, Path)) else gguf
+    if mapped is None:
+        mapped = check_shapes(gguf, {name: p.shape for name, p in model.named_parameters()})
+    config, dtype, kept = model.config, model.dtype, block_tensors(gguf, mapped)
+    for name, source in kept.items():
+        module_name, layer = name[:-len(".weight")], model.get_submodule(name[:-len(".weight")])
+        qtype, shape = gguf.tensors[source].type_name, gguf.shape(source)
+        blocks = gguf.raw(source)                                            # (rows, row bytes) uint8, mapped
+        if config.model_type == "llama" and (".q_proj." in name or ".k_proj." in name):
+            blocks = unpermute_rotary(blocks, config.num_attention_heads if ".q_proj." in name
+                                      else config.num_key_value_heads)
+        blocks = np.array(blocks, order="C")                                 # in RAM, at the file's size
+        if isinstance(layer, Embedding):
+            new = GGUFEmbedding(blocks, qtype, shape, dtype=dtype)
+        elif isinstance(layer, Dense):
+            bias = layer.bias
+            new = GGUFDense(blocks, qtype, shape, None if bias is None else bias.data, dtype=dtype,
+                            backend=layer.backend)
+            if bias is not None:
+                new.bias.trainable = bias.trainable
+        else:
+            raise TypeError(f"keep_gguf_blocks: {module_name} is a {type(layer).__name__}; only Dense and Embedding "
+                            f"layers can hold GGUF blocks")
+        model.set_submodule(module_name, new)
+    embedding = model.model.embed_tokens
+    if config.tie_word_embeddings and isinstance(embedding, GGUFEmbedding):
+        model.lm_head = GGUFDense.tied(embedding)
+    return set(kept)
+
+
+def from_gguf(cls, path, *, expected_shapes, dtype="float32", allow_nonfinite: bool = False,
+              keep_quantized: bool = False):
     """A ``cls`` (LlamaForCausalLM) in ``dtype`` with the config and weights of the GGUF at ``path``;
     ``expected_shapes(config)`` -> {parameter name: shape} (checkpoint's, passed in by checkpoint.from_pretrained,
-    which dispatches here); ``allow_nonfinite`` loads NaN/Inf weights."""
+    which dispatches here); ``allow_nonfinite`` loads NaN/Inf weights; ``keep_quantized`` keeps block-format
+    matrices as their blocks (``keep_gguf_blocks``), never dequantized whole. ``model.gguf_path`` names the file."""
     gguf = read_gguf(path)
     config = load_config(gguf)
     mapped = check_shapes(gguf, expected_shapes(config))
     model = cls(config, dtype=dtype, seed=0, init_weights=False)
-    state = state_dict_from_gguf(gguf, config, mapped, model.dtype)
-    try:
-        model.load_state_dict(state, allow_nonfinite=allow_nonfinite, assign=True)
+    kept = keep_gguf_blocks(model, gguf, mapped) if keep_quantized else set()
+    state = state_dict_from_gguf(gguf, config, {n: s for n, s in mapped.items() if n not in kept}, model.dtype)
+    try:                                                         # every name is checked by check_shapes above
+        model.load_state_dict(state, strict=not kept, allow_nonfinite=allow_nonfinite, assign=True)
     except ValueError as e:                                      # NaN/Inf weights, named after the file
         raise FileFormatError(f"{gguf.path}: {e}") from e
+    model.gguf_path = gguf.path
     return model
