@@ -34,6 +34,10 @@ GRADIENT_TESTS = {      # class (module.qualname) -> "file::test" whose body run
     **{f"lowrank.nn.losses.{c}": "test_losses.py::test_loss_value_and_gradient"
        for c in ("BCEWithLogitsLoss", "CrossEntropyLoss", "MSELoss")},
     "lowrank.nn.nf4_dense.NF4Dense": "test_qlora.py::test_nf4dense_gradients_match_finite_differences_of_the_dequantized_layer",
+    "lowrank.nn.layers.QuantizedDense":      # NF4Dense's and GGUFDense's backward (their tests below)
+        "test_qlora.py::test_nf4dense_gradients_match_finite_differences_of_the_dequantized_layer",
+    "lowrank.nn.gguf_dense.GGUFEmbedding":
+        "test_gguf_dense.py::test_a_layer_over_ggufembedding_matches_finite_differences_and_the_lookup_passes_nothing_back",
     "lowrank.nn.gguf_dense.GGUFDense":
         "test_gguf_dense.py::test_ggufdense_gradients_match_finite_differences_of_the_dequantized_layer",
     "lowrank.nn.activations.SiLU": "test_llama_layers.py::test_silu_matches_finite_differences",

@@ -23,12 +23,8 @@ from ..kernels import validate
 from .device import get_array_module
 from .dispatch import kernels_for
 from .embedding import Embedding
-from .layers import Dense, check_dtype
+from .layers import QuantizedDense, check_dtype
 from .module import Module, Parameter
-
-
-class GGUFDenseCache(NamedTuple):
-    rows: int              # N of the forward input; x itself is not kept (no dW for a frozen quantized W)
 
 
 class GGUFWeight(NamedTuple):
@@ -39,11 +35,9 @@ class GGUFWeight(NamedTuple):
     dtype: np.dtype        # what it computes in
 
 
-class GGUFDense(Module):
+class GGUFDense(QuantizedDense):
     """y = x Ŵᵀ + b with Ŵ held as GGUF blocks: ``weight_blocks``, a frozen uint8 Parameter
     (D_out, D_in / B · S) that state_dict() carries; ``qtype`` names the block format."""
-
-    lora_targetable = True     # get_lora_model may wrap it in LoraLinear: QLoRA over llama.cpp's quantization
 
     def __init__(self, blocks, qtype, shape, bias=None, *, dtype="float32", backend: str | None = None):
         super().__init__()
@@ -78,32 +72,14 @@ class GGUFDense(Module):
         """The quantized weight, a view on the current blocks Parameter."""
         return GGUFWeight(self.weight_blocks.data, self.qtype, self.shape, self.dtype)
 
-    def forward(self, x):
-        self._check_input(x, self.in_features, self.dtype)
-        b = self.bias.data if self.bias is not None else None
-        self._cache = GGUFDenseCache(x.shape[0])
-        return kernels_for(x, self.backend).gguf_matmul(x, self.weight_blocks.data, self.qtype, self.shape, b)  # (N, D_out)
+    def _product(self, kernels, x, b):
+        return kernels.gguf_matmul(x, self.weight_blocks.data, self.qtype, self.shape, b)              # (N, D_out)
 
-    def backward(self, dy):
-        cache = self._need_cache()
-        self._cache = None
-        if tuple(dy.shape) != (cache.rows, self.out_features):
-            raise ValueError(f"{self.label}: dy has shape {tuple(dy.shape)}, "
-                             f"expected {(cache.rows, self.out_features)}")
-        if self.bias is not None and self.bias.trainable:
-            self.bias.accumulate(dy.sum(axis=0))                                   # (D_out,)
-        return kernels_for(dy, self.backend).gguf_matmul_dx(dy, self.weight_blocks.data, self.qtype, self.shape)  # (N, D_in)
+    def _product_dx(self, kernels, dy):
+        return kernels.gguf_matmul_dx(dy, self.weight_blocks.data, self.qtype, self.shape)             # (N, D_in)
 
-    def dequantized(self) -> Dense:
-        """A float Dense holding Ŵ and a copy of the bias: the layer this one computes, exactly."""
-        dense = Dense(self.in_features, self.out_features, self.bias is not None, dtype=self.dtype,
-                      backend=self.backend)
-        W = kernels_for(self.weight_blocks.data, self.backend).gguf_dequantize(
-            self.weight_blocks.data, self.qtype, self.shape, self.dtype)
-        dense.weight = Parameter(W, trainable=False)
-        if self.bias is not None:
-            dense.bias = Parameter(self.bias.data.copy(), trainable=self.bias.trainable)
-        return dense
+    def _dequantize(self, kernels):
+        return kernels.gguf_dequantize(self.weight_blocks.data, self.qtype, self.shape, self.dtype)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

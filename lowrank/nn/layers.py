@@ -72,6 +72,50 @@ class Dense(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class QuantizedDenseCache(NamedTuple):
+    rows: int              # N of the forward input; x itself is not kept (no dW for a quantized W)
+
+
+class QuantizedDense(Module):
+    """y = x Ŵᵀ + b over a frozen quantized Ŵ (D_out, D_in) that never exists in full (NF4Dense, GGUFDense):
+
+        forward   y  = x Ŵᵀ + b          ``_product(kernels, x, b)``   (N, D_in) -> (N, D_out)
+        backward  dx = dy Ŵ              ``_product_dx(kernels, dy)``  (N, D_out) -> (N, D_in)
+                  db = Σ_rows dy         only when the bias is trainable (PEFT's bias="all")
+                  no dW: the frozen weight keeps no input, no gradient, no optimizer state
+
+    A subclass sets in_features, out_features, dtype, backend and bias, and gives the two products and
+    ``_dequantize(kernels)`` -> Ŵ in ``dtype``."""
+
+    lora_targetable = True     # get_lora_model may wrap it in LoraLinear: LoRA over a quantized base (QLoRA)
+
+    def forward(self, x):
+        self._check_input(x, self.in_features, self.dtype)
+        b = self.bias.data if self.bias is not None else None
+        self._cache = QuantizedDenseCache(x.shape[0])
+        return self._product(kernels_for(x, self.backend), x, b)                  # (N, D_out)
+
+    def backward(self, dy):
+        cache = self._need_cache()
+        self._cache = None
+        if tuple(dy.shape) != (cache.rows, self.out_features):
+            raise ValueError(f"{self.label}: dy has shape {tuple(dy.shape)}, "
+                             f"expected {(cache.rows, self.out_features)}")
+        if self.bias is not None and self.bias.trainable:
+            self.bias.accumulate(dy.sum(axis=0))                                   # (D_out,)
+        return self._product_dx(kernels_for(dy, self.backend), dy)                 # (N, D_in)
+
+    def dequantized(self) -> Dense:
+        """A float Dense holding Ŵ and a copy of the bias: the layer this one computes, exactly."""
+        dense = Dense(self.in_features, self.out_features, self.bias is not None, dtype=self.dtype,
+                      backend=self.backend)
+        first = next(p for _, p in self.named_parameters()).data
+        dense.weight = Parameter(self._dequantize(kernels_for(first, self.backend)), trainable=False)
+        if self.bias is not None:
+            dense.bias = Parameter(self.bias.data.copy(), trainable=self.bias.trainable)
+        return dense
+
+
 class ReLU(Module):
     """y = max(x, 0); dx = dy ⊙ [x > 0]."""
 

@@ -10,25 +10,16 @@ the kernels dequantize a tile of rows at a time.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
-from .dispatch import kernels_for
-from .layers import Dense, check_dtype
-from .module import Module, Parameter
+from .layers import Dense, QuantizedDense, check_dtype
+from .module import Parameter
 from .quant import NF4Tensor
 
 
-class NF4DenseCache(NamedTuple):
-    rows: int              # N of the forward input; x itself is not kept (no dW for a 4-bit W)
-
-
-class NF4Dense(Module):
+class NF4Dense(QuantizedDense):
     """y = x Ŵᵀ + b with Ŵ stored in NF4. The packed codes and block scales are frozen Parameters
     (``weight_packed``, ``weight_absmax`` or ``weight_absmax_q/_scale/_offset``), so state_dict() carries them."""
-
-    lora_targetable = True     # get_lora_model may wrap it in LoraLinear: that is QLoRA
 
     def __init__(self, weight: NF4Tensor, bias=None, *, backend: str | None = None):
         super().__init__()
@@ -64,32 +55,16 @@ class NF4Dense(Module):
         return NF4Tensor(packed, (self.out_features, self.in_features), self.dtype, self.blocksize,
                          dq_blocksize=self.dq_blocksize, **buffers)        # absmax, or absmax_q/_scale/_offset
 
-    def forward(self, x):
-        self._check_input(x, self.in_features, self.dtype)
+    def _product(self, kernels, x, b):
         W = self.weight
-        b = self.bias.data if self.bias is not None else None
-        self._cache = NF4DenseCache(x.shape[0])
-        return kernels_for(x, self.backend).nf4_matmul(x, W.data, W.absmax(), W.shape, W.blocksize, b)  # (N, D_out)
+        return kernels.nf4_matmul(x, W.data, W.absmax(), W.shape, W.blocksize, b)                      # (N, D_out)
 
-    def backward(self, dy):
-        cache = self._need_cache()
-        self._cache = None
-        if tuple(dy.shape) != (cache.rows, self.out_features):
-            raise ValueError(f"{self.label}: dy has shape {tuple(dy.shape)}, "
-                             f"expected {(cache.rows, self.out_features)}")
-        if self.bias is not None and self.bias.trainable:
-            self.bias.accumulate(dy.sum(axis=0))                                   # (D_out,)
+    def _product_dx(self, kernels, dy):
         W = self.weight
-        return kernels_for(dy, self.backend).nf4_matmul_dx(dy, W.data, W.absmax(), W.shape, W.blocksize)  # (N, D_in)
+        return kernels.nf4_matmul_dx(dy, W.data, W.absmax(), W.shape, W.blocksize)                     # (N, D_in)
 
-    def dequantized(self) -> Dense:
-        """A float Dense holding Ŵ and a copy of the bias: the layer this one computes, exactly."""
-        dense = Dense(self.in_features, self.out_features, self.bias is not None, dtype=self.dtype,
-                      backend=self.backend)
-        dense.weight = Parameter(self.weight.dequantize(self.dtype), trainable=False)
-        if self.bias is not None:
-            dense.bias = Parameter(self.bias.data.copy(), trainable=self.bias.trainable)
-        return dense
+    def _dequantize(self, kernels):
+        return self.weight.dequantize(self.dtype)
 
     def extra_repr(self):
         dq = ", double_quant" if self.double_quant else ""

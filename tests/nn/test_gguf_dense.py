@@ -119,3 +119,25 @@ def test_ggufembedding_looks_up_ggufs_rows_and_a_tied_head_shares_its_blocks(qty
     assert head.weight_blocks is emb.weight_blocks and not list(head.named_parameters())
     h = rng.standard_normal((4, d)).astype(np.float32)
     np.testing.assert_allclose(head(h), h @ W.T, rtol=1e-5, atol=1e-5 * np.abs(W).sum(axis=1).max())
+
+
+def test_a_layer_over_ggufembedding_matches_finite_differences_and_the_lookup_passes_nothing_back():
+    """ids -> GGUFEmbedding (frozen Q8_0 rows) -> Dense: the Dense's dW, db match central differences through the
+    lookup, and the lookup's backward returns None (token ids have no gradient) and touches no Parameter."""
+    rng = np.random.default_rng(1)
+    V, d, D_out = 5, 32, 3
+    blocks = quants.quantize(rng.standard_normal((V, d)).astype(np.float32), Q.Q8_0)
+    emb = GGUFEmbedding(blocks, Q.Q8_0, (V, d), dtype="float64")
+    dense = lr.Dense(d, D_out, dtype="float64", seed=2)
+    ids = np.array([[4, 0, 4], [1, 2, 3]])
+
+    def forward():
+        return dense.forward(emb.forward(ids).reshape(-1, d))                    # (B·T, D_out)
+
+    def backward(g):
+        dense.zero_grad()
+        forward()
+        assert emb.backward(dense.backward(g).reshape(2, 3, d)) is None and emb.weight_blocks.grad is None
+        return {"W": dense.weight.grad, "b": dense.bias.grad}
+
+    gradcheck(forward, backward, {"W": dense.weight.data, "b": dense.bias.data}, seed=3)
