@@ -64,7 +64,7 @@ def add_arguments(parser):
 def run(args) -> int:
     _check_args(args)
     folders = _adapter_folders(args.adapter)
-    model, tok = _model_and_tokenizer(args.model, args.dtype)
+    model, tok = model_and_tokenizer(args.model, args.dtype)
     texts = args.prompt or args.chat
     row = [(i if len(folders) > 1 else 0) if folders else None for i in range(len(texts))]      # row -> --adapter
     where = ["base model" if r is None else args.adapter[r] for r in row]
@@ -91,7 +91,7 @@ def run(args) -> int:
     return 0
 
 
-def _model_and_tokenizer(path, dtype):
+def model_and_tokenizer(path, dtype):
     """(the model in eval mode, its folder's tokenizer), after checking that every id the tokenizer produces has
     an embedding row and every id the model can produce has text."""
     from ..io.tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer, check_vocab, load_tokenizer

@@ -1,6 +1,6 @@
 """``lowrank serve``: an OpenAI-compatible HTTP server over one base model and many adapters.
 
-    lowrank serve --model DIR --adapter sql=ADAPTER_DIR --adapter chat=OTHER_DIR [--port 8000]
+    lowrank serve --model DIR|model.gguf --adapter sql=ADAPTER_DIR --adapter chat=OTHER_DIR [--port 8000]
 
 A request's ``model`` names an adapter (or the base, by its folder's name or --served-model-name);
 every request joins one running batch at the next decode step (``serving.engine``: continuous
@@ -14,7 +14,7 @@ from pathlib import Path
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="the base model's folder (config.json, model.safetensors, "
-                        "tokenizer files)")
+                        "tokenizer files) or a llama.cpp .gguf file")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="serve the PEFT adapter folder PATH as model NAME (repeatable)")
     parser.add_argument("--served-model-name", default=None, help="the base's name in requests (default: the "
@@ -27,6 +27,9 @@ def add_arguments(parser):
                         "recently used is evicted and reloaded from its files when asked for (default: all)")
     parser.add_argument("--max-model-len", type=int, default=None, help="positions per request (prompt + new "
                         "tokens) at most; default: the model's context")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None, help="prompt tokens prefilled per decode "
+                        "step at most, one prompt always joining: bounds how long running requests wait for joining "
+                        "ones (default: no bound)")
     parser.add_argument("--adapter-dir", default=None, help="the folder /v1/load_lora_adapter may load from "
                         "(default: loading while serving is off)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -53,22 +56,22 @@ def adapter_pairs(entries: list) -> dict:
 
 def build_server(args):
     """(the Starlette app, the Server) for parsed ``args``, model and adapters loaded."""
-    from ..io.tokenizer import load_tokenizer
-    from ..models.llama import LlamaForCausalLM
     from ..serving.api import Server, build_app
     from ..serving.engine import Engine
+    from .generate import model_and_tokenizer
     adapters = adapter_pairs(args.adapter)
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch}, {args.max_queue}")
-    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype)
-    model.eval()
-    tokenizer = load_tokenizer(args.model)
+    if args.max_prefill_tokens is not None and args.max_prefill_tokens < 1:
+        raise ValueError(f"--max-prefill-tokens must be >= 1, got {args.max_prefill_tokens}")
+    model, tokenizer = model_and_tokenizer(args.model, args.dtype)         # as lowrank generate loads them
     engine = Engine(model, adapters, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_adapters=args.max_adapters, max_length=args.max_model_len, threads=args.threads)
+                    max_adapters=args.max_adapters, max_length=args.max_model_len,
+                    max_prefill_tokens=args.max_prefill_tokens, threads=args.threads)
     name = args.served_model_name or Path(args.model).resolve().name
     if name in adapters:
         raise ValueError(f"--adapter {name} has the base model's name; rename it or set --served-model-name")
-    server = Server(engine, tokenizer, name, model_dir=args.model, api_key=args.api_key,
+    server = Server(engine, tokenizer, name, api_key=args.api_key,
                     adapter_dir=args.adapter_dir, max_body=args.max_body_bytes)
     return build_app(server), server
 

@@ -10,7 +10,9 @@
 
 ``stream: true`` answers with server-sent events, one chunk per piece of text, ending in
 ``data: [DONE]``; tokens that arrive while the client's chunk is being sent go out together in
-the next chunk. Text is decoded as ids arrive (``io.tokenizer.DecodeStream``); with ``stop``
+the next chunk. ``stream_options``: ``include_usage`` adds a usage chunk at the end (OpenAI's),
+``continuous_usage_stats`` puts the usage so far on every chunk (vLLM's), so a client can count the
+tokens of each chunk. Text is decoded as ids arrive (``io.tokenizer.DecodeStream``); with ``stop``
 strings, the last len(longest stop) − 1 characters are held back until they can't start one, and a
 stop string found ends the request (its row leaves at the next step) with finish_reason "stop".
 A client that goes away cancels its request the same way.
@@ -30,7 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from ..io.chat_template import load_chat_template, render_chat_template
-from ..io.tokenizer import DecodeStream
+from ..io.tokenizer import TOKENIZER_CONFIG_FILE, DecodeStream, read_json
 from ..tuners.lora.mixed import BASE
 from .engine import AdapterBusy, QueueFull, Request
 from .protocol import ApiError, messages, prompt_text, sampling, stop_at
@@ -39,10 +41,10 @@ from .protocol import ApiError, messages, prompt_text, sampling, stop_at
 class Server:
     """What the routes share: the engine, the tokenizer and the server's limits."""
 
-    def __init__(self, engine, tokenizer, base_name: str, *, model_dir=None, api_key: str | None = None,
-                 adapter_dir=None, max_body: int = 1 << 20, body_timeout: float = 10.0):
+    def __init__(self, engine, tokenizer, base_name: str, *, api_key: str | None = None, adapter_dir=None,
+                 max_body: int = 1 << 20, body_timeout: float = 10.0):
         self.engine, self.tokenizer, self.base_name = engine, tokenizer, base_name
-        self.model_dir, self.api_key, self.max_body, self.body_timeout = model_dir, api_key, max_body, body_timeout
+        self.api_key, self.max_body, self.body_timeout = api_key, max_body, body_timeout
         self.adapter_dir = None if adapter_dir is None else Path(adapter_dir).resolve()
         self.created = int(time.time())
 
@@ -96,12 +98,15 @@ class Server:
 
     def chat_ids(self, adapter: str, msgs: list) -> list:
         template, where = None, "chat_template"
-        if adapter != BASE:
-            template, where = load_chat_template(self.engine.paths[adapter], {})
+        try:
+            if adapter != BASE:                           # as lowrank generate: chat_template.jinja, else its config
+                folder = Path(self.engine.paths[adapter])
+                config = folder / TOKENIZER_CONFIG_FILE
+                template, where = load_chat_template(folder, read_json(config) if config.is_file() else {})
+        except (ValueError, OSError) as e:
+            raise ApiError(500, f"adapter {adapter!r}'s chat template can't be read: {str(e)[:300]}") from None
         if template is None:
             template, where = getattr(self.tokenizer, "chat_template", None), "the base's chat_template"
-        if template is None and self.model_dir is not None:
-            template, where = load_chat_template(self.model_dir, {})
         if template is None:
             raise ApiError(400, "neither the adapter nor the base model has a chat template; use /v1/completions",
                            "model")
@@ -129,10 +134,11 @@ class Server:
         return r, events
 
     async def pieces(self, r: Request, events, s, http: HttpRequest):
-        """Yield (text piece, None) as text arrives, then ("", (finish_reason, completion tokens))."""
+        """Yield (text piece, finish, tokens) as text arrives: ``tokens`` the completion tokens decoded so far,
+        ``finish`` None until the last piece, then (finish_reason, completion tokens)."""
         decoder = DecodeStream(self.tokenizer, skip_special_tokens=True)
         hold = max((len(x) for x in s.stop), default=1) - 1
-        text, sent, checked = "", 0, time.monotonic()
+        text, sent, tokens, checked = "", 0, 0, time.monotonic()
         try:
             while True:
                 try:
@@ -150,20 +156,25 @@ class Server:
                     batch.append(events.get_nowait())
                 finish, cut = None, None
                 for kind, value in batch:
+                    if kind == "missing":                  # unloaded between the check and the queue
+                        raise ApiError(404, value, "model")
                     if kind == "error":
                         raise ApiError(500, f"generation failed: {value}")
-                    text += decoder.put(value) if kind == "token" else decoder.end()
+                    if kind == "token":
+                        text += decoder.put(value)
+                        tokens += 1
+                    else:
+                        text += decoder.end()
                     cut = stop_at(text, s.stop) if s.stop else None
                     if cut is not None or kind == "done":
                         finish = "stop" if cut is not None or value != "length" else "length"
                         break
                 if finish is not None:
                     text = text if cut is None else text[:cut]
-                    yield text[sent:], None
-                    yield "", (finish, len(r.tokens))
+                    yield text[sent:], (finish, tokens), tokens
                     return
                 if len(text) - hold > sent:
-                    yield text[sent:len(text) - hold], None
+                    yield text[sent:len(text) - hold], None, tokens
                     sent = len(text) - hold
         finally:
             r.cancel()                                          # a no-op once the row has left
@@ -185,11 +196,10 @@ class Server:
                 "model": s.model}
         pieces = self.pieces(*self.submit(ids, adapter, s, n), s, http)
         if s.stream:
-            options = body.get("stream_options")
-            usage = isinstance(options, dict) and options.get("include_usage") is True
-            return StreamingResponse(self._sse(pieces, head, chat, len(ids), usage), media_type="text/event-stream")
+            return StreamingResponse(self._sse(pieces, head, chat, len(ids), stream_usage(body)),
+                                     media_type="text/event-stream")
         text, finish = "", None
-        async for piece, end in pieces:
+        async for piece, end, _ in pieces:
             text += piece
             finish = end or finish
         if finish is None:                                      # the client went away
@@ -199,27 +209,31 @@ class Server:
                       else {"text": text, "logprobs": None})
         return JSONResponse({**head, "choices": [choice], "usage": _usage(len(ids), finish[1])})
 
-    async def _sse(self, pieces, head, chat: bool, prompt_len: int, usage: bool):
+    async def _sse(self, pieces, head, chat: bool, prompt_len: int, usage: tuple):
+        """Server-sent events: a chunk per piece, the finish chunk, then (``include_usage``) a usage chunk and
+        ``[DONE]``; with ``continuous_usage_stats`` (vLLM's option) every chunk carries the usage so far."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        final_usage, every_chunk = usage
 
-        def chunk(text, finish, first=False):
+        def chunk(text, finish, tokens, first=False):
             if chat:
                 delta = {} if finish is not None else {"role": "assistant", "content": text} if first else \
                     {"content": text}
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            extra = {"usage": _usage(prompt_len, tokens)} if every_chunk else {}
+            return f"data: {json.dumps({**head, 'choices': [choice], **extra})}\n\n"
         first = True
         try:
-            async for piece, end in pieces:
-                if end is not None:
-                    yield chunk("", end[0])
-                    if usage:
-                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(prompt_len, end[1])})}\n\n"
-                elif piece or first:
-                    yield chunk(piece, None, first)
+            async for piece, end, tokens in pieces:
+                if piece or first:
+                    yield chunk(piece, None, tokens, first)
                     first = False
+                if end is not None:
+                    yield chunk("", end[0], tokens)
+                    if final_usage:
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(prompt_len, end[1])})}\n\n"
         except ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
@@ -260,7 +274,8 @@ class Server:
 
     async def models(self, http: HttpRequest):
         self.authorize(http)
-        card = {"object": "model", "created": self.created, "owned_by": "lowrank"}
+        card = {"object": "model", "created": self.created, "owned_by": "lowrank",
+                "max_model_len": self.engine.max_length}
         data = [{"id": self.base_name, **card, "root": self.base_name, "parent": None}]
         data += [{"id": n, **card, "root": p, "parent": self.base_name} for n, p in list(self.engine.paths.items())]
         return JSONResponse({"object": "list", "data": data})
@@ -280,6 +295,13 @@ class Server:
                 ("adapters_served", "gauge", "adapters the server answers for", len(e.paths))]
         text = "".join(f"# HELP lowrank_{n} {h}\n# TYPE lowrank_{n} {t}\nlowrank_{n} {v}\n" for n, t, h, v in rows)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def stream_usage(body: dict) -> tuple:
+    """(a usage chunk at the end, usage on every chunk) as ``stream_options`` asks."""
+    options = body.get("stream_options")
+    options = options if isinstance(options, dict) else {}
+    return options.get("include_usage") is True, options.get("continuous_usage_stats") is True
 
 
 def _usage(prompt: int, completion: int) -> dict:

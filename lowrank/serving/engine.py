@@ -6,7 +6,12 @@ Each turn of the loop (``Engine.step``):
 2. Waiting requests join while a slot is free and their adapter is stacked (or can be: the least
    recently used adapter no row needs is evicted and reloaded from its files when next asked for).
    A joining request's prompt is prefilled alone, as one SGMV segment, into a one-row KV cache that is
-   copied into its slot (``slots.SlotCache``); its first token comes from that prefill.
+   copied into its slot (``slots.SlotCache``); its first token comes from that prefill, handed out once
+   the step's joins are done (so the wait for later prompts' prefills counts in its time to first token,
+   not between its first and second tokens). With ``max_prefill_tokens`` set, one prompt joins per step
+   at least and more while the step's prompt tokens stay within it, which bounds how long running rows
+   wait for joining prompts (and makes the rest wait longer for their first token); by default every
+   waiting prompt that fits joins.
 3. One decode step feeds every running row its last token at its own position (``slots.decode_step``),
    each row through its own adapter (BGMV), and picks the next token per row with ``generation.pick``
    and the request's own random generator.
@@ -47,7 +52,8 @@ class Request:
     """One generation: prompt ids, its adapter (BASE for none), and how to pick tokens.
 
     ``emit(kind, value)`` is called from the engine's thread: ("token", id) per new token, then
-    ("done", finish_reason) once ("stop", "length" or "cancelled"), or ("error", message).
+    ("done", finish_reason) once ("stop", "length" or "cancelled"), or ("missing", message) when its
+    adapter was unloaded before it joined, or ("error", message).
     """
     prompt: list
     adapter: str
@@ -69,19 +75,24 @@ class Engine:
     """The loop over ``model`` (a LlamaForCausalLM) with adapters ``adapters`` {name: folder}.
 
     ``max_batch`` rows run at once; ``max_queue`` requests wait at most; ``max_adapters`` adapters stay
-    loaded (None: all); ``max_length`` positions per row (prompt + new tokens); ``threads``: the loop's
-    Numba and BLAS threads (None: as configured; on a shared machine 1 avoids oversubscribed thread pools).
+    loaded (None: all); ``max_length`` positions per row (prompt + new tokens); ``max_prefill_tokens``
+    prompt tokens prefilled per step at most, one prompt always joining (None: no bound);
+    ``threads``: the loop's Numba and BLAS threads (None: as configured; on a shared machine 1 avoids
+    oversubscribed thread pools).
     """
 
     def __init__(self, model, adapters: dict | None = None, *, max_batch: int = 32, max_queue: int = 256,
-                 max_adapters: int | None = None, max_length: int | None = None, threads: int | None = None):
+                 max_adapters: int | None = None, max_length: int | None = None,
+                 max_prefill_tokens: int | None = None, threads: int | None = None):
         context = model.config.max_position_embeddings
         self.max_length = min(context, max_length or context)
-        if max_batch < 1 or max_queue < 0 or (max_adapters is not None and max_adapters < 1):
-            raise ValueError(f"Engine: max_batch >= 1, max_queue >= 0 and max_adapters >= 1 expected, got "
-                             f"{max_batch}, {max_queue}, {max_adapters}")
+        if max_batch < 1 or max_queue < 0 or (max_adapters is not None and max_adapters < 1) or \
+                (max_prefill_tokens is not None and max_prefill_tokens < 1):
+            raise ValueError(f"Engine: max_batch >= 1, max_queue >= 0, max_adapters >= 1 and max_prefill_tokens "
+                             f">= 1 expected, got {max_batch}, {max_queue}, {max_adapters}, {max_prefill_tokens}")
         self.model, self.lora = model, None
         self.max_batch, self.max_queue, self.max_adapters = max_batch, max_queue, max_adapters
+        self.max_prefill_tokens = max_prefill_tokens
         self.paths: dict[str, str] = {}                         # every registered adapter -> its folder
         self.loaded: collections.OrderedDict = collections.OrderedDict()   # stacked adapters, least recent first
         self.cache = SlotCache(model.config, max_batch, self.max_length, model.dtype)
@@ -128,6 +139,7 @@ class Engine:
         except Exception:
             del self.paths[name]
             raise
+        self._evict(self.max_adapters)         # back to the bound: the least recently used idle adapter goes
 
     def unregister(self, name: str):
         """Stop serving ``name``: KeyError if unknown, AdapterBusy while a request uses it."""
@@ -208,14 +220,17 @@ class Engine:
                 future.set_exception(e)
 
     def _join(self):
-        skipped = []
+        budget = self.max_prefill_tokens or float("inf")
+        skipped, joined, prefilled = [], [], 0
         while self.waiting and len(self.rows) < self.max_batch:
+            if prefilled and prefilled + len(self.waiting[0].prompt) > budget:
+                break                             # the rest join at the next steps
             r = self.waiting.popleft()
             if r.cancelled:
                 r.emit("done", "cancelled")
                 continue
             if r.adapter != BASE and r.adapter not in self.paths:
-                r.emit("error", f"adapter {r.adapter!r} was unloaded")
+                r.emit("missing", f"the model {r.adapter!r} was unloaded before the request started")
                 continue
             if len(r.prompt) >= self.max_length or not r.prompt:
                 r.emit("error", f"a prompt of {len(r.prompt)} tokens needs 1 to {self.max_length - 1}")
@@ -232,11 +247,14 @@ class Engine:
             with self._adapters([r.adapter]):
                 logits = self.model.forward(np.asarray([r.prompt], np.int64), attention_mask=None,
                                             kv_cache=prefill)[:, -1]                      # (1, V): one segment
+            prefilled += len(r.prompt)
             slot = len(self.rows)
             self.cache.put(slot, prefill)
             self.rows.append(r)
-            self._take(r, np.asarray(logits))
+            joined.append((r, np.asarray(logits)))
         self.waiting.extendleft(reversed(skipped))
+        for r, logits in joined:
+            self._take(r, logits)
 
     def _take(self, r: Request, logits):
         """Pick row ``r``'s next token from its logits (1, V) and hand it out."""
@@ -272,15 +290,23 @@ class Engine:
         if name in self.loaded:
             self.loaded.move_to_end(name)
             return True
-        if self.max_adapters is not None and len(self.loaded) >= self.max_adapters:
-            busy = {r.adapter for r in self.rows}
-            idle = [n for n in self.loaded if n not in busy]
-            if not idle:
-                return False
-            self.lora.delete_adapter(idle[0])
-            del self.loaded[idle[0]]
+        if self.max_adapters is not None and not self._evict(self.max_adapters - 1):
+            return False
         self._load(name)
         return True
+
+    def _evict(self, keep: int | None) -> bool:
+        """Unstack least recently used adapters no running row uses until at most ``keep`` stay; False if they can't."""
+        if keep is None:
+            return True
+        busy = {r.adapter for r in self.rows}
+        idle = [n for n in self.loaded if n not in busy]          # least recent first
+        while len(self.loaded) > keep and idle:
+            name = idle.pop(0)
+            self.lora.delete_adapter(name)
+            del self.loaded[name]
+            self._stacks_for = None
+        return len(self.loaded) <= keep
 
     def _load(self, name: str):
         if self.lora is None:

@@ -75,7 +75,7 @@ def running(app):
 
 
 def serve_args(**kwargs):
-    """Parsed ``lowrank serve`` arguments for the shipped model."""
+    """Parsed ``lowrank serve`` arguments for the shipped model (a later ``model=`` overrides it)."""
     import argparse
     from lowrank.app import serve
     parser = argparse.ArgumentParser()

@@ -105,15 +105,77 @@ def test_a_seeded_sampled_row_draws_what_generate_draws_alone(adapters):
     assert tokens_of(events) == alone
 
 
-def test_unloading_a_busy_adapter_refuses_and_the_queue_is_bounded(adapters):
+def test_unloading_a_busy_adapter_refuses_without_changing_its_rows_and_the_queue_is_bounded(adapters):
     engine = engine_for(adapters, max_queue=1)
     events = []
-    engine.submit(request("def ", "a0", 5, events))
+    engine.submit(request("def ", "a0", 9, events))
     with pytest.raises(QueueFull):
         engine.submit(request("def ", "a0", 5, []))
     engine.step()
     with pytest.raises(AdapterBusy):
         engine.unregister("a0")
     run(engine)
+    assert tokens_of(events) == solo_tokens("def ", adapters["a0"], 9)
     engine.unregister("a0")
     assert "a0" not in engine.paths and "a0" not in engine.loaded
+    late = []                                                 # checked before the unload, queued after it
+    engine.submit(request("def ", "a0", 5, late))
+    run(engine)
+    assert [kind for kind, _ in late] == ["missing"]
+
+
+def test_the_batch_is_bounded_and_waiting_rows_join_as_others_leave(adapters):
+    engine = engine_for(adapters, max_batch=2)
+    events = [[] for _ in CASES]
+    for i, (prompt, name, n) in enumerate(CASES):
+        engine.submit(request(prompt, name, n, events[i]))
+    sizes = []
+    while engine.rows or engine.waiting:
+        engine.step()
+        sizes.append(len(engine.rows))
+    assert max(sizes) == 2 and len(engine.waiting) == 0
+    for (prompt, name, n), ev in zip(CASES, events):
+        assert tokens_of(ev) == solo_tokens(prompt, None if name == BASE else adapters[name], n), (prompt, name)
+
+
+def test_an_adapter_registered_while_serving_keeps_max_adapters_stacked(adapters, tmp_path):
+    extra = save_adapters(tmp_path, 4, seed=5)["a3"]
+    engine = engine_for({n: adapters[n] for n in ("a0", "a1")}, max_adapters=2)
+    engine.register("a3", str(extra))
+    assert len(engine.loaded) == 2 and "a3" in engine.loaded and set(engine.paths) == {"a0", "a1", "a3"}
+    events = [[] for _ in range(3)]
+    for ev, name in zip(events, ("a0", "a1", "a3")):
+        engine.submit(request("def ", name, 6, ev))
+    run(engine)
+    assert len(engine.loaded) <= 2
+    for ev, path in zip(events, (adapters["a0"], adapters["a1"], extra)):
+        assert tokens_of(ev) == solo_tokens("def ", path, 6)
+
+
+@pytest.mark.parametrize("budget, joins", [(None, [2, 4]), (16, [2, 2, 1, 1]), (4, [1, 1, 1, 1, 1, 1])])
+def test_prompts_join_within_the_steps_prefill_budget(adapters, budget, joins):
+    engine = engine_for(adapters, max_prefill_tokens=budget)
+    events = [[] for _ in CASES]
+    per_step = []
+    for group in (CASES[:2], CASES[2:]):                      # prompts of 5, 11 | 5, 11, 5 and 45 tokens
+        for prompt, name, n in group:
+            engine.submit(request(prompt, name, n, events[CASES.index((prompt, name, n))]))
+        while engine.waiting:
+            before = len(engine.waiting)
+            engine.step()
+            per_step.append(before - len(engine.waiting))
+    assert per_step == joins                                  # one prompt always joins, others within the budget
+    run(engine)
+    for (prompt, name, n), ev in zip(CASES, events):
+        assert tokens_of(ev) == solo_tokens(prompt, None if name == BASE else adapters[name], n), (prompt, name)
+
+
+def test_first_tokens_go_out_once_the_steps_prefills_are_done(adapters):
+    engine = engine_for(adapters)
+    log = []
+    forward = engine.model.forward
+    engine.model.forward = lambda *args, **kwargs: (log.append("prefill"), forward(*args, **kwargs))[1]
+    for prompt, name, n in CASES[:3]:
+        engine.submit(Request(TOK.encode(prompt), name, n, lambda kind, value: log.append(kind)))
+    engine.step()                                  # three join, then one decode step gives each its second token
+    assert log == ["prefill"] * 3 + ["token"] * 3 + ["token"] * 3

@@ -1,6 +1,8 @@
 """The HTTP API through the official ``openai`` client: completions and chat, streamed and not, each
 adapter and the base, stop strings, /v1/models, loading and unloading while serving, the API key.
 The oracle is each prompt generated alone (``generate``), decoded by the byte tokenizer."""
+import json
+
 import httpx
 import openai
 import pytest
@@ -83,6 +85,7 @@ def test_models_lists_the_base_then_each_adapter_with_its_parent(url):
     models = client(url).models.list().data
     assert [m.id for m in models] == [BASE, "a0", "a1", "a2"]
     assert [getattr(m, "parent") for m in models] == [None, BASE, BASE, BASE]
+    assert {getattr(m, "max_model_len") for m in models} == {256}              # the shipped model's context
 
 
 def test_load_and_unload_while_serving(url, adapters):
@@ -92,9 +95,12 @@ def test_load_and_unload_while_serving(url, adapters):
     text, _, _ = solo_text("x = ", adapters["a3"], 10)
     assert c.completions.create(model="extra", prompt="x = ", max_tokens=10, temperature=0).choices[0].text == text
     with c.completions.create(model="a2", prompt="# ", max_tokens=200, temperature=0, stream=True) as stream:
-        next(iter(stream))                                      # a2 has a running request now
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text                     # a2 has a running request now
         busy = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "a2"})
         assert busy.status_code == 409 and busy.json()["error"]["code"] == 409
+        text += "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == solo_text("# ", adapters["a2"], 200)[0]     # the refused unload changed nothing
     assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "extra"}).status_code == 200
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="extra", prompt="x = ", max_tokens=2)
@@ -128,3 +134,54 @@ def test_serve_refuses_bad_arguments_with_exit_status_2(capsys):
     assert main(["serve", "--model", str(MODEL), "--adapter", "no-equals-sign"]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
     assert main(["serve", "--model", str(MODEL), "--adapter", "x=/nonexistent/folder"]) == 2
+
+
+def test_a_seeded_sampled_request_is_reproducible_and_draws_what_generate_draws_alone(url, adapters):
+    import numpy as np
+    import lowrank as lr
+    from lowrank.models.llama import LlamaForCausalLM
+    from serving_fixtures import MODEL
+    runner = lr.LoraModel.from_pretrained(LlamaForCausalLM.from_pretrained(MODEL), adapters["a1"])
+    runner.eval()
+    ids = np.asarray([TOK.encode("def ")])
+    alone = np.asarray(runner.generate(ids, max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.9, seed=11,
+                                       eos_token_id=TOK.eos_token_id))[0, ids.shape[1]:].tolist()
+    alone = alone[:alone.index(TOK.eos_token_id) + 1] if TOK.eos_token_id in alone else alone
+    settings = dict(model="a1", prompt="def ", max_tokens=12, temperature=0.8, top_p=0.9, seed=11)
+    texts = [client(url).completions.create(**settings).choices[0].text for _ in range(2)]
+    chunks = client(url).completions.create(**settings, stream=True)
+    texts.append("".join(ch.choices[0].text for ch in chunks if ch.choices))
+    assert texts == [TOK.decode(alone)] * 3
+
+
+def test_a_stream_is_server_sent_events_ending_in_done_and_metrics_count_the_tokens(url, adapters):
+    before = metrics(url)
+    body = {"model": "a0", "prompt": "def ", "max_tokens": 7, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 7
+    counts = [ch["usage"]["completion_tokens"] for ch in chunks]             # continuous_usage_stats: every chunk
+    assert counts == sorted(counts) and counts[-2] == 7 and chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert "".join(ch["choices"][0]["text"] for ch in chunks[:-1]) == solo_text("def ", adapters["a0"], 7)[0]
+    after = metrics(url)
+    assert after["lowrank_generated_tokens_total"] - before["lowrank_generated_tokens_total"] == 7
+    assert after["lowrank_tokens_per_second"] > 0
+    served = len(client(url).models.list().data) - 1                       # the adapters, not the base
+    assert after["lowrank_adapters_loaded"] == after["lowrank_adapters_served"] == served
+
+
+def metrics(url) -> dict:
+    """/metrics' Prometheus text -> {name: value}, every sample line checked for '# TYPE' above it."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    typed = {line.split()[2] for line in lines if line.startswith("# TYPE ")}
+    samples = dict(line.split() for line in lines if not line.startswith("#"))
+    assert set(samples) <= typed
+    return {k: float(v) for k, v in samples.items()}
+
+
+def test_serve_binds_127_0_0_1_by_default():
+    assert serve_args().host == "127.0.0.1"

@@ -1,6 +1,7 @@
 """A bounded load test on localhost: concurrent requests over 8 adapters and the base, mixed prompt and
 output lengths, streamed and not, some cancelled midway. Every request completes (or is cancelled as
-asked), every greedy output equals its prompt generated alone, and the server is healthy and idle after."""
+asked), every greedy output equals its prompt generated alone, and the server is healthy and idle after;
+again with --max-adapters 3, so that adapters are evicted and reloaded from their files while serving."""
 import asyncio
 import time
 
@@ -52,12 +53,16 @@ async def one(client, prompt, model, max_tokens, streamed, cancel):
     return text
 
 
-def test_concurrent_mixed_adapters_each_equal_their_solo_output(adapters):
+@pytest.mark.parametrize("max_adapters", [None, 3])         # 3: adapters evicted and reloaded while serving
+def test_concurrent_mixed_adapters_each_equal_their_solo_output(adapters, max_adapters):
     requests = plan()
     expected = [None if cancel else TOK.decode(solo_tokens(p, None if m == BASE else adapters[m], n))
                 for p, m, n, _, cancel in requests]
-    args = serve_args(adapter=[f"{n}={p}" for n, p in adapters.items()], max_batch=32, max_queue=64)
+    limits = {} if max_adapters is None else {"max_adapters": max_adapters}
+    args = serve_args(adapter=[f"{n}={p}" for n, p in adapters.items()], max_batch=32, max_queue=64, **limits)
     app, server = build_server(args)
+    loads, load = [], server.engine._load
+    server.engine._load = lambda name: (loads.append(name), load(name))[1]
     with running(app) as url:
         async def all_of_them():
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -74,3 +79,10 @@ def test_concurrent_mixed_adapters_each_equal_their_solo_output(adapters):
         assert "lowrank_running_rows 0\n" in metrics and "lowrank_queue_depth 0\n" in metrics
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
         assert server.engine.tokens_total > 0 and elapsed < 150
+        if max_adapters is not None:                          # each adapter loaded in turn, evicting another
+            assert len(server.engine.loaded) <= max_adapters and len(loads) >= ADAPTERS - max_adapters
+            evicted = next(n for n in adapters if n not in server.engine.loaded)
+            again = httpx.post(f"{url}/v1/completions", json={"model": evicted, "prompt": "def ", "max_tokens": 9,
+                                                              "temperature": 0}, timeout=30).json()
+            assert again["choices"][0]["text"] == TOK.decode(solo_tokens("def ", adapters[evicted], 9))
+            assert loads[-1] == evicted and len(server.engine.loaded) <= max_adapters   # reloaded from its files
