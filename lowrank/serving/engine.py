@@ -321,8 +321,8 @@ class Engine:
         """The LoRA layers set for rows ``names`` (their stacks built once per set of names)."""
         if self.lora is None:
             return _nothing()
-        key = tuple(names)
-        if self._stacks_for != key:                # new rows or new adapters: rebuild the stacks
+        key = frozenset(names)
+        if self._stacks_for != key:                # another set of adapters (or one reloaded): rebuild the stacks
             for _, layer in self.lora.lora_layers():
                 layer.stack_cache = {}
             self._stacks_for = key

@@ -66,6 +66,27 @@ def test_mixed_batch_rows_and_gradients_equal_one_adapter_at_a_time(backend, ran
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_frozen_stacks_are_built_once_per_set_of_adapters_whatever_the_rows_order(backend):
+    """With a stack_cache (generation, the server), a reordered batch over the same adapters reuses the stacks
+    (one cache entry), a new set builds its own; every row still equals its adapter run alone."""
+    layer = three_adapters(backend=backend)
+    layer.eval()
+    layer.stack_cache = {}
+    x = randn(0, 4, 7)
+    solo = {}
+    for name in ("default", "b", "c"):
+        layer.set_adapter(name)
+        solo[name] = layer(x)
+    for names in (["b", "default", "b", "c"], ["c", "b", "default", "default"], ["default", "c", "c", "b"]):
+        y = layer(x, adapter_names=names)
+        for i, n in enumerate(names):
+            np.testing.assert_allclose(y[i], solo[n][i], rtol=1e-12, atol=1e-12)
+    assert len(layer.stack_cache) == 1
+    layer(x, adapter_names=["b", "b", "__base__", "c"])
+    assert len(layer.stack_cache) == 2
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("ranks", RANKS)
 def test_mixed_batch_gradients_match_finite_differences(backend, ranks):
     layer = three_adapters(backend=backend, ranks=ranks)

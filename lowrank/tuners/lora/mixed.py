@@ -17,7 +17,7 @@ PEFT's form is ``lora_model.forward(x, adapter_names=[...])``, one name per sequ
    ``LoraModel.backward`` is the plain one: each adapter's dA, dB sum over its own rows only.
 
 During generation the weights can't change, so each layer builds its stacks once per set of adapters
-and reuses them at every step (``frozen_stacks`` sets ``stack_cache``).
+and reuses them at every step, whatever order the rows come in (``frozen_stacks`` sets ``stack_cache``).
 """
 from __future__ import annotations
 
@@ -58,12 +58,18 @@ class MixedPlan(NamedTuple):
     segments: tuple | None  # SGMV's (indptr, seg_index) when the rows come in runs, else None (BGMV)
 
 
+class Stacks(NamedTuple):
+    names: list            # the K adapters, in stack order
+    A_stack: object        # (K, r_max, D_in)
+    B_stack: object        # (K, D_out, r_max), a view of a C-contiguous (K, r_max, D_out): the kernels' Bᵀ free
+    scalings: object       # (K,)
+
+
 def mixed_plan(layer, adapter_names: tuple, strict: bool, dtype, xp) -> MixedPlan:
-    """``layer``'s MixedPlan for one name per row; reused from ``layer.stack_cache`` when one is set.
-    strict=False: names the layer lacks run on the base alone (the model checked them model-wide)."""
-    key = (adapter_names, strict, np.dtype(dtype))
-    if layer.stack_cache is not None and key in layer.stack_cache:
-        return layer.stack_cache[key]
+    """``layer``'s MixedPlan for one name per row. The stacks depend only on the set of adapters, so with a
+    ``layer.stack_cache`` set they are built once per set and reused whatever the rows' order; the row index
+    and segments are the call's own. strict=False: names the layer lacks run on the base alone (the model
+    checked them model-wide)."""
     names = [n for n in dict.fromkeys(adapter_names) if n != BASE]
     unknown = [n for n in names if n not in layer.lora_A]
     names = [n for n in names if n in layer.lora_A]
@@ -73,22 +79,30 @@ def mixed_plan(layer, adapter_names: tuple, strict: bool, dtype, xp) -> MixedPla
     if layer.training and any(layer.lora_dropout[n] > 0 for n in names):
         raise ValueError(f"{layer.label}: mixed-adapter batches do not apply lora_dropout; call eval() "
                          f"or use adapters with lora_dropout=0")
-    position = {n: i for i, n in enumerate(names)}
-    index = np.array([position.get(n, -1) for n in adapter_names], dtype=np.int64)
+    key = (frozenset(names), np.dtype(dtype))
+    stacks = layer.stack_cache.get(key) if layer.stack_cache is not None else None
+    if stacks is None:
+        stacks = _stack(layer, names, dtype, xp)
+        if layer.stack_cache is not None:
+            layer.stack_cache[key] = stacks
+    position = {n: i for i, n in enumerate(stacks.names)}
+    index = np.array([position.get(n, -1) for n in adapter_names], dtype=np.int64)   # (N,) −1 = the base alone
+    indptr, seg_index = segments(index)
+    runs = (xp.asarray(indptr), xp.asarray(seg_index)) if len(seg_index) <= len(index) // 2 else None
+    return MixedPlan(stacks.names, xp.asarray(index), stacks.A_stack, stacks.B_stack, stacks.scalings, runs)
+
+
+def _stack(layer, names: list, dtype, xp) -> Stacks:
+    """The factors of ``names`` stacked in that order, zero-padded to the largest rank."""
     r_max = max([layer.r[n] for n in names], default=1)
     K, D_in, D_out = max(len(names), 1), layer.in_features, layer.out_features
-    A_stack = xp.zeros((K, r_max, D_in), dtype)          # zero-padded to the largest rank
+    A_stack = xp.zeros((K, r_max, D_in), dtype)
     B_stack = xp.zeros((K, r_max, D_out), dtype).transpose(0, 2, 1)   # (K, D_out, r_max) laid out as Bᵀ
     for i, n in enumerate(names):
         A_stack[i, :layer.r[n]] = layer.lora_A[n].data
         B_stack[i, :, :layer.r[n]] = layer.lora_B[n].data
     scalings = xp.asarray(np.array([layer.scaling[n] for n in names] or [0.0], dtype=dtype))
-    indptr, seg_index = segments(index)
-    runs = (xp.asarray(indptr), xp.asarray(seg_index)) if len(seg_index) <= len(index) // 2 else None
-    plan = MixedPlan(names, xp.asarray(index), A_stack, B_stack, scalings, runs)
-    if layer.stack_cache is not None:
-        layer.stack_cache[key] = plan
-    return plan
+    return Stacks(names, A_stack, B_stack, scalings)
 
 
 # -- the model's side: names checked once, then handed to every layer for the block ------------
