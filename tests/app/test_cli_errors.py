@@ -126,3 +126,11 @@ def test_inspect_escapes_control_characters_in_a_config(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "lora\\x1b[2J" in out
+
+
+def test_python_m_lowrank_is_the_lowrank_command():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "lowrank", "generate", "--model", "/nonexistent", "--prompt", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "/nonexistent" in done.stderr

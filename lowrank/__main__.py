@@ -1,0 +1,4 @@
+"""``python -m lowrank``: the ``lowrank`` command."""
+from .app.cli import main
+
+raise SystemExit(main())
