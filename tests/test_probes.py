@@ -176,7 +176,7 @@ def test_probe_a_config_without_its_sizes(tmp_path, checkpoint):
     folder = copy_of(checkpoint, tmp_path / "m")
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
     out = run_capped(LOAD, folder, folder_bytes(checkpoint))
-    assert out["value_error"] and "vocab_size 32000, hidden_size 4096" in out["message"], out
+    assert out["value_error"] and "vocab_size 32000 (absent: the default), hidden_size 4096 (absent" in out["message"], out
 
 
 def test_probe_a_config_that_is_not_an_object(tmp_path, checkpoint):

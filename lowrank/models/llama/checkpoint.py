@@ -134,12 +134,19 @@ def check_claims(config_path, config: LlamaConfig, shapes: dict):
     for name, shape in expected.items():
         found, path = shapes[name]
         if tuple(found) != tuple(shape):
-            c = config
             raise FileFormatError(f"{config_path} does not match {path}: {name!r} has shape {tuple(found)}, but "
-                                  f"config.json (vocab_size {c.vocab_size}, hidden_size {c.hidden_size}, "
-                                  f"intermediate_size {c.intermediate_size}, num_attention_heads "
-                                  f"{c.num_attention_heads}, num_key_value_heads {c.num_key_value_heads}, head_dim "
-                                  f"{c.head_dim}) gives {tuple(shape)}")
+                                  f"config.json ({_sizes(config_path, config)}) gives {tuple(shape)}")
+
+
+def _sizes(config_path, config: LlamaConfig) -> str:
+    """The sizes that shape the tensors, each marked when config.json lacks it (LlamaConfig's default was used)."""
+    try:
+        given = json.loads(Path(config_path).read_text())
+    except (OSError, ValueError):
+        given = {}
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    return ", ".join(f"{k} {getattr(config, k)}" + ("" if k in given or k == "head_dim" else " (absent: the default)")
+                     for k in keys)
 
 
 def read_checkpoint(folder, allow_nonfinite: bool = False) -> dict:
