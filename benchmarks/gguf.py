@@ -3,6 +3,8 @@
     python -m benchmarks.gguf            # (4096, 4096) at N = 1 and 256, 1 thread; results/gguf.json
     python -m benchmarks.gguf --quick    # (512, 1024) at N = 1 and 64, seconds (CI); results/gguf_quick.json
     python -m benchmarks.gguf --threads 2
+    python -m benchmarks.gguf --decode   # greedy decode, a 135M-shape Llama's F32 and Q4_0 GGUFs; gguf_decode.json
+    python -m benchmarks.gguf --decode --quick   # a 2-layer model, seconds (CI); results/gguf_decode_quick.json
 
 Variants, interleaved by ``benchmarks.harness`` (ratio = per-round t / t(base), median), per format
 Q8_0, Q4_0, Q4_1 and Q4_K and per N:
@@ -11,6 +13,14 @@ Q8_0, Q4_0, Q4_1 and Q4_K and per N:
 Targets (the issue's, 4096², 1 thread): N = 1: Q4_0 <= 0.35 (its bytes are 0.14 of float32's), Q8_0 <= 0.5;
 N = 256: every format <= 1.25. ``--threads`` defaults to 1 here, the targets' setting.
 Bytes per weight are counted from the real blocks.
+
+``--decode``: a random Llama shaped like a 135M checkpoint (30 layers, d = 576, 9 query heads over 3 key/value
+heads, I = 1536, V = 49,152, tied head; N(0, 0.02) weights) written as a GGUF with its matrices in F32 and in Q4_0
+(gguf's quantizer), loaded by ``LlamaForCausalLM.from_pretrained(path)`` (Q4_0: then ``keep_gguf_blocks``, so
+every matrix and the tied head multiply the file's blocks), greedy decode of 64 new tokens after a prompt of 32,
+1 thread, the two files interleaved. tokens/s two ways: new / (whole generate), and the decode alone,
+(new − 1) / (t(generate new) − t(generate 1)). The floor: the tensor bytes a decode step reads (every tensor in
+the file once: the tied head reads the whole embedding) at the copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
@@ -24,6 +34,10 @@ from lowrank.kernels.numba_cpu import gguf as nb
 
 from . import harness
 
+DECODE = dict(model=dict(layers=30, d=576, heads=9, kv_heads=3, I=1536, V=49152), prompt=32, new=64,
+              qtypes=("F32", "Q4_0"), rounds=3)
+DECODE_QUICK = dict(model=dict(layers=2, d=64, heads=4, kv_heads=2, I=128, V=512), prompt=4, new=4,
+                    qtypes=("F32", "Q4_0"), rounds=2)
 FULL = dict(shape=(4096, 4096), Ns=(1, 256), qtypes=("Q8_0", "Q4_0", "Q4_1", "Q4_K"), rounds=7, settle_s=0.3)
 QUICK = dict(shape=(512, 1024), Ns=(1, 64), qtypes=("Q8_0", "Q4_0", "Q4_1", "Q4_K"), rounds=3, settle_s=0.001)
 TARGETS = {(1, "Q4_0"): 0.35, (1, "Q8_0"): 0.5, **{(256, q): 1.25 for q in FULL["qtypes"]}}
@@ -71,11 +85,106 @@ def targets(rows, cfg) -> dict:
     return out
 
 
+def write_random_llama(path, m: dict, qtype: str, seed: int = 0) -> int:
+    """A GGUF at ``path`` of a random Llama of sizes ``m`` (layers, d, heads, kv_heads, I, V; tied head), matrices
+    in ``qtype`` (F32 or a format gguf quantizes), norms F32; the same weights for every qtype at one seed.
+    Returns the bytes of its tensors."""
+    import gguf
+    d, hd, L = m["d"], m["d"] // m["heads"], m["layers"]
+    shapes = {"token_embd.weight": (m["V"], d), "output_norm.weight": (d,)}
+    for i in range(L):
+        shapes.update({f"blk.{i}.{n}.weight": s for n, s in (
+            ("attn_norm", (d,)), ("ffn_norm", (d,)), ("attn_q", (m["heads"] * hd, d)),
+            ("attn_k", (m["kv_heads"] * hd, d)), ("attn_v", (m["kv_heads"] * hd, d)),
+            ("attn_output", (d, m["heads"] * hd)), ("ffn_gate", (m["I"], d)), ("ffn_up", (m["I"], d)),
+            ("ffn_down", (d, m["I"])))})
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("context_length", 2048), ("embedding_length", d), ("block_count", L),
+                       ("feed_forward_length", m["I"]), ("head_count", m["heads"]), ("head_count_kv", m["kv_heads"]),
+                       ("rope_dimension_count", hd), ("key_length", hd), ("value_length", hd)):
+        getattr(w, f"add_{key}")(value)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    rng, total = np.random.default_rng(seed), 0
+    for name, shape in shapes.items():
+        W = np.ones(shape, np.float32) if len(shape) == 1 else (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        if len(shape) == 2 and qtype != "F32":
+            W = quants.quantize(W, GGMLQuantizationType[qtype])
+            w.add_tensor(name, W, raw_dtype=GGMLQuantizationType[qtype])
+        else:
+            w.add_tensor(name, W)
+        total += W.nbytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return total
+
+
+def run_decode(cfg, mach) -> list[dict]:
+    """One row per file type: tokens/s of greedy decode on the loaded GGUF, and its floor (module docstring)."""
+    import tempfile
+
+    from lowrank.models.llama import LlamaForCausalLM
+    from lowrank.models.llama.gguf import keep_gguf_blocks
+    models, nbytes, floors, kept = {}, {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for qtype in cfg["qtypes"]:
+            path = f"{tmp}/model-{qtype}.gguf"
+            nbytes[qtype] = write_random_llama(path, cfg["model"], qtype)
+            models[qtype] = LlamaForCausalLM.from_pretrained(path)
+            kept[qtype] = len(keep_gguf_blocks(models[qtype], path)) if qtype != "F32" else 0
+            models[qtype].eval()
+            floors[qtype] = nbytes[qtype] / (mach["copy_gbs"] * 1e9)
+    prompt = np.random.default_rng(0).integers(0, cfg["model"]["V"], (1, cfg["prompt"]))
+    same = models[cfg["qtypes"][0]].generate(prompt, max_new_tokens=cfg["new"])
+    variants = {}
+    for qtype, model in models.items():
+        variants[qtype] = lambda model=model: model.generate(prompt, max_new_tokens=cfg["new"])
+        variants[f"{qtype} prefill"] = lambda model=model: model.generate(prompt, max_new_tokens=1)
+    res = harness.interleaved(variants, cfg["rounds"], cfg["qtypes"][0], target_s=0.0)
+    rows = []
+    for qtype in cfg["qtypes"]:
+        full, pre = np.array(res[qtype]["samples_s"]), np.array(res[f"{qtype} prefill"]["samples_s"])
+        step_s = float(np.median((full - pre) / (cfg["new"] - 1)))
+        tokens = models[qtype].generate(prompt, max_new_tokens=cfg["new"])
+        row = dict(qtype=qtype, **cfg["model"], prompt=cfg["prompt"], new=cfg["new"], tensor_bytes=nbytes[qtype],
+                   weights_as_blocks=kept[qtype],
+                   generate_median_s=res[qtype]["median_s"], tokens_per_s=cfg["new"] / res[qtype]["median_s"],
+                   decode_step_s=step_s, decode_tokens_per_s=1 / step_s, floor_step_s=floors[qtype],
+                   floor_tokens_per_s=1 / floors[qtype], step_over_floor=step_s / floors[qtype],
+                   same_tokens_as_first=float((tokens == same).mean()),
+                   samples_s=res[qtype]["samples_s"], prefill_samples_s=res[f"{qtype} prefill"]["samples_s"])
+        rows.append(row)
+        print(f"{qtype:5s} {nbytes[qtype] / 2**20:8.1f} MiB  generate {row['tokens_per_s']:6.1f} tok/s  decode "
+              f"{row['decode_tokens_per_s']:6.1f} tok/s ({step_s * 1e3:.2f} ms a step; floor "
+              f"{floors[qtype] * 1e3:.2f} ms = {row['floor_tokens_per_s']:.1f} tok/s, x{row['step_over_floor']:.2f})")
+    return rows
+
+
+def main_decode(a, argv):
+    """``--decode``: run_decode pinned, with this run's machine floors; results/gguf_decode[_quick].json."""
+    cfg, t0 = (DECODE_QUICK if a.quick else DECODE), time.time()
+    with harness.pinned_threads(a.threads) as info:
+        print(f"threads pinned: {info}")
+        mach = harness.machine(a.threads, info, quick=a.quick)
+        print(f"copy bandwidth {mach['copy_gbs']:.1f} GB/s")
+        rows = run_decode(cfg, mach)
+    payload = dict(command="python -m benchmarks.gguf --decode" + (" --quick" if a.quick else ""), argv=argv,
+                   machine=mach, config=cfg, rows=rows, wall_s=time.time() - t0)
+    harness.write_json(a.out, payload)
+    print(f"wrote {a.out} in {time.time() - t0:.1f} s")
+    return payload
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    a = harness.parse_args(argv, __doc__, "gguf")
-    if not any(s.startswith("--threads") for s in argv):
-        a.threads = 1                                                  # the issue's setting
+    a = harness.parse_args(argv, __doc__, lambda a: "gguf_decode" if a.decode else "gguf", threads=1,  # the issue's
+                           add_arguments=lambda p: p.add_argument(                                   # setting
+                               "--decode", action="store_true", help="greedy decode of a 135M-shape Llama's F32 and "
+                               "Q4_0 GGUFs against its bandwidth floor (results/gguf_decode.json)"))
+    if a.decode:
+        return main_decode(a, argv)
     cfg, out = (QUICK if a.quick else FULL), a.out
     t0 = time.time()
     mach, rows = harness.run_pinned(a, run, cfg)

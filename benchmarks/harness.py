@@ -150,14 +150,19 @@ def plot_ratios(path, panels: dict, title: str, ylabel: str = "time / base produ
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def parse_args(argv, doc: str, name: str):
-    """The command line every CPU kernel benchmark shares: --quick, --threads, --out."""
+def parse_args(argv, doc: str, name, add_arguments=None, threads: int | None = None):
+    """The command line every CPU kernel benchmark shares: --quick, --threads (default ``threads``, else every
+    core), --out; ``add_arguments(parser)`` adds a benchmark's own flags. ``name``: the results' file stem, or a
+    function of the parsed flags that gives it."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes: finishes in seconds (CI)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS and Numba threads")
-    p.add_argument("--out", default=None, help=f"JSON path (default results/{name}[_quick].json)")
+    p.add_argument("--threads", type=int, default=threads or os.cpu_count() or 1, help="BLAS and Numba threads")
+    p.add_argument("--out", default=None, help="JSON path (default results/NAME[_quick].json)")
+    if add_arguments is not None:
+        add_arguments(p)
     a = p.parse_args(argv)
-    a.out = a.out or os.path.join(RESULTS, f"{name}_quick.json" if a.quick else f"{name}.json")
+    stem = name(a) if callable(name) else name
+    a.out = a.out or os.path.join(RESULTS, f"{stem}_quick.json" if a.quick else f"{stem}.json")
     return a
 
 

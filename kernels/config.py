@@ -67,6 +67,8 @@ NF4_GEMV_MAX_N = 1        # numba: nf4_matmul with N <= this uses the fused dequ
                           # codes directly); larger N dequantizes a tile and calls BLAS
 NF4_AVX2 = True           # numba: that GEMV decodes codes with AVX2 byte shuffles (nf4_avx2) where the CPU,
                           # dtype and layout allow; False keeps the portable kernels (tests cover both)
+GGUF_VECTOR_IR = True     # numba: float32 Q8_0/Q4_0/Q4_1 GEMV and tiles decoded by LLVM vector IR (numba_cpu/gguf.py;
+                          # vpermps on AVX-512); False keeps the Numba loops (tests cover both)
 
 # --- the LM head and cross-entropy (linear_cross_entropy) ---------------------------------
 LOSS_CHUNK_ROWS = 256     # rows of logits that exist at once: 256 x 49,152 float32 = 48 MiB, never (N, V)

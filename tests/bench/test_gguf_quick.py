@@ -21,3 +21,25 @@ def test_quick_gguf_benchmark_measures_every_format_against_the_float_product(tm
         assert row["bytes_per_weight"] == pytest.approx(4.0 if variant == "base" else bytes_per_block[qtype])
         assert variant != "base" or row["ratio"] == 1.0
     assert len(data["targets"]) == 4 * len(gguf.QUICK["Ns"])
+
+
+def test_quick_decode_benchmark_times_greedy_decode_from_f32_and_q4_0_ggufs(tmp_path):
+    """``--decode --quick``: both files hold the same random model, the Q4_0 model
+    multiplies the file's blocks (every matrix, the embedding, and the tied head through it), and each row's
+    floor is its tensor bytes at the run's copy bandwidth."""
+    from benchmarks import gguf
+    out = tmp_path / "gguf_decode_quick.json"
+    data = gguf.main(["--decode", "--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == data["rows"]
+    assert data["machine"]["threads"] == 1 and data["command"] == "python -m benchmarks.gguf --decode --quick"
+    rows = {r["qtype"]: r for r in data["rows"]}
+    m = gguf.DECODE_QUICK["model"]
+    matrices = m["layers"] * (2 * m["d"] ** 2 + 2 * m["d"] * m["d"] // m["heads"] * m["kv_heads"] + 3 * m["d"] * m["I"])
+    norms = (2 * m["layers"] + 1) * m["d"] * 4
+    assert rows["F32"]["tensor_bytes"] == (matrices + m["V"] * m["d"]) * 4 + norms
+    assert rows["Q4_0"]["tensor_bytes"] == (matrices + m["V"] * m["d"]) // 32 * 18 + norms    # ggml's 18-byte blocks
+    assert rows["F32"]["weights_as_blocks"] == 0 and rows["Q4_0"]["weights_as_blocks"] == 7 * m["layers"] + 1
+    assert rows["F32"]["same_tokens_as_first"] == 1.0                   # a second greedy run gives the same tokens
+    for row in rows.values():
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["floor_step_s"] == pytest.approx(row["tensor_bytes"] / (data["machine"]["copy_gbs"] * 1e9))

@@ -67,6 +67,34 @@ def test_products_equal_float64_products_with_ggufs_weights(backend, qtype, N):
     np.testing.assert_allclose(y32, x @ W.T, rtol=1e-5, atol=1e-6 * np.abs(W).sum())
 
 
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("path", ["vpermps", "vector IR", "numba loops"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_float32_path_gives_ggufs_weights_and_products(qtype, path, threads):
+    """Numba's float32 kernels for Q8_0/Q4_0/Q4_1 three ways (the vector IR with AVX-512's vpermps decode, the
+    generic vector IR, config.GGUF_VECTOR_IR off): W bit-exact to gguf's; the GEMV (N = 1: 11 rows, so whole
+    passes of IR_ROWS and a remainder; on 2 threads rows split in chunks) and the tiles (N = 3) against float64."""
+    if path == "vpermps" and not numba_gguf.PERMPS:
+        pytest.skip("vpermps needs an AVX-512 CPU that Numba compiles for")
+    rng = np.random.default_rng(int(qtype))
+    blocks = blocks_of(rng, qtype, 11, 5)
+    want = quants.dequantize(blocks, qtype)                              # (11, 160) float32
+    W = want.astype(np.float64)
+    x1, x3, dy = (rng.standard_normal(s).astype(np.float32) for s in ((1, 160), (3, 160), (3, 11)))
+    with mock.patch.object(config, "GGUF_VECTOR_IR", path != "numba loops"), \
+            mock.patch.object(numba_gguf, "PERMPS", path == "vpermps"), \
+            mock.patch.object(config, "NF4_TILE_ROWS", 4), mock.patch.object(config, "NF4_POOL_TILE_ROWS", 4), \
+            mock.patch.object(config, "NUMBA_POOL_MIN_ELEMENTS", 0), numba_gguf.pool.limit(threads):
+        got = numba_gguf.gguf_dequantize(blocks, qtype, W.shape)
+        y1, y3 = (numba_gguf.gguf_matmul(x, blocks, qtype, W.shape) for x in (x1, x3))
+        dx = numba_gguf.gguf_matmul_dx(dy, blocks, qtype, W.shape)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    tol = dict(rtol=1e-5, atol=1e-6 * np.abs(W).sum())
+    np.testing.assert_allclose(y1, x1 @ W.T, **tol)
+    np.testing.assert_allclose(y3, x3 @ W.T, **tol)
+    np.testing.assert_allclose(dx, dy @ W, **tol)
+
+
 def test_blocks_are_what_ggufs_writer_writes_and_its_reader_gives(tmp_path):
     """A tensor written by GGUFWriter and read back by GGUFReader: data is (D_out, bytes a row), shape reversed."""
     rng = np.random.default_rng(0)
