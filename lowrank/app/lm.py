@@ -53,7 +53,8 @@ def run(args) -> int:
 
 # -- flags shared by the subcommands -------------------------------------------------------
 def add_training_arguments(parser, defaults: dict):
-    """--steps --batch-size --seq-len --lr --warmup --eval-every --eval-windows --seed --dtype --threads --out --quiet."""
+    """--steps --batch-size --seq-len --lr --warmup --eval-every --eval-windows --seed --dtype
+    --gradient-checkpointing --threads --out --quiet."""
     d = defaults
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d['steps']})")
     parser.add_argument("--batch-size", type=int, default=None, help=f"global windows per step (default {d['batch_size']})")
@@ -67,6 +68,8 @@ def add_training_arguments(parser, defaults: dict):
                         f"split (default {d['eval_windows']})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, the init and the batch order (default 0)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="keep only each decoder layer's "
+                        "input and redo its forward during backward: less memory, one more forward's time")
     parser.add_argument("--threads", type=int, default=None, help="BLAS and kernel threads (default: all cores; 1 is "
                         "much faster on a machine other jobs load)")
     parser.add_argument("--out", default=d["out"], help=f"output directory (default {d['out']})")
@@ -131,20 +134,19 @@ def provenance() -> dict:
 # -- training and evaluation ------------------------------------------------------------------
 def evaluate_loss(model, windows, batch_size: int = 16) -> float:
     """Mean next-token loss (nats per token) of ``model`` over ``windows`` (n, T+1), in eval mode; or over
-    a list of padded ``training.sft.Batch`` es, each weighted by the tokens it predicts."""
-    from ..nn.losses_lm import CausalLMLoss
+    a list of padded ``training.sft.Batch`` es, each weighted by the tokens it predicts. The loss comes from
+    the model's ``labels`` path: no (B, T, V) logits."""
+    from ..training.sft import IGNORE_INDEX
     model.eval()
-    loss_fn, total = CausalLMLoss(), 0.0
+    total = 0.0
     if isinstance(windows, list):
-        counted = [int((b.labels[:, 1:] != loss_fn.ignore_index).sum()) for b in windows]
+        counted = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in windows]
         for b, n in zip(windows, counted):
-            total += loss_fn.forward(model.forward(b.input_ids, attention_mask=b.attention_mask), b.labels) * n
-            loss_fn._cache = None
+            total += model.forward(b.input_ids, attention_mask=b.attention_mask, labels=b.labels) * n
         return total / sum(counted)
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
-        total += loss_fn.forward(model.forward(batch), batch) * len(batch)       # every window counts T tokens
-        loss_fn._cache = None
+        total += model.forward(batch, labels=batch) * len(batch)                # every window counts T tokens
     return total / len(windows)
 
 
@@ -165,20 +167,18 @@ def train_steps(model, batcher, val_windows, *, steps: int, lr: float, warmup: i
     global batch and ``DataParallel.step`` all-reduces the gradients. A resumed run passes its restored
     ``optimizer`` and the ``start`` step it stopped after; ``on_step(i, optimizer)`` runs after step i.
     Returns the history: steps, mean training loss since the last stage, validation loss, seconds per step."""
-    from ..nn.losses_lm import CausalLMLoss
     from ..nn.optim import Adam
-    from ..training.loop import local_step
-    loss_fn = CausalLMLoss()
     if optimizer is None:
         optimizer = Adam(model.parameters(trainable_only=True), lr=lr)
     if comm is None:
         def step(batch):
             if not isinstance(batch, np.ndarray):
-                return masked_step(model, optimizer, loss_fn, batch)
-            return local_step(model, optimizer, loss_fn, batch, batch)
+                return lm_step(model, optimizer, batch.input_ids, batch.labels, batch.attention_mask)
+            return lm_step(model, optimizer, batch, batch)
     else:
+        from ..nn.losses_lm import CausalLMLoss
         from ..training.distributed import DataParallel, shard_bounds
-        dp = DataParallel(model, optimizer, loss_fn, comm)
+        dp = DataParallel(model, optimizer, CausalLMLoss(), comm)
         dp.broadcast_parameters()                        # every rank starts from rank 0's numbers
 
         def step(batch):
@@ -219,12 +219,12 @@ def train_steps(model, batcher, val_windows, *, steps: int, lr: float, warmup: i
     return history
 
 
-def masked_step(model, optimizer, loss_fn, batch) -> float:
-    """One step on a padded ``training.sft.Batch``: the attention mask to the model, −100 labels skipped."""
+def lm_step(model, optimizer, input_ids, labels, attention_mask=None) -> float:
+    """One Adam step from the model's ``labels`` path (the head and the loss fused: no (B, T, V) logits);
+    −100 labels and padding are skipped. Returns the mean loss."""
     optimizer.zero_grad()
-    logits = model.forward(batch.input_ids, attention_mask=batch.attention_mask)     # (B, T, V)
-    loss = loss_fn.forward(logits, batch.labels)
-    model.backward(loss_fn.backward())
+    loss = model.forward(input_ids, attention_mask=attention_mask, labels=labels)
+    model.backward()
     optimizer.step()
     return loss
 

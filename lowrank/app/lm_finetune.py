@@ -273,6 +273,8 @@ def finetune(args, comm, say) -> tuple[dict, object]:
     from ..nn.optim import Adam
     train, val, batcher, data_info = training_data(args)
     base = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    if args.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
     before = evaluate_loss(base, val)
     say(f"{args.model}: validation loss {before:.4f} (perplexity {math.exp(before):.3f}) on {data_info['name']} "
         f"before fine-tuning; {len(train)} training {data_info['unit']}")
@@ -296,7 +298,7 @@ def finetune(args, comm, say) -> tuple[dict, object]:
                                                            "method", "target", "r", "alpha", "dropout",
                                                            "steps", "batch_size", "seq_len", "lr", "warmup",
                                                            "eval_every", "eval_windows", "save_every", "seed",
-                                                           "dtype", "distributed")),
+                                                           "dtype", "gradient_checkpointing", "distributed")),
                    **{"corpus_info" if args.data is None else "data_info": data_info["info"]})
     if args.method in ADAPTER_METHODS:
         c = model.peft_config["default"]

@@ -79,13 +79,15 @@ def run(args) -> int:
     train = windows(splits.train, args.seq_len)
     val = windows(splits.validation, args.seq_len, args.eval_windows)
     model = build_model(args)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     say(f"{args.layers} layers, d={args.hidden}, {args.heads} heads, {model.num_parameters():,d} parameters; "
         f"{len(train)} training windows of {args.seq_len + 1} tokens, {len(val)} validation windows")
     history = train_steps(model, Batcher(train, args.batch_size, args.seed), val, steps=args.steps, lr=args.lr,
                           warmup=args.warmup, eval_every=args.eval_every, say=say)
     record = {"command": command_line(args, "pretrain", ("quick", *ARCH_FLAGS, "steps", "batch_size", "seq_len", "lr",
                                                          "warmup", "eval_every", "eval_windows", "seed", "dtype",
-                                                         "save_dtype")),
+                                                         "gradient_checkpointing", "save_dtype")),
               "seed": args.seed, **provenance(), "corpus": CORPUS, "corpus_info": corpus_info(args.seed),
               "val_loss": history["val_loss"][-1], "val_perplexity": math.exp(history["val_loss"][-1]),
               "parameters": model.num_parameters(), "history": history}

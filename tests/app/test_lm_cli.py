@@ -124,6 +124,23 @@ def test_the_adapter_loads_back_with_the_reported_validation_loss(runs):
     assert evaluate_loss(model, val_windows("stdlib", 64, 8)) == pytest.approx(s["val_loss"], rel=1e-6)
 
 
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
+    """--gradient-checkpointing redoes each decoder layer's forward in backward: in float64 the adapter equals the
+    run without it (the recomputation draws nothing: dropout 0), and the flag is in the recorded command."""
+    runs = {flag: finetune(tmp_path / str(i), "--method", "lora", "--r", "4", "--lr", "1e-2", "--dtype", "float64",
+                           "--steps", "4", *([flag] if flag else []))
+            for i, flag in enumerate(["", "--gradient-checkpointing"])}
+    assert "--gradient-checkpointing" in runs["--gradient-checkpointing"]["command"]
+    tensors = []
+    for i in range(2):
+        with safe_open(str(tmp_path / str(i) / "adapter" / "adapter_model.safetensors"), "np") as f:
+            tensors.append({k: f.get_tensor(k) for k in f.keys()})
+    assert tensors[0].keys() == tensors[1].keys() and tensors[0]
+    for k in tensors[0]:
+        np.testing.assert_allclose(tensors[1][k], tensors[0][k], rtol=1e-10, atol=1e-12)
+    assert runs[""]["val_loss"] == pytest.approx(runs["--gradient-checkpointing"]["val_loss"], rel=1e-10)
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_peft_loads_the_adapter_on_transformers_with_the_same_logits(runs, method):
     torch, transformers = pytest.importorskip("torch"), pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-import lowrank.training.loop as loop
+import lowrank.app.lm as lm
 from lowrank.app.lm import evaluate_loss, lr_factor, train_steps
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 from lowrank.training.text import Batcher, cut_windows
@@ -75,14 +75,14 @@ def run():
     train = np.random.default_rng(0).integers(0, V, (10, T + 1))
     val = np.random.default_rng(1).integers(0, V, (3, T + 1))
     lrs, losses = [], []
-    real_step = loop.local_step
+    real_step = lm.lm_step
 
-    def spy(stepped, optimizer, loss_fn, X, y):
+    def spy(stepped, optimizer, X, labels, attention_mask=None):
         lrs.append(optimizer.param_groups[0]["lr"])
         losses.append(next_token_nll(stepped.forward(X), X).mean())            # before the step changes the model
-        return real_step(stepped, optimizer, loss_fn, X, y)
+        return real_step(stepped, optimizer, X, labels, attention_mask)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "local_step", spy)
+        mp.setattr(lm, "lm_step", spy)
         history = train_steps(model, Batcher(train, 2, seed=0), val, steps=STEPS, lr=PEAK, warmup=WARMUP,
                               eval_every=EVAL_EVERY)
     return history, np.array(lrs), np.array(losses)
