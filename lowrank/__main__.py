@@ -1,4 +1,5 @@
 """``python -m lowrank``: the ``lowrank`` command."""
 from .app.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

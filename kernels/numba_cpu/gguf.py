@@ -140,7 +140,7 @@ def _gemv(blocks, qs, fmt, f16, x, sx, y):
             y[o] = acc.sum() + off
 
 
-# -- Q8_0, Q4_0 and Q4_1 in float32 as LLVM vector IR -----------------------------------------
+# Q8_0, Q4_0 and Q4_1 in float32 as LLVM vector IR (with config.GGUF_VECTOR_IR; otherwise the loops above).
 # Numba has no vector type, and its loops over a block's bytes widen each code to int64 and keep 32 lanes in
 # memory. Written as IR, a block of 32 codes is 16-lane vectors: byte loads widened to int32 (Q4: low nibbles
 # by a mask, high by a shift), converted to float, 2 FMAs against x and 1 by the scale d; R rows share each
