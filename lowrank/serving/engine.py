@@ -34,7 +34,7 @@ import numpy as np
 
 from ..models.llama.generation import pick
 from ..nn.kv_cache import KVCache
-from ..tuners.lora.mixed import BASE, mixed_batch
+from ..tuners.lora.mixed import BASE, mixed_batch, mixed_plan
 from ..tuners.lora.model import LoraModel
 from .slots import SlotCache, decode_step
 
@@ -318,13 +318,15 @@ class Engine:
         self._stacks_for = None
 
     def _adapters(self, names):
-        """The LoRA layers set for rows ``names`` (their stacks built once per set of names)."""
+        """The LoRA layers set for rows ``names``. Each layer stacks every loaded adapter once, after each load,
+        unload or eviction; every batch (a prefill's one adapter, a decode step's mix) then reads those stacks."""
         if self.lora is None:
             return _nothing()
-        key = frozenset(names)
-        if self._stacks_for != key:                # another set of adapters (or one reloaded): rebuild the stacks
+        key = frozenset(self.loaded)
+        if self._stacks_for != key:
             for _, layer in self.lora.lora_layers():
                 layer.stack_cache = {}
+                mixed_plan(layer, tuple(self.loaded), False, self.model.dtype, np)     # the stacks of them all
             self._stacks_for = key
         return mixed_batch(self.lora, names, len(names))
 

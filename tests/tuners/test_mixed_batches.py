@@ -67,8 +67,9 @@ def test_mixed_batch_rows_and_gradients_equal_one_adapter_at_a_time(backend, ran
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_frozen_stacks_are_built_once_per_set_of_adapters_whatever_the_rows_order(backend):
-    """With a stack_cache (generation, the server), a reordered batch over the same adapters reuses the stacks
-    (one cache entry), a new set builds its own; every row still equals its adapter run alone."""
+    """With a stack_cache (generation, the server), a reordered batch over the same adapters, or over some of
+    them, reuses the stacks (one cache entry); a set they don't hold builds its own; every row still equals its
+    adapter run alone."""
     layer = three_adapters(backend=backend)
     layer.eval()
     layer.stack_cache = {}
@@ -82,7 +83,13 @@ def test_frozen_stacks_are_built_once_per_set_of_adapters_whatever_the_rows_orde
         for i, n in enumerate(names):
             np.testing.assert_allclose(y[i], solo[n][i], rtol=1e-12, atol=1e-12)
     assert len(layer.stack_cache) == 1
-    layer(x, adapter_names=["b", "b", "__base__", "c"])
+    y = layer(x, adapter_names=["b", "b", "__base__", "c"])            # a subset: the stacks of all three serve it
+    assert len(layer.stack_cache) == 1
+    np.testing.assert_allclose(y[[0, 1, 3]], np.stack([solo["b"][0], solo["b"][1], solo["c"][3]]), rtol=1e-12,
+                               atol=1e-12)
+    layer.stack_cache = {}
+    layer(x, adapter_names=["b", "c", "c", "b"])
+    layer(x, adapter_names=["default", "b", "c", "b"])                  # not a subset of {b, c}: its own stacks
     assert len(layer.stack_cache) == 2
 
 

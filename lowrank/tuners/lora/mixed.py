@@ -67,8 +67,9 @@ class Stacks(NamedTuple):
 
 def mixed_plan(layer, adapter_names: tuple, strict: bool, dtype, xp) -> MixedPlan:
     """``layer``'s MixedPlan for one name per row. The stacks depend only on the set of adapters, so with a
-    ``layer.stack_cache`` set they are built once per set and reused whatever the rows' order; the row index
-    and segments are the call's own. strict=False: names the layer lacks run on the base alone (the model
+    ``layer.stack_cache`` set they are built once per set and reused whatever the rows' order, and for any
+    batch whose adapters they all hold (an unused stack entry costs no work); the row index and segments are
+    the call's own. strict=False: names the layer lacks run on the base alone (the model
     checked them model-wide)."""
     names = [n for n in dict.fromkeys(adapter_names) if n != BASE]
     unknown = [n for n in names if n not in layer.lora_A]
@@ -80,7 +81,9 @@ def mixed_plan(layer, adapter_names: tuple, strict: bool, dtype, xp) -> MixedPla
         raise ValueError(f"{layer.label}: mixed-adapter batches do not apply lora_dropout; call eval() "
                          f"or use adapters with lora_dropout=0")
     key = (frozenset(names), np.dtype(dtype))
-    stacks = layer.stack_cache.get(key) if layer.stack_cache is not None else None
+    stacks = None
+    if layer.stack_cache is not None:                  # these adapters' stacks, or any that hold them all
+        stacks = next((s for (held, t), s in layer.stack_cache.items() if t == key[1] and key[0] <= held), None)
     if stacks is None:
         stacks = _stack(layer, names, dtype, xp)
         if layer.stack_cache is not None:
