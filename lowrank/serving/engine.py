@@ -5,13 +5,14 @@ Each turn of the loop (``Engine.step``):
 1. Commands (load / unload an adapter) run between steps, so no running row sees its adapter change.
 2. Waiting requests join while a slot is free and their adapter is stacked (or can be: the least
    recently used adapter no row needs is evicted and reloaded from its files when next asked for).
-   A joining request's prompt is prefilled alone, as one SGMV segment, into a one-row KV cache that is
-   copied into its slot (``slots.SlotCache``); its first token comes from that prefill, handed out once
-   the step's joins are done (so the wait for later prompts' prefills counts in its time to first token,
-   not between its first and second tokens). With ``max_prefill_tokens`` set, one prompt joins per step
-   at least and more while the step's prompt tokens stay within it, which bounds how long running rows
-   wait for joining prompts (and makes the rest wait longer for their first token); by default every
-   waiting prompt that fits joins.
+   The step's joining prompts are prefilled together (``slots.prefill``: right-padded, batches of similar
+   lengths, each prompt one SGMV segment of its adapter) and copied into their slots (``slots.SlotCache``);
+   requests that arrive during those prefills join the same step the same way, and each first token
+   goes out once the step's joins are done (so the wait for the prefills counts in its time to first
+   token, not between its first and second tokens). With ``max_prefill_tokens`` set, one prompt joins
+   per step at least and more while the step's prompt tokens stay within it, which bounds how long
+   running rows wait for joining prompts (and makes the rest wait longer for their first token); by
+   default every waiting prompt that fits joins.
 3. One decode step feeds every running row its last token at its own position (``slots.decode_step``),
    each row through its own adapter (BGMV), and picks the next token per row with ``generation.pick``
    and the request's own random generator.
@@ -33,10 +34,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..models.llama.generation import pick
-from ..nn.kv_cache import KVCache
 from ..tuners.lora.mixed import BASE, mixed_batch, mixed_plan
 from ..tuners.lora.model import LoraModel
-from .slots import SlotCache, decode_step
+from .slots import SlotCache, decode_step, prefill
 
 
 class QueueFull(Exception):
@@ -220,41 +220,58 @@ class Engine:
                 future.set_exception(e)
 
     def _join(self):
+        """Waiting requests join and are prefilled, again while more arrive during the prefills; then the
+        first tokens go out."""
         budget = self.max_prefill_tokens or float("inf")
-        skipped, joined, prefilled = [], [], 0
-        while self.waiting and len(self.rows) < self.max_batch:
-            if prefilled and prefilled + len(self.waiting[0].prompt) > budget:
-                break                             # the rest join at the next steps
-            r = self.waiting.popleft()
-            if r.cancelled:
-                r.emit("done", "cancelled")
-                continue
-            if r.adapter != BASE and r.adapter not in self.paths:
-                r.emit("missing", f"the model {r.adapter!r} was unloaded before the request started")
-                continue
-            if len(r.prompt) >= self.max_length or not r.prompt:
-                r.emit("error", f"a prompt of {len(r.prompt)} tokens needs 1 to {self.max_length - 1}")
-                continue
-            try:
-                stacked = self._ensure_loaded(r.adapter)
-            except (ValueError, TypeError, KeyError, OSError) as e:     # its files changed or went away
-                r.emit("error", f"adapter {r.adapter!r} can't be loaded: {e}")
-                continue
-            if not stacked:
-                skipped.append(r)                 # every stacked adapter is in use: wait for a row to leave
-                continue
-            prefill = KVCache.for_model(self.model.config, 1, len(r.prompt), self.model.dtype)
-            with self._adapters([r.adapter]):
-                logits = self.model.forward(np.asarray([r.prompt], np.int64), attention_mask=None,
-                                            kv_cache=prefill)[:, -1]                      # (1, V): one segment
-            prefilled += len(r.prompt)
-            slot = len(self.rows)
-            self.cache.put(slot, prefill)
-            self.rows.append(r)
-            joined.append((r, np.asarray(logits)))
-        self.waiting.extendleft(reversed(skipped))
-        for r, logits in joined:
-            self._take(r, logits)
+        joined, prefilled, logits = [], 0, {}
+        while True:
+            new = []
+            skipped = []
+            while self.waiting and len(self.rows) < self.max_batch:
+                if prefilled and prefilled + len(self.waiting[0].prompt) > budget:
+                    break                             # the rest join at the next steps
+                r = self.waiting.popleft()
+                if r.cancelled:
+                    r.emit("done", "cancelled")
+                    continue
+                if r.adapter != BASE and r.adapter not in self.paths:
+                    r.emit("missing", f"the model {r.adapter!r} was unloaded before the request started")
+                    continue
+                if len(r.prompt) >= self.max_length or not r.prompt:
+                    r.emit("error", f"a prompt of {len(r.prompt)} tokens needs 1 to {self.max_length - 1}")
+                    continue
+                try:
+                    stacked = self._ensure_loaded(r.adapter)
+                except (ValueError, TypeError, KeyError, OSError) as e:     # its files changed or went away
+                    r.emit("error", f"adapter {r.adapter!r} can't be loaded: {e}")
+                    continue
+                if not stacked:
+                    skipped.append(r)                 # every stacked adapter is in use: wait for a row to leave
+                    continue
+                prefilled += len(r.prompt)
+                new.append((r, len(self.rows)))       # its slot
+                self.rows.append(r)                   # a row now, so no later eviction takes its adapter
+            self.waiting.extendleft(reversed(skipped))
+            if not new:
+                break
+            logits.update(self._prefill(new))
+            joined += new
+        for r, slot in joined:
+            self._take(r, logits[slot])
+
+    def _prefill(self, joined) -> dict:
+        """Joiners (request, slot) prefilled into their slots in batches of similar lengths (sorted; padding at
+        most doubles a batch's tokens) -> {slot: logits (1, V)}."""
+        logits, batch = {}, []
+        for r, slot in sorted(joined, key=lambda rs: len(rs[0].prompt)) + [(None, None)]:
+            n = 0 if r is None else len(r.prompt)                  # the longest so far: sorted
+            if batch and (r is None or (len(batch) + 1) * n > 2 * (sum(len(b.prompt) for b, _ in batch) + n)):
+                with self._adapters([b.adapter for b, _ in batch]):
+                    out = prefill(self.model, self.cache, [b.prompt for b, _ in batch], [s for _, s in batch])
+                logits.update((s, out[j:j + 1]) for j, (_, s) in enumerate(batch))        # (1, V) each
+                batch = []
+            batch.append((r, slot))
+        return logits
 
     def _take(self, r: Request, logits):
         """Pick row ``r``'s next token from its logits (1, V) and hand it out."""

@@ -17,8 +17,10 @@ position len_b:
     out_b = P_b · values of slot b
 
 so every row sees the positions, keys and mask it sees alone; only the batching of the products
-differs (rounding). A prompt is prefilled alone by the model's own cached forward into a
-one-row ``nn.kv_cache.KVCache`` and copied into a free slot (``put``).
+differs (rounding). The prompts that join at one step are prefilled together (``prefill``): right-padded
+into one (J, T) batch, one cached forward of the model into an ``nn.kv_cache.KVCache``, each row's
+first len_j positions copied into its free slot (``put``). Attention is causal, so the padding after
+a prompt changes none of its positions; the head runs on each prompt's last position only.
 
 Memory: ``nbytes`` = 2 · L · S · H_kv · T_max · h · itemsize.
 """
@@ -29,6 +31,7 @@ import numpy as np
 from ..kernels.common import host
 from ..nn.device import get_array_module
 from ..nn.dispatch import kernels_for
+from ..nn.kv_cache import KVCache
 
 
 class SlotCache:
@@ -45,13 +48,13 @@ class SlotCache:
     def nbytes(self) -> int:
         return int(self.k.nbytes + self.v.nbytes)
 
-    def put(self, slot: int, kv_cache):
-        """Copy a one-row KVCache's filled positions (its prefill) into ``slot``."""
-        n = kv_cache.length
+    def put(self, slot: int, kv_cache, row: int = 0, length: int | None = None):
+        """Copy the first ``length`` positions (default: all) of a prefilled KVCache's row ``row`` into ``slot``."""
+        n = kv_cache.length if length is None else length
         if n > self.max_length:
             raise ValueError(f"SlotCache: a prefill of {n} positions exceeds the slots' max_length {self.max_length}")
-        self.k[:, slot, :, :n] = kv_cache.k[:, 0, :, :n]
-        self.v[:, slot, :, :n] = kv_cache.v[:, 0, :, :n]
+        self.k[:, slot, :, :n] = kv_cache.k[:, row, :, :n]
+        self.v[:, slot, :, :n] = kv_cache.v[:, row, :, :n]
         self.lengths[slot] = n
 
     def move(self, src: int, dst: int):
@@ -60,6 +63,27 @@ class SlotCache:
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
+
+
+def prefill(llama, cache: SlotCache, prompts, slots) -> np.ndarray:
+    """Prompts (J lists of ids) prefilled as one right-padded (J, T) batch into slots ``slots`` (J,)
+    -> logits (J, V) at each prompt's last token, on the host.
+
+    ``llama`` as in ``decode_step`` (``row_adapters``: one name per prompt). T = the longest prompt.
+    """
+    xp = get_array_module(cache.k)
+    lengths = np.array([len(p) for p in prompts], np.int64)                # (J,)
+    J, T = len(prompts), int(lengths.max())
+    ids = np.zeros((J, T), np.int64)                                       # right-padded with id 0
+    for j, p in enumerate(prompts):
+        ids[j, :len(p)] = p
+    kv = KVCache.for_model(llama.config, J, T, cache.k.dtype, xp)
+    h = llama.model.forward(xp.asarray(ids), None, kv)                     # (J, T, d) causal: padding is unseen
+    last = h[xp.arange(J), xp.asarray(lengths - 1)]                        # (J, d) each prompt's last position
+    logits = llama.lm_head.forward(last)                                   # (J, V)
+    for j, slot in enumerate(slots):
+        cache.put(slot, kv, j, int(lengths[j]))
+    return host(logits)
 
 
 def decode_step(llama, cache: SlotCache, tokens) -> np.ndarray:

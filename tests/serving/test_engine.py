@@ -170,12 +170,40 @@ def test_prompts_join_within_the_steps_prefill_budget(adapters, budget, joins):
         assert tokens_of(ev) == solo_tokens(prompt, None if name == BASE else adapters[name], n), (prompt, name)
 
 
-def test_first_tokens_go_out_once_the_steps_prefills_are_done(adapters):
+@pytest.mark.parametrize("cases, forwards", [(CASES[:3], 1), ([CASES[0], CASES[4], CASES[5]], 2)])
+def test_the_steps_joiners_prefill_together_and_their_first_tokens_go_out_after(adapters, cases, forwards):
     engine = engine_for(adapters)
     log = []
-    forward = engine.model.forward
-    engine.model.forward = lambda *args, **kwargs: (log.append("prefill"), forward(*args, **kwargs))[1]
-    for prompt, name, n in CASES[:3]:
+    forward = engine.model.model.forward
+    engine.model.model.forward = lambda *args, **kwargs: (log.append("prefill"), forward(*args, **kwargs))[1]
+    events = [[] for _ in cases]
+    for (prompt, name, n), ev in zip(cases, events):
+        engine.submit(request(prompt, name, n, ev))
         engine.submit(Request(TOK.encode(prompt), name, n, lambda kind, value: log.append(kind)))
-    engine.step()                                  # three join, then one decode step gives each its second token
-    assert log == ["prefill"] * 3 + ["token"] * 3 + ["token"] * 3
+    engine.step()             # six join (5, 11, 5 tokens: one batch; 5, 5, 45: two), then one decode step
+    assert log == ["prefill"] * forwards + ["token"] * 3 + ["token"] * 3     # the logged three of the six
+    run(engine)
+    for (prompt, name, n), ev in zip(cases, events):
+        assert tokens_of(ev) == solo_tokens(prompt, None if name == BASE else adapters[name], n), (prompt, name)
+
+
+def test_requests_arriving_during_a_prefill_join_the_same_step(adapters):
+    engine = engine_for(adapters)
+    log, events = [], [[] for _ in CASES[:3]]
+    forward = engine.model.model.forward
+
+    def prefill(*args, **kwargs):
+        log.append("prefill")
+        if len(log) == 1:                          # a client's request lands while the first prompts prefill
+            engine.submit(request(*CASES[2], events[2]))
+        return forward(*args, **kwargs)
+
+    engine.model.model.forward = prefill
+    for case, ev in zip(CASES[:2], events):
+        engine.submit(request(*case, ev))
+    engine.step()
+    assert log == ["prefill", "prefill"] and len(engine.rows) == 3 and not engine.waiting
+    assert [len(tokens_of(ev)) for ev in events] == [2, 2, 2]      # first tokens after both prefills, then a decode
+    run(engine)
+    for (prompt, name, n), ev in zip(CASES, events):
+        assert tokens_of(ev) == solo_tokens(prompt, None if name == BASE else adapters[name], n), (prompt, name)

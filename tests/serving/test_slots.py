@@ -19,18 +19,20 @@ FAMILIES = {
 }
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["one-per-step", "prefilled-together"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_rows_at_their_own_positions_decode_as_they_do_alone(family):
+def test_rows_at_their_own_positions_decode_as_they_do_alone(family, together):
     model = LlamaForCausalLM(LlamaConfig.from_dict({**SIZES, **FAMILIES[family]}), dtype="float64", seed=3)
     model.eval()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 41, n).tolist() for n in (5, 2, 9, 3, 7)]
     new = [12, 6, 15, 9, 4]
-    engine = Engine(model, max_batch=3)
+    engine = Engine(model, max_batch=5 if together else 3)
     got = [[] for _ in prompts]
     for i, (p, n) in enumerate(zip(prompts, new)):
         engine.submit(Request(p, BASE, n, lambda kind, value, i=i: got[i].append(value) if kind == "token" else None))
-        engine.step()                                   # one joins per step, while the others decode
+        if not together:
+            engine.step()                               # one joins per step, while the others decode
     while engine.rows or engine.waiting:
         engine.step()
     for p, n, g in zip(prompts, new, got):
