@@ -192,9 +192,10 @@ class _Plan(NamedTuple):
     copy_b: bool = False   # the same for b
 
 
-def matmul(a, b, alpha=1.0):
-    """alpha · a @ b (NumPy's matmul: broadcast batch axes): a (..., M, K), b (..., K, N) -> (..., M, N), C-contiguous.
-    Shapes are the caller's to check (``validate.matmul``).
+def matmul(a, b, alpha=1.0, out=None):
+    """alpha · a @ b (NumPy's matmul: broadcast batch axes): a (..., M, K), b (..., K, N) -> (..., M, N), C-contiguous,
+    written into ``out`` when given (C-contiguous, that shape and dtype: a buffer the caller reuses). Shapes are the
+    caller's to check (``validate.matmul``).
 
     On the pool, GEMM tasks (``_split_tasks``): a matrix each, or blocks of one when there are fewer
     matrices than threads. Without a usable pool, for float16 and mixed dtypes, and below
@@ -209,11 +210,11 @@ def matmul(a, b, alpha=1.0):
             _PLANS.clear()
         plan = _PLANS[key] = _make_plan(a, b, n_threads)
     if plan.tasks is None:
-        y = np.matmul(a, b)
+        y = np.matmul(a, b, out=out)
         return y if alpha == 1.0 else np.multiply(y, a.dtype.type(alpha), out=y)
     a = np.ascontiguousarray(a) if plan.copy_a else a
     b = np.ascontiguousarray(b) if plan.copy_b else b
-    out = np.empty(plan.shape, a.dtype)
+    out = np.empty(plan.shape, a.dtype) if out is None else out
     run = _gemm_tasks.parallel if plan.tasks.shape[0] > 1 else _gemm_tasks.serial
     run(a.ctypes.data, b.ctypes.data, out.ctypes.data, plan.tasks, plan.K, plan.ta, plan.lda, plan.tb, plan.ldb,
         plan.shape[-1], float(alpha), a.dtype == np.float64)

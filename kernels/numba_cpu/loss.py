@@ -2,7 +2,8 @@
 
 Per chunk of rows: the logits are one product on the pool, then one loop per row turns them, in place,
 into the row's loss and its gradient g_i (max, e^(z − max) and its sum, then the scaled softmax minus
-the one-hot); dx and dW are two more products of that buffer. The buffer is the only (chunk, V) array.
+the one-hot); dx and dW are two more products of that buffer. The buffer is the only (chunk, V) array,
+allocated once per call, not per chunk (fresh memory pays for its first touch, page by page).
 """
 import numpy as np
 from numba import prange
@@ -46,11 +47,12 @@ def linear_cross_entropy(x, W, labels, scale=1.0, ignore_index=-100, need_dx=Tru
     dx = np.empty(x.shape, x.dtype) if need_dx else None
     dW = np.zeros(W.shape, W.dtype) if need_dW else None
     t = x.dtype.type
+    buffer = np.empty((min(config.LOSS_CHUNK_ROWS, N), V), x.dtype)            # (chunk, V), every chunk's logits
     for r0 in range(0, N, config.LOSS_CHUNK_ROWS):
         r1 = min(r0 + config.LOSS_CHUNK_ROWS, N)
         counted = np.asarray(labels[r0:r1]) != ignore_index
         target = np.where(counted, labels[r0:r1], 0).astype(np.int64)
-        z = blas.matmul(x[r0:r1], W.T)                                          # (n, d) @ (d, V)
+        z = blas.matmul(x[r0:r1], W.T, out=buffer[:r1 - r0])                   # (n, d) @ (d, V)
         losses = np.empty(r1 - r0, x.dtype)
         _loss_rows(z, target, counted, t(scale), need_dx or need_dW, losses)
         loss += float(losses.sum(dtype=np.float64))
