@@ -21,9 +21,15 @@ every matrix and the tied head multiply the file's blocks), greedy decode of 64 
 1 thread, the two files interleaved. tokens/s two ways: new / (whole generate), and the decode alone,
 (new − 1) / (t(generate new) − t(generate 1)). The floor: the tensor bytes a decode step reads (every tensor in
 the file once: the tied head reads the whole embedding) at the copy bandwidth measured in the same run.
+``--llama-bench BIN``: llama.cpp's llama-bench on the same files, on as many threads (``-p 0 -n 64 -d 32``: 64
+tokens generated after 32 in the context), once before and once after lowrank's rounds; its tokens/s beside
+lowrank's decode-alone figure, against the issue's targets (Q4_0 >= 0.5x, F32 >= 0.8x llama.cpp's). The files
+carry no vocabulary (tokenizer.ggml.model "no_vocab" and vocab_size), which both load.
 """
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
 
@@ -105,6 +111,8 @@ def write_random_llama(path, m: dict, qtype: str, seed: int = 0) -> int:
         getattr(w, f"add_{key}")(value)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(m["V"])
+    w.add_tokenizer_model("no_vocab")          # no tokens: llama.cpp then makes V dummy ones
     rng, total = np.random.default_rng(seed), 0
     for name, shape in shapes.items():
         W = np.ones(shape, np.float32) if len(shape) == 1 else (0.02 * rng.standard_normal(shape)).astype(np.float32)
@@ -121,21 +129,31 @@ def write_random_llama(path, m: dict, qtype: str, seed: int = 0) -> int:
     return total
 
 
-def run_decode(cfg, mach) -> list[dict]:
-    """One row per file type: tokens/s of greedy decode on the loaded GGUF, and its floor (module docstring)."""
+def llama_bench(binary, path, threads, cfg) -> list:
+    """llama.cpp's tokens/s samples for generating cfg["new"] tokens after cfg["prompt"] in the context."""
+    out = subprocess.run([binary, "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(cfg["new"]),
+                          "-d", str(cfg["prompt"]), "-r", str(cfg["rounds"]), "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    return [float(v) for v in json.loads(out)[0]["samples_ts"]]
+
+
+def run_decode(cfg, mach, binary=None) -> list[dict]:
+    """One row per file type: tokens/s of greedy decode on the loaded GGUF, and its floor (module docstring);
+    with ``binary`` (llama-bench), llama.cpp's tokens/s on the same file."""
     import tempfile
 
     from lowrank.models.llama import LlamaForCausalLM
     from lowrank.models.llama.gguf import keep_gguf_blocks
-    models, nbytes, floors, kept = {}, {}, {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for qtype in cfg["qtypes"]:
-            path = f"{tmp}/model-{qtype}.gguf"
-            nbytes[qtype] = write_random_llama(path, cfg["model"], qtype)
-            models[qtype] = LlamaForCausalLM.from_pretrained(path)
-            kept[qtype] = len(keep_gguf_blocks(models[qtype], path)) if qtype != "F32" else 0
-            models[qtype].eval()
-            floors[qtype] = nbytes[qtype] / (mach["copy_gbs"] * 1e9)
+    models, nbytes, floors, kept, paths, theirs = {}, {}, {}, {}, {}, {}
+    tmp = tempfile.TemporaryDirectory()
+    for qtype in cfg["qtypes"]:
+        paths[qtype] = f"{tmp.name}/model-{qtype}.gguf"
+        nbytes[qtype] = write_random_llama(paths[qtype], cfg["model"], qtype)
+        models[qtype] = LlamaForCausalLM.from_pretrained(paths[qtype])
+        kept[qtype] = len(keep_gguf_blocks(models[qtype], paths[qtype])) if qtype != "F32" else 0
+        models[qtype].eval()
+        floors[qtype] = nbytes[qtype] / (mach["copy_gbs"] * 1e9)
+        theirs[qtype] = llama_bench(binary, paths[qtype], mach["threads"], cfg) if binary else []
     prompt = np.random.default_rng(0).integers(0, cfg["model"]["V"], (1, cfg["prompt"]))
     same = models[cfg["qtypes"][0]].generate(prompt, max_new_tokens=cfg["new"])
     variants = {}
@@ -143,6 +161,9 @@ def run_decode(cfg, mach) -> list[dict]:
         variants[qtype] = lambda model=model: model.generate(prompt, max_new_tokens=cfg["new"])
         variants[f"{qtype} prefill"] = lambda model=model: model.generate(prompt, max_new_tokens=1)
     res = harness.interleaved(variants, cfg["rounds"], cfg["qtypes"][0], target_s=0.0)
+    for qtype in cfg["qtypes"] if binary else ():
+        theirs[qtype] += llama_bench(binary, paths[qtype], mach["threads"], cfg)
+    tmp.cleanup()
     rows = []
     for qtype in cfg["qtypes"]:
         full, pre = np.array(res[qtype]["samples_s"]), np.array(res[f"{qtype} prefill"]["samples_s"])
@@ -155,10 +176,18 @@ def run_decode(cfg, mach) -> list[dict]:
                    floor_tokens_per_s=1 / floors[qtype], step_over_floor=step_s / floors[qtype],
                    same_tokens_as_first=float((tokens == same).mean()),
                    samples_s=res[qtype]["samples_s"], prefill_samples_s=res[f"{qtype} prefill"]["samples_s"])
+        if theirs[qtype]:
+            row.update(llama_cpp_samples_ts=theirs[qtype], llama_cpp_tokens_per_s=float(np.median(theirs[qtype])),
+                       of_llama_cpp=row["decode_tokens_per_s"] / float(np.median(theirs[qtype])))
         rows.append(row)
         print(f"{qtype:5s} {nbytes[qtype] / 2**20:8.1f} MiB  generate {row['tokens_per_s']:6.1f} tok/s  decode "
               f"{row['decode_tokens_per_s']:6.1f} tok/s ({step_s * 1e3:.2f} ms a step; floor "
               f"{floors[qtype] * 1e3:.2f} ms = {row['floor_tokens_per_s']:.1f} tok/s, x{row['step_over_floor']:.2f})")
+        if theirs[qtype]:
+            target = 0.8 if qtype == "F32" else 0.5
+            print(f"      llama.cpp {row['llama_cpp_tokens_per_s']:6.1f} tok/s (samples {np.min(theirs[qtype]):.1f}-"
+                  f"{np.max(theirs[qtype]):.1f}): lowrank {row['of_llama_cpp']:.2f}x (target >= {target}: "
+                  f"{'met' if row['of_llama_cpp'] >= target else 'NOT met'})")
     return rows
 
 
@@ -169,7 +198,7 @@ def main_decode(a, argv):
         print(f"threads pinned: {info}")
         mach = harness.machine(a.threads, info, quick=a.quick)
         print(f"copy bandwidth {mach['copy_gbs']:.1f} GB/s")
-        rows = run_decode(cfg, mach)
+        rows = run_decode(cfg, mach, a.llama_bench)
     payload = dict(command="python -m benchmarks.gguf --decode" + (" --quick" if a.quick else ""), argv=argv,
                    machine=mach, config=cfg, rows=rows, wall_s=time.time() - t0)
     harness.write_json(a.out, payload)
@@ -177,12 +206,17 @@ def main_decode(a, argv):
     return payload
 
 
+def add_arguments(p):
+    p.add_argument("--decode", action="store_true", help="greedy decode of a 135M-shape Llama's F32 and Q4_0 GGUFs "
+                   "against its bandwidth floor (results/gguf_decode.json)")
+    p.add_argument("--llama-bench", metavar="BIN", help="with --decode: llama.cpp's llama-bench binary, run on the "
+                   "same files")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = harness.parse_args(argv, __doc__, lambda a: "gguf_decode" if a.decode else "gguf", threads=1,  # the issue's
-                           add_arguments=lambda p: p.add_argument(                                   # setting
-                               "--decode", action="store_true", help="greedy decode of a 135M-shape Llama's F32 and "
-                               "Q4_0 GGUFs against its bandwidth floor (results/gguf_decode.json)"))
+                           add_arguments=add_arguments)                                             # setting
     if a.decode:
         return main_decode(a, argv)
     cfg, out = (QUICK if a.quick else FULL), a.out

@@ -2,6 +2,7 @@
 JSON written, bytes per weight counted from the real blocks (llama.cpp's block sizes), 1 thread by default."""
 import json
 import math
+import sys
 
 import pytest
 
@@ -43,3 +44,36 @@ def test_quick_decode_benchmark_times_greedy_decode_from_f32_and_q4_0_ggufs(tmp_
     for row in rows.values():
         assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
         assert row["floor_step_s"] == pytest.approx(row["tensor_bytes"] / (data["machine"]["copy_gbs"] * 1e9))
+
+
+def test_decode_benchmark_runs_llama_bench_on_the_same_files(tmp_path):
+    """``--llama-bench BIN``: BIN runs on each file before and after lowrank's rounds, with the run's threads and
+    the decode's shape, on a file llama.cpp can load (no vocabulary, V dummy tokens); its samples' median is
+    reported beside lowrank's decode figure. A stand-in BIN records its arguments and what the file holds."""
+    from benchmarks import gguf
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+import gguf
+args = sys.argv[1:]
+r = gguf.GGUFReader(args[args.index("-m") + 1])
+kv = {{k: r.fields[k].contents() for k in ("tokenizer.ggml.model", "llama.vocab_size")}}
+open({str(log)!r}, "a").write(json.dumps(dict(args=args, kv=kv)) + "\\n")
+ts = 100.0 if "F32" in args[args.index("-m") + 1] else 300.0
+print(json.dumps([dict(samples_ts=[ts, ts + 2, ts - 2])]))
+""")
+    fake.chmod(0o755)
+    data = gguf.main(["--decode", "--quick", "--out", str(tmp_path / "d.json"), "--llama-bench", str(fake)])
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    cfg = gguf.DECODE_QUICK
+    assert [c["args"][1].endswith(f"model-{q}.gguf") for c, q in zip(calls, ["F32", "Q4_0"] * 2)] == [True] * 4
+    for c in calls:
+        a = c["args"]
+        assert dict(zip(a[2::2], a[3::2])) == {"-t": "1", "-p": "0", "-n": str(cfg["new"]), "-d": str(cfg["prompt"]),
+                                               "-r": str(cfg["rounds"]), "-o": "json"}
+        assert c["kv"] == {"tokenizer.ggml.model": "no_vocab", "llama.vocab_size": cfg["model"]["V"]}
+    rows = {r["qtype"]: r for r in data["rows"]}
+    for qtype, ts in (("F32", 100.0), ("Q4_0", 300.0)):
+        assert rows[qtype]["llama_cpp_tokens_per_s"] == ts
+        assert rows[qtype]["of_llama_cpp"] == pytest.approx(rows[qtype]["decode_tokens_per_s"] / ts)
