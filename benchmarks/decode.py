@@ -4,6 +4,7 @@ weight in a batched greedy-decoding step.
     python -m benchmarks.decode --threads 1      # the real 135M decoder's weights; writes results/decode_t1.json
     python -m benchmarks.decode --threads 2
     python -m benchmarks.decode --quick          # small shapes, seconds (CI)
+    python -m benchmarks.decode --stream         # one row through a whole decoder's weights; decode_stream_t1.json
 
 Shapes (float32, no bias): W 576×576 (q, o), 1536×576 (gate, up), 576×1536 (down) and 49152×576 (the tied
 LM head), M = 1, 2, 4, 8, 16, 32, 64. Variants, interleaved round by round (``harness.interleaved``, the
@@ -19,6 +20,12 @@ Floors: ``floor_us`` is W's bytes over this run's copy bandwidth (``harness.copy
 copy: memory, not cache); a W that fits the last-level cache is read faster than that when one product is
 timed over and over, so the one-row GEMV of the same W (``gemv_us``, the numpy variant at M = 1) is printed
 beside it: reading W once from where it lives. ``spread`` is each variant's (max − min) / median over rounds.
+
+``--stream``: what one core reads once the weights are not in the cache. Every product of a batch-1 decode
+step of the 135M shape (30 layers of q, k, v, o, gate, up, down and the tied head), laid out ``copies``
+times over (1.08 GB: beyond this machine's 480 MB L3), one row each, one pass over all of them per sample:
+``numpy`` (BLAS's GEMV) and ``small_m`` (the few-row kernel's 4-rows-per-pass loop at one row). Reported
+as GB/s of weights read and milliseconds per decoder's worth of products.
 """
 from __future__ import annotations
 
@@ -36,6 +43,9 @@ from . import harness
 FULL = dict(shapes=[(576, 576), (1536, 576), (576, 1536), (49152, 576)], Ms=(1, 2, 4, 8, 16, 32, 64),
             rounds=7, target_s=0.02, settle_s=0.05)
 QUICK = dict(shapes=[(96, 64), (64, 96)], Ms=(1, 2, 8, 64), rounds=3, target_s=0.002, settle_s=0.001)
+LAYER = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))   # q k v o g u d
+STREAM = dict(layer=LAYER, layers=30, head=(49152, 576), copies=2, rounds=5)
+STREAM_QUICK = dict(layer=((32, 16), (16, 32)), layers=2, head=(64, 16), copies=2, rounds=2)
 
 
 def numba_blas(x, W):
@@ -76,10 +86,51 @@ def run(cfg, copy_gbs):
     return rows
 
 
+def one_row(x, W):
+    """small_m's loop on one row of x (dense_forward sends one row to BLAS's GEMV instead)."""
+    y = np.empty((1, W.shape[0]), x.dtype)
+    small_m._product(W, x, np.empty(0, x.dtype), y)
+    return y
+
+
+def run_stream(cfg) -> dict:
+    """One pass of one-row products over ``copies`` decoders' weights per sample, numpy vs small_m."""
+    rng = np.random.default_rng(0)
+    shapes = [s for _ in range(cfg["layers"]) for s in cfg["layer"]] + [tuple(cfg["head"])]
+    Ws = [rng.standard_normal(s, dtype=np.float32) for _ in range(cfg["copies"]) for s in shapes]
+    xs = {D_in: rng.standard_normal((1, D_in), dtype=np.float32) for D_in in {s[1] for s in shapes}}
+    for W in Ws[:len(cfg["layer"])]:
+        np.testing.assert_allclose(one_row(xs[W.shape[1]], W), xs[W.shape[1]] @ W.T, rtol=1e-3, atol=1e-3)
+    nbytes = sum(W.nbytes for W in Ws)
+    variants = {"numpy": lambda: [xs[W.shape[1]] @ W.T for W in Ws],
+                "small_m": lambda: [one_row(xs[W.shape[1]], W) for W in Ws]}
+    res = harness.interleaved(variants, cfg["rounds"], "numpy", target_s=0.0)
+    out = dict(working_set_bytes=nbytes, decoders=cfg["copies"])
+    for name, r in res.items():
+        spread = (max(r["samples_s"]) - min(r["samples_s"])) / r["median_s"]
+        out[name] = dict(gb_s=nbytes / r["median_s"] / 1e9, ms_per_decoder=r["median_s"] / cfg["copies"] * 1e3,
+                         spread=spread, samples_s=r["samples_s"])
+        print(f"{name:8s} {out[name]['gb_s']:5.1f} GB/s  {out[name]['ms_per_decoder']:6.1f} ms per decoder's "
+              f"products  (working set {nbytes / 1e9:.2f} GB, spread {spread:.2f})", flush=True)
+    return out
+
+
 def main(argv=None):
-    a = harness.parse_args(argv, __doc__, "decode")
-    if a.out.endswith("decode.json"):
-        a.out = a.out.replace("decode.json", f"decode_t{a.threads}.json")
+    a = harness.parse_args(argv, __doc__, lambda a: "decode_stream" if a.stream else "decode",
+                           add_arguments=lambda p: p.add_argument("--stream", action="store_true", help="one row "
+                                                                  "through a whole decoder's weights, beyond the cache"))
+    stem = "decode_stream" if a.stream else "decode"
+    if a.out.endswith(f"{stem}.json"):
+        a.out = a.out.replace(f"{stem}.json", f"{stem}_t{a.threads}.json")
+    if a.stream:
+        with harness.pinned_threads(a.threads) as info:
+            print(f"threads pinned: {info}")
+            mach = harness.machine(a.threads, info, quick=a.quick)
+            result = run_stream(STREAM_QUICK if a.quick else STREAM)
+        harness.write_json(a.out, dict(machine=mach, config=STREAM_QUICK if a.quick else STREAM, result=result,
+                                       command="python -m benchmarks.decode " + " ".join(argv or sys.argv[1:])))
+        print(f"wrote {a.out}")
+        return result
     cfg = QUICK if a.quick else FULL
     with harness.pinned_threads(a.threads) as info:
         print(f"threads pinned: {info}")
