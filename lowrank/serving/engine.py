@@ -220,57 +220,62 @@ class Engine:
                 future.set_exception(e)
 
     def _join(self):
-        """Waiting requests join and are prefilled, again while more arrive during the prefills; then the
+        """Waiting requests join and are prefilled, again while more arrive during those prefills; then the
         first tokens go out."""
-        budget = self.max_prefill_tokens or float("inf")
-        joined, prefilled, logits = [], 0, {}
-        while True:
-            new = []
-            skipped = []
-            while self.waiting and len(self.rows) < self.max_batch:
-                if prefilled and prefilled + len(self.waiting[0].prompt) > budget:
-                    break                             # the rest join at the next steps
-                r = self.waiting.popleft()
-                if r.cancelled:
-                    r.emit("done", "cancelled")
-                    continue
-                if r.adapter != BASE and r.adapter not in self.paths:
-                    r.emit("missing", f"the model {r.adapter!r} was unloaded before the request started")
-                    continue
-                if len(r.prompt) >= self.max_length or not r.prompt:
-                    r.emit("error", f"a prompt of {len(r.prompt)} tokens needs 1 to {self.max_length - 1}")
-                    continue
-                try:
-                    stacked = self._ensure_loaded(r.adapter)
-                except (ValueError, TypeError, KeyError, OSError) as e:     # its files changed or went away
-                    r.emit("error", f"adapter {r.adapter!r} can't be loaded: {e}")
-                    continue
-                if not stacked:
-                    skipped.append(r)                 # every stacked adapter is in use: wait for a row to leave
-                    continue
-                prefilled += len(r.prompt)
-                new.append((r, len(self.rows)))       # its slot
-                self.rows.append(r)                   # a row now, so no later eviction takes its adapter
-            self.waiting.extendleft(reversed(skipped))
-            if not new:
-                break
+        joined, logits = [], {}
+        while new := self._admit(sum(len(r.prompt) for r, _ in joined)):
             logits.update(self._prefill(new))
             joined += new
         for r, slot in joined:
             self._take(r, logits[slot])
 
+    def _admit(self, prefilled: int) -> list:
+        """Waiting requests that can join now, each made a row, as (request, slot); ``prefilled`` prompt tokens
+        of this step so far count against ``max_prefill_tokens``."""
+        budget = self.max_prefill_tokens or float("inf")
+        new, skipped = [], []
+        while self.waiting and len(self.rows) < self.max_batch:
+            if prefilled and prefilled + len(self.waiting[0].prompt) > budget:
+                break                                 # the rest join at the next steps
+            r = self.waiting.popleft()
+            if r.cancelled:
+                r.emit("done", "cancelled")
+                continue
+            if r.adapter != BASE and r.adapter not in self.paths:
+                r.emit("missing", f"the model {r.adapter!r} was unloaded before the request started")
+                continue
+            if len(r.prompt) >= self.max_length or not r.prompt:
+                r.emit("error", f"a prompt of {len(r.prompt)} tokens needs 1 to {self.max_length - 1}")
+                continue
+            try:
+                stacked = self._ensure_loaded(r.adapter)
+            except (ValueError, TypeError, KeyError, OSError) as e:     # its files changed or went away
+                r.emit("error", f"adapter {r.adapter!r} can't be loaded: {e}")
+                continue
+            if not stacked:
+                skipped.append(r)                     # every stacked adapter is in use: wait for a row to leave
+                continue
+            prefilled += len(r.prompt)
+            new.append((r, len(self.rows)))           # its slot
+            self.rows.append(r)                       # a row now, so no later eviction takes its adapter
+        self.waiting.extendleft(reversed(skipped))
+        return new
+
     def _prefill(self, joined) -> dict:
         """Joiners (request, slot) prefilled into their slots in batches of similar lengths (sorted; padding at
         most doubles a batch's tokens) -> {slot: logits (1, V)}."""
-        logits, batch = {}, []
-        for r, slot in sorted(joined, key=lambda rs: len(rs[0].prompt)) + [(None, None)]:
-            n = 0 if r is None else len(r.prompt)                  # the longest so far: sorted
-            if batch and (r is None or (len(batch) + 1) * n > 2 * (sum(len(b.prompt) for b, _ in batch) + n)):
-                with self._adapters([b.adapter for b, _ in batch]):
-                    out = prefill(self.model, self.cache, [b.prompt for b, _ in batch], [s for _, s in batch])
-                logits.update((s, out[j:j + 1]) for j, (_, s) in enumerate(batch))        # (1, V) each
+        batches, batch = [], []
+        for r, slot in sorted(joined, key=lambda rs: len(rs[0].prompt)):
+            n = len(r.prompt)                                      # the longest yet: sorted
+            if batch and (len(batch) + 1) * n > 2 * (sum(len(b.prompt) for b, _ in batch) + n):
+                batches.append(batch)
                 batch = []
             batch.append((r, slot))
+        logits = {}
+        for batch in batches + [batch]:
+            with self._adapters([r.adapter for r, _ in batch]):
+                out = prefill(self.model, self.cache, [r.prompt for r, _ in batch], [s for _, s in batch])
+            logits.update((s, out[j:j + 1]) for j, (_, s) in enumerate(batch))            # (1, V) each
         return logits
 
     def _take(self, r: Request, logits):
