@@ -44,10 +44,7 @@ import numpy as np
 import lowrank as lr
 import lowrank.models.llama.checkpoint, lowrank.tuners.lora.save_and_load, lowrank.models.llama.generation
 from lowrank.models.llama import LlamaForCausalLM
-try:
-    import lowrank.kernels.numba_cpu              # Numba and LLVM reserve much address space: part of the baseline
-except ImportError:
-    pass
+import lowrank.kernels.numba_cpu                  # Numba and LLVM reserve much address space: part of the baseline
 
 def address_space() -> int:
     status = open("/proc/self/status").read()

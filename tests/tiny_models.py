@@ -1,5 +1,6 @@
-"""A tiny random transformers Llama with a byte-level BPE tokenizer and a ChatML chat template, built
-offline (the tokenizer trained here with ``tokenizers``), for the commands that read a model folder."""
+"""Tiny random transformers Llamas built offline: one with a byte-level BPE tokenizer and a ChatML chat
+template (the tokenizer trained here with ``tokenizers``), for the commands that read a model folder, and
+a bare checkpoint for the PEFT interop tests."""
 from __future__ import annotations
 
 import json
@@ -48,3 +49,19 @@ def tiny_llama(folder: Path, seed: int = 0, context: int = 64, chat_template: st
         "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>", "add_prefix_space": False,
         "clean_up_tokenization_spaces": False, "model_max_length": context, "chat_template": chat_template}))
     return folder
+
+
+def random_llama_checkpoint(folder: Path, vocab_size: int, tied: bool) -> Path:
+    """A random 2-layer transformers Llama (d = 32, GQA 4 over 2 heads, context 32, eager attention; the head
+    tied to the embedding or not) saved in ``folder`` without a tokenizer; every weight randomized, 0.2 · N(0, 1)
+    around 0 (norms around 1), so that no factor or layer is the identity."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=tied, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return Path(folder)

@@ -117,6 +117,7 @@ def check_flags(args):
     if args.method in ADAPTER_METHODS:
         flags_lora_config(args)
     config_file, config = model_config(args.model)
+    args.config_file = config_file                 # what --resume and --save-every compare runs by
     if args.data is None:
         from ..io.tokenizer import ByteTokenizer
         if config.vocab_size < ByteTokenizer.vocab_size:
@@ -339,7 +340,7 @@ def checkpointing(args, model, optimizer, batcher, say) -> tuple:
         say(f"resumed from {folder} after step {start}")
     if args.save_every is None:
         return start, None
-    settings = run_settings(args, model_config(args.model)[0])
+    settings = run_settings(args, args.config_file)
     name = "adapter" if args.method in ADAPTER_METHODS else "model"
 
     def on_step(i, optimizer):

@@ -35,19 +35,26 @@ class GGUFWeight(NamedTuple):
     dtype: np.dtype        # what it computes in
 
 
+def _hold_blocks(layer, blocks, qtype, shape, dtype, backend) -> tuple:
+    """Set ``layer``'s qtype, dtype, backend and ``weight_blocks`` (a frozen uint8 Parameter) for the GGUF blocks
+    of a weight of ``shape``; returns its (rows, columns). Errors name the layer's class."""
+    label = type(layer).__name__
+    try:
+        layer.qtype, rows, columns = validate.gguf(blocks, qtype, shape)
+    except ValueError as e:
+        raise ValueError(f"{label}: {e}") from None
+    layer.dtype, layer.backend = check_dtype(label, dtype), backend
+    layer.weight_blocks = Parameter(blocks, trainable=False, numel=rows * columns)
+    return rows, columns
+
+
 class GGUFDense(QuantizedDense):
     """y = x Ŵᵀ + b with Ŵ held as GGUF blocks: ``weight_blocks``, a frozen uint8 Parameter
     (D_out, D_in / B · S) that state_dict() carries; ``qtype`` names the block format."""
 
     def __init__(self, blocks, qtype, shape, bias=None, *, dtype="float32", backend: str | None = None):
         super().__init__()
-        try:
-            self.qtype, self.out_features, self.in_features = validate.gguf(blocks, qtype, shape)
-        except ValueError as e:
-            raise ValueError(f"GGUFDense: {e}") from None
-        self.dtype = check_dtype("GGUFDense", dtype)
-        self.backend = backend
-        self.weight_blocks = Parameter(blocks, trainable=False, numel=self.out_features * self.in_features)
+        self.out_features, self.in_features = _hold_blocks(self, blocks, qtype, shape, dtype, backend)
         if bias is not None and (np.dtype(bias.dtype) != self.dtype or tuple(bias.shape) != (self.out_features,)):
             raise ValueError(f"GGUFDense: bias must be {self.dtype} of shape ({self.out_features},), "
                              f"got {bias.dtype} {tuple(bias.shape)}")
@@ -93,13 +100,7 @@ class GGUFEmbedding(Module):
 
     def __init__(self, blocks, qtype, shape, *, dtype="float32", backend: str | None = None):
         super().__init__()
-        try:
-            self.qtype, self.num_embeddings, self.embedding_dim = validate.gguf(blocks, qtype, shape)
-        except ValueError as e:
-            raise ValueError(f"GGUFEmbedding: {e}") from None
-        self.dtype = check_dtype("GGUFEmbedding", dtype)
-        self.backend = backend
-        self.weight_blocks = Parameter(blocks, trainable=False, numel=self.num_embeddings * self.embedding_dim)
+        self.num_embeddings, self.embedding_dim = _hold_blocks(self, blocks, qtype, shape, dtype, backend)
 
     @property
     def weight(self) -> GGUFWeight:

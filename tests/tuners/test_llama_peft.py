@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import lowrank as lr
 from peft_random import randomize_lowrank as _randomize_lowrank, randomize_peft as _randomize_peft
+from tiny_models import random_llama_checkpoint
 
 V, T = 61, 7
 RTOL = 1e-5
@@ -39,17 +40,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random transformers Llama saved to disk; every weight randomized (norms near 1)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      tie_word_embeddings=False, attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.2 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("llama")
-    model.save_pretrained(path)
-    return path
+    return random_llama_checkpoint(tmp_path_factory.mktemp("llama"), V, tied=False)
 
 
 def twins(checkpoint):

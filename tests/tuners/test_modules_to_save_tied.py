@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import lowrank as lr
 from lowrank.nn.optim import Adam
+from tiny_models import random_llama_checkpoint
 
 V, T = 61, 7
 CONFIG = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
@@ -19,17 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random transformers Llama whose lm_head is tied to embed_tokens, saved to disk."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      tie_word_embeddings=True, attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.2 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("tied")
-    model.save_pretrained(path)
-    return path
+    return random_llama_checkpoint(tmp_path_factory.mktemp("tied"), V, tied=True)
 
 
 def twins(checkpoint):
