@@ -24,8 +24,10 @@ beside it: reading W once from where it lives. ``spread`` is each variant's (max
 ``--stream``: what one core reads once the weights are not in the cache. Every product of a batch-1 decode
 step of the 135M shape (30 layers of q, k, v, o, gate, up, down and the tied head), laid out ``copies``
 times over (1.08 GB: beyond this machine's 480 MB L3), one row each, one pass over all of them per sample:
-``numpy`` (BLAS's GEMV) and ``small_m`` (the few-row kernel's 4-rows-per-pass loop at one row). Reported
-as GB/s of weights read and milliseconds per decoder's worth of products.
+``numpy`` (BLAS's GEMV) and ``small_m`` (the few-row kernel's 4-rows-per-pass loop at one row), each matrix
+its own allocation as a model's layers make them, and ``numpy_one_block``: the same weights as views of one
+block in the order they are read (``Module.flatten_parameters``'s layout). Reported as GB/s of weights read and
+milliseconds per decoder's worth of products.
 """
 from __future__ import annotations
 
@@ -102,8 +104,12 @@ def run_stream(cfg) -> dict:
     for W in Ws[:len(cfg["layer"])]:
         np.testing.assert_allclose(one_row(xs[W.shape[1]], W), xs[W.shape[1]] @ W.T, rtol=1e-3, atol=1e-3)
     nbytes = sum(W.nbytes for W in Ws)
+    block = np.concatenate([W.reshape(-1) for W in Ws])                  # the same weights, one after another
+    starts = np.cumsum([0] + [W.size for W in Ws])
+    flat = [block[i:i + W.size].reshape(W.shape) for i, W in zip(starts, Ws)]
     variants = {"numpy": lambda: [xs[W.shape[1]] @ W.T for W in Ws],
-                "small_m": lambda: [one_row(xs[W.shape[1]], W) for W in Ws]}
+                "small_m": lambda: [one_row(xs[W.shape[1]], W) for W in Ws],
+                "numpy_one_block": lambda: [xs[W.shape[1]] @ W.T for W in flat]}
     res = harness.interleaved(variants, cfg["rounds"], "numpy", target_s=0.0)
     out = dict(working_set_bytes=nbytes, decoders=cfg["copies"])
     for name, r in res.items():

@@ -203,7 +203,7 @@ def from_pretrained(cls, folder, *, dtype="float32", allow_nonfinite: bool = Fal
     model = cls(config, dtype=dtype, seed=0, init_weights=False)
     for p in model.parameters():           # the layers' own initial draws, freed before the file's arrays come in
         p.data = np.broadcast_to(np.zeros((), p.dtype), p.shape)             # same shape and dtype, no memory
-    return load_weights(model, folder, allow_nonfinite)
+    return load_weights(model, folder, allow_nonfinite).flatten_parameters()   # converted arrays in one block
 
 
 def save_pretrained(model, folder, *, overwrite: bool = False, dtype: str | None = None,

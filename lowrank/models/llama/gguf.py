@@ -225,6 +225,7 @@ def keep_gguf_blocks(model, gguf, mapped: dict | None = None) -> set:
     embedding = model.model.embed_tokens
     if config.tie_word_embeddings and isinstance(embedding, GGUFEmbedding):
         model.lm_head = GGUFDense.tied(embedding)
+    model.flatten_parameters()                  # what stays in float moves out of the old block, which is freed
     return set(kept)
 
 
@@ -245,4 +246,4 @@ def from_gguf(cls, path, *, expected_shapes, dtype="float32", allow_nonfinite: b
     except ValueError as e:                                      # NaN/Inf weights, named after the file
         raise FileFormatError(f"{gguf.path}: {e}") from e
     model.gguf_path = gguf.path
-    return model
+    return model.flatten_parameters()                            # the float weights in one block

@@ -222,6 +222,8 @@ class LlamaForCausalLM(Module):
                 p.data = (rng.standard_normal(p.shape) * config.initializer_range).astype(p.dtype)
             elif name.endswith(".bias"):
                 p.data = np.zeros_like(p.data)
+        if init_weights:
+            self.flatten_parameters()                                    # one block: decoding streams it
 
     @property
     def dtype(self):

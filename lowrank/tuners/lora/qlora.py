@@ -44,7 +44,7 @@ def quantize_model(model: Module, skip=None, blocksize: int = 64, double_quant: 
     targets = [n for n, m in model.named_modules() if isinstance(m, Dense) and not any(_matches(n, s) for s in skip)]
     for name in targets:
         model.set_submodule(name, NF4Dense.from_dense(model.get_submodule(name), blocksize, double_quant))
-    return model
+    return model.flatten_parameters()           # what stays in float moves out of the old block, which is freed
 
 
 def merge_nf4(layer: LoraLinear, adapter_name: str | None = None, *, exact: bool = False) -> Module:
