@@ -274,10 +274,11 @@ def _plain_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
-def check_tensors(path, expected: dict, tensors: dict) -> dict:
+def check_tensors(path, expected: dict, tensors: dict, convert: bool = True) -> dict:
     """Check ``tensors`` against ``expected`` {key: (shape, dtype, what)}; return them cast to the
-    expected dtypes. Keys must match exactly; a dtype may differ only by a lossless float upcast
-    (bfloat16 and float16 to float32 or float64, float32 to float64)."""
+    expected dtypes (as they are with ``convert=False``: the caller casts them where it wants them).
+    Keys must match exactly; a dtype may differ only by a lossless float upcast (bfloat16 and float16
+    to float32 or float64, float32 to float64)."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise FileFormatError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
@@ -290,5 +291,5 @@ def check_tensors(path, expected: dict, tensors: dict) -> dict:
         if a.dtype != dtype and not lossless:
             raise FileFormatError(f"{path}: {key!r} ({what}) has dtype {a.dtype}; the model takes {dtype} "
                                   f"(or a float type that converts to it exactly)")
-        out[key] = a.astype(dtype, copy=False)
+        out[key] = a.astype(dtype, copy=False) if convert else a
     return out

@@ -42,7 +42,7 @@ def _all_finite(a) -> bool:
     return all(bool(xp.isfinite(flat[i:i + FINITE_CHUNK]).all()) for i in range(0, flat.size, FINITE_CHUNK))
 
 
-_ALIGN = 64                                  # bytes: flatten_parameters starts each slot on a cache line
+_ALIGN = 64                                  # bytes: each slot of a block starts on a cache line
 
 
 def _mapped(a) -> bool:
@@ -52,6 +52,18 @@ def _mapped(a) -> bool:
             return True
         a = a.base
     return isinstance(a, mmap.mmap) or isinstance(getattr(a, "obj", None), mmap.mmap)   # memoryview.obj
+
+
+def block_views(shapes, dtype) -> list:
+    """Uninitialised arrays of ``shapes``, views of one new block of ``dtype`` in that order, each starting on a
+    64-byte line: one large allocation (NumPy backs those with huge pages), touched only where written."""
+    dtype = np.dtype(dtype)
+    align = max(1, _ALIGN // dtype.itemsize)
+    sizes = [math.prod(shape) for shape in shapes]
+    starts = np.cumsum([0] + [-(-n // align) * align for n in sizes])
+    raw = np.empty(int(starts[-1]) + align, dtype)
+    block = raw[(-raw.ctypes.data % _ALIGN) // dtype.itemsize:]         # from a cache line's start
+    return [block[start:start + n].reshape(shape) for start, n, shape in zip(starts, sizes, shapes)]
 
 
 class Parameter:
@@ -235,12 +247,7 @@ class Module:
             if type(p.data) is np.ndarray and p.data.size and not _mapped(p.data):
                 groups.setdefault(p.data.dtype, []).append(p)
         for dtype, params in groups.items():
-            align = max(1, _ALIGN // dtype.itemsize)                       # each slot starts on a cache line
-            starts = np.cumsum([0] + [-(-p.size // align) * align for p in params])
-            raw = np.empty(int(starts[-1]) + align, dtype)                # allocated before anything moves
-            block = raw[(-raw.ctypes.data % _ALIGN) // dtype.itemsize:]    # from a cache line's start
-            for p, start in zip(params, starts):
-                view = block[start:start + p.size].reshape(p.shape)
+            for p, view in zip(params, block_views([p.shape for p in params], dtype)):   # allocated first
                 view[...] = p.data
                 p.data = view                                              # the old array is freed here
         return self

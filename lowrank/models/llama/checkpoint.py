@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ...io.atomic import commit_files
+from ...nn.module import block_views
 from ...nn.snapshot import all_or_nothing
 from ...io.model_files import FileFormatError, check_tensors, read_tensor_file, tensor_file_bytes
 from ...io.tensor_files import MAX_HEADER_BYTES, cast_for_saving, parse_header
@@ -163,7 +164,8 @@ def read_checkpoint(folder, allow_nonfinite: bool = False) -> dict:
 
 def load_weights(model, folder, allow_nonfinite: bool = False):
     """Put a checkpoint's tensors into ``model`` (a LlamaForCausalLM): all checked first, then all assigned
-    (the freshly read arrays become the parameters: nothing else holds them)."""
+    (the freshly read arrays become the parameters: nothing else holds them). Tensors in the model's dtype stay
+    views of the file's map; the others are cast into one block (``block_views``), never held twice."""
     shards = read_checkpoint(folder, allow_nonfinite)
     expected = {n: (p.shape, p.dtype, "parameter") for n, p in model.named_parameters()}
     found = {name: path for path, tensors in shards.items() for name in tensors}
@@ -175,7 +177,11 @@ def load_weights(model, folder, allow_nonfinite: bool = False):
         raise FileFormatError(f"{', '.join(files)}: missing tensors {missing}, unexpected tensors {unexpected}{hint}")
     checked = {}
     for path, tensors in shards.items():                         # names the shard and tensor on a bad shape/dtype
-        checked.update(check_tensors(path, {n: expected[n] for n in tensors}, tensors))
+        checked.update(check_tensors(path, {n: expected[n] for n in tensors}, tensors, convert=False))
+    upcast = [n for n, a in checked.items() if a.dtype != expected[n][1]]       # bfloat16/float16 files
+    for name, view in zip(upcast, block_views([checked[n].shape for n in upcast], model.dtype)):
+        view[...] = checked[name]                                # straight from the file's map into one block
+        checked[name] = view
     with all_or_nothing(model):
         model.load_state_dict(checked, allow_nonfinite=True, assign=True)     # read_tensor_file checked finiteness
     return model
@@ -203,7 +209,7 @@ def from_pretrained(cls, folder, *, dtype="float32", allow_nonfinite: bool = Fal
     model = cls(config, dtype=dtype, seed=0, init_weights=False)
     for p in model.parameters():           # the layers' own initial draws, freed before the file's arrays come in
         p.data = np.broadcast_to(np.zeros((), p.dtype), p.shape)             # same shape and dtype, no memory
-    return load_weights(model, folder, allow_nonfinite).flatten_parameters()   # converted arrays in one block
+    return load_weights(model, folder, allow_nonfinite)
 
 
 def save_pretrained(model, folder, *, overwrite: bool = False, dtype: str | None = None,

@@ -35,6 +35,7 @@ from ...kernels.validate import GGUF_FORMATS
 from ...nn.embedding import Embedding
 from ...nn.gguf_dense import GGUFDense, GGUFEmbedding
 from ...nn.layers import Dense
+from ...nn.module import block_views
 from .configuration import LlamaConfig
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")      # general.architecture values lowrank loads
@@ -159,19 +160,21 @@ def check_shapes(gguf, expected: dict) -> dict:
         if gguf.shape(source) != tuple(expected[name]):
             raise FileFormatError(f"{gguf.path}: {source!r} has shape {gguf.shape(source)}, expected "
                                   f"{tuple(expected[name])} for {name} of this config")
-    return mapped
+    return {name: mapped[name] for name in expected}                    # in the model's order
 
 
 def state_dict_from_gguf(gguf, config: LlamaConfig, mapped: dict, dtype) -> dict:
     """{transformers name: array in ``dtype``} of the tensors ``mapped`` {transformers name: llama.cpp name},
-    dequantized, q/k rows of llama back in transformers' order."""
+    dequantized, q/k rows of llama back in transformers' order; the arrays are views of one block, in
+    ``mapped``'s order (``block_views``), each written once from the file."""
+    views = block_views([gguf.shape(source) for source in mapped.values()], dtype)
     state = {}
-    for name, source in mapped.items():
+    for (name, source), view in zip(mapped.items(), views):
         W = gguf.dequantize(source)
         if config.model_type == "llama" and (".q_proj." in name or ".k_proj." in name):
             W = unpermute_rotary(W, config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads)
-        W = W.astype(dtype, copy=False)
-        state[name] = W if W.flags.writeable and W.flags.c_contiguous else np.array(W, order="C")   # F32: the map
+        view[...] = W
+        state[name] = view
     return state
 
 
@@ -246,4 +249,4 @@ def from_gguf(cls, path, *, expected_shapes, dtype="float32", allow_nonfinite: b
     except ValueError as e:                                      # NaN/Inf weights, named after the file
         raise FileFormatError(f"{gguf.path}: {e}") from e
     model.gguf_path = gguf.path
-    return model.flatten_parameters()                            # the float weights in one block
+    return model
