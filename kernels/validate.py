@@ -158,6 +158,8 @@ def matmul(a, b):
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"matmul: a (..., M, K) and b (..., K, N) must share K, got a {tuple(a.shape)} "
                          f"and b {tuple(b.shape)}")
+    if a.shape[:-2] == b.shape[:-2]:
+        return a.shape[:-2]
     try:
         return np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     except ValueError:

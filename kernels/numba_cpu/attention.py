@@ -11,6 +11,8 @@ layouts LLVM can vectorize are read in place: C-ordered rows, and the head-major
 (B, T, heads, h) projection (``_rows``); anything else is copied to C order first (a strided row
 vectorizes as gathers). Outputs are C-ordered.
 """
+import math
+
 import numpy as np
 from numba import prange
 
@@ -27,7 +29,7 @@ def _blocks(a):
     (B, T, H, h) projection does), otherwise NumPy's copy."""
     if a.ndim == 2:
         return a[None, None]
-    return a.reshape(a.shape[0], int(np.prod(a.shape[1:-2])), a.shape[-2], a.shape[-1])
+    return a.reshape(a.shape[0], math.prod(a.shape[1:-2]), a.shape[-2], a.shape[-1])
 
 
 # -- the products -----------------------------------------------------------------------------
@@ -61,7 +63,7 @@ def _rows(x):
     when x is the head-major view of a C-ordered (A, T, heads.., h) array (attention's view of a
     projection's output); otherwise a C-ordered copy. Loops over strided rows vectorize as gathers."""
     if x.ndim >= 4 and not x.flags.c_contiguous:
-        t = np.moveaxis(x, -2, 1)                                       # (A, T, heads.., h)
+        t = x.transpose(0, x.ndim - 2, *range(1, x.ndim - 2), x.ndim - 1)   # (A, T, heads.., h)
         if t.flags.c_contiguous:
             return t.reshape(t.shape[0], t.shape[1], -1, t.shape[-1]), True
     return _blocks(c(x)), False
