@@ -66,6 +66,22 @@ def block_views(shapes, dtype) -> list:
     return [block[start:start + n].reshape(shape) for start, n, shape in zip(starts, sizes, shapes)]
 
 
+def _one_block(params) -> bool:
+    """Whether the parameters' arrays are already what ``block_views`` makes of them: views of one array that
+    they fill (no dead slots), in the order given, each starting on a 64-byte line."""
+    owners, end, used = set(), 0, 0
+    for p in params:
+        a = owner = p.data
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        owners.add(id(owner))
+        start = a.ctypes.data
+        if len(owners) > 1 or not a.flags.c_contiguous or start < end or start % _ALIGN:
+            return False
+        end, used = start + a.nbytes, used + -(-a.nbytes // _ALIGN) * _ALIGN
+    return owner.nbytes <= used + _ALIGN
+
+
 class Parameter:
     """An array with a gradient slot. ``grad`` stays None until a backward fills it."""
 
@@ -247,6 +263,8 @@ class Module:
             if type(p.data) is np.ndarray and p.data.size and not _mapped(p.data):
                 groups.setdefault(p.data.dtype, []).append(p)
         for dtype, params in groups.items():
+            if _one_block(params):                                         # laid out so already: nothing to do
+                continue
             for p, view in zip(params, block_views([p.shape for p in params], dtype)):   # allocated first
                 view[...] = p.data
                 p.data = view                                              # the old array is freed here

@@ -121,3 +121,23 @@ def test_keep_gguf_blocks_frees_the_old_block(tmp_path):
 def test_a_gguf_loads_into_one_block(tmp_path, qtype):
     model = LlamaForCausalLM.from_pretrained(gguf_path(tmp_path, qtype, tied=True))
     assert len({id(block_of(p.data)) for _, p in model.named_parameters()}) == 1
+
+
+def test_a_second_flatten_moves_nothing():
+    m = Mixed().flatten_parameters()
+    before = {n: p.data.ctypes.data for n, p in m.named_parameters()}
+    m.flatten_parameters()
+    assert {n: p.data.ctypes.data for n, p in m.named_parameters()} == before
+    m.a.weight.data = m.a.weight.data.copy()                  # one array out of the block: the float32s move
+    m.flatten_parameters()
+    floats = [p.data for _, p in m.named_parameters() if p.dtype == np.float32]
+    assert len({id(block_of(a)) for a in floats}) == 1
+
+
+def test_kept_gguf_blocks_are_one_block_written_once(tmp_path):
+    path = gguf_path(tmp_path, "Q4_0", tied=True)
+    model = LlamaForCausalLM.from_pretrained(path)
+    kept = keep_gguf_blocks(model, path)
+    blocks = [p.data for _, p in model.named_parameters() if p.dtype == np.uint8]
+    assert len(blocks) == len(kept) > 0
+    assert len({id(block_of(a)) for a in blocks}) == 1

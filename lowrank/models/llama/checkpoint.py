@@ -25,8 +25,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
-
 from ...io.atomic import commit_files
 from ...nn.module import block_views
 from ...nn.snapshot import all_or_nothing
@@ -206,9 +204,7 @@ def from_pretrained(cls, folder, *, dtype="float32", allow_nonfinite: bool = Fal
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_path}: {e}") from e
     check_claims(config_path, config, shapes)
-    model = cls(config, dtype=dtype, seed=0, init_weights=False)
-    for p in model.parameters():           # the layers' own initial draws, freed before the file's arrays come in
-        p.data = np.broadcast_to(np.zeros((), p.dtype), p.shape)             # same shape and dtype, no memory
+    model = cls(config, dtype=dtype, seed=0, init_weights=False)           # no weights held until the file's
     return load_weights(model, folder, allow_nonfinite)
 
 

@@ -205,14 +205,15 @@ def keep_gguf_blocks(model, gguf, mapped: dict | None = None) -> set:
     if mapped is None:
         mapped = check_shapes(gguf, {name: p.shape for name, p in model.named_parameters()})
     config, dtype, kept = model.config, model.dtype, block_tensors(gguf, mapped)
-    for name, source in kept.items():
+    slots = block_views([gguf.raw(source).shape for source in kept.values()], np.uint8)   # one block for all
+    for (name, source), blocks in zip(kept.items(), slots):
         module_name, layer = name[:-len(".weight")], model.get_submodule(name[:-len(".weight")])
         qtype, shape = gguf.tensors[source].type_name, gguf.shape(source)
-        blocks = gguf.raw(source)                                            # (rows, row bytes) uint8, mapped
+        raw = gguf.raw(source)                                               # (rows, row bytes) uint8, mapped
         if config.model_type == "llama" and (".q_proj." in name or ".k_proj." in name):
-            blocks = unpermute_rotary(blocks, config.num_attention_heads if ".q_proj." in name
-                                      else config.num_key_value_heads)
-        blocks = np.array(blocks, order="C")                                 # in RAM, at the file's size
+            raw = unpermute_rotary(raw, config.num_attention_heads if ".q_proj." in name
+                                   else config.num_key_value_heads)
+        blocks[...] = raw                                                    # in RAM, at the file's size
         if isinstance(layer, Embedding):
             new = GGUFEmbedding(blocks, qtype, shape, dtype=dtype)
         elif isinstance(layer, Dense):

@@ -224,6 +224,9 @@ class LlamaForCausalLM(Module):
                 p.data = np.zeros_like(p.data)
         if init_weights:
             self.flatten_parameters()                                    # one block: decoding streams it
+        else:                                        # weights are loaded over it: free the layers' own draws now
+            for p in self.parameters():
+                p.data = np.broadcast_to(np.zeros((), p.dtype), p.shape)         # same shape and dtype, no memory
 
     @property
     def dtype(self):
