@@ -51,7 +51,7 @@ import numpy as np
 
 from .device import get_array_module
 from .dispatch import kernels_for
-from .layers import Dense
+from .layers import Dense, stacked_weight
 from .module import Module
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding
@@ -148,18 +148,25 @@ class LlamaAttention(Module):
             raise ValueError(f"{self.label}: attention_mask must hold 0 (padding) or 1 (token), "
                              f"got values {xp.unique(attention_mask)[:8].tolist()}")
 
-    def _qkv(self, kern, x, cos, sin):
-        """x (B, T, d) -> rotated q / sqrt(h) (B, H_kv, G, T, h), rotated k (B, H_kv, T, h), v (B, H_kv, T, h)."""
+    def _qkv(self, kern, x, cos, sin, inference: bool = False):
+        """x (B, T, d) -> rotated q / sqrt(h) (B, H_kv, G, T, h), rotated k (B, H_kv, T, h), v (B, H_kv, T, h);
+        for ``inference`` (no backward) q, k and v in one product when their weights are stacked in memory."""
         B, T, d = x.shape
         H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         x2 = x.reshape(B * T, d)                                               # (B·T, d)
-        q = self.q_proj.forward(x2).reshape(B, T, H_kv, G, h)                  # (B, T, H_kv, G, h)
-        k = self.k_proj.forward(x2).reshape(B, T, H_kv, h)                     # (B, T, H_kv, h)
+        W = stacked_weight(self.q_proj, self.k_proj, self.v_proj) if inference else None
+        if W is not None:
+            y = kern.dense_forward(x2, W)                                      # (B·T, (H + 2·H_kv)·h)
+            q, k, v = y[:, :H_kv * G * h], y[:, H_kv * G * h:-H_kv * h], y[:, -H_kv * h:]
+        else:
+            q, k, v = self.q_proj.forward(x2), self.k_proj.forward(x2), self.v_proj.forward(x2)
+        q = q.reshape(B, T, H_kv, G, h)                                        # (B, T, H_kv, G, h)
+        k = k.reshape(B, T, H_kv, h)                                           # (B, T, H_kv, h)
         if self.qk_norm:                                                       # each head over its h
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         q = q.transpose(0, 2, 3, 1, 4)                                         # (B, H_kv, G, T, h)
         k = k.transpose(0, 2, 1, 3)                                            # (B, H_kv, T, h)
-        v = self.v_proj.forward(x2).reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)        # (B, H_kv, T, h)
+        v = v.reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)                     # (B, H_kv, T, h)
         q = kern.rope_forward(q, cos, sin)
         q *= self.scaling                                                      # q / sqrt(h): on q, not on S
         return q, kern.rope_forward(k, cos, sin), v
@@ -217,7 +224,7 @@ class LlamaAttention(Module):
         kern = kernels_for(x, self.backend)
         cos, sin = self.rotary.tables(P0 + T, x.dtype, xp)                     # (P0 + T, h) each
         cos, sin = cos[P0:], sin[P0:]                                          # (T, h): the new positions
-        q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
+        q, k, v = self._qkv(kern, x, cos, sin, inference=True)                 # (B, H_kv, [G,] T, h)
         k, v, mask = kv_cache.update(layer, k, v)                              # (B, H_kv, P0 + T, h), (B, P0 + T)
         S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                     # (B, H_kv, G, T, P0 + T)
         P = kern.causal_softmax(_slide(S, self.sliding_window, P0), mask, P0)  # (B, H_kv, G, T, P0 + T)

@@ -72,6 +72,33 @@ class Dense(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _buffer(a):
+    """The object whose memory array ``a`` views: the first array of its chain, or what that array wraps."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None else a.base
+
+
+def stacked_weight(*layers):
+    """The weights of ``layers`` as one (Σ D_out, D_in) view, so that x Wᵀ of it gives their outputs side by
+    side in one product (vLLM's merged q/k/v and gate/up projections): when each layer is a plain Dense (not a
+    LoRA wrapper, not quantized) without bias and their weights lie one after another in one buffer, as
+    ``flatten_parameters`` or a file lays them out; else None. Inference only: the layers keep no cache."""
+    Ws = []
+    for layer in layers:
+        if type(layer) is not Dense or layer.bias is not None or type(layer.weight.data) is not np.ndarray:
+            return None
+        Ws.append(layer.weight.data)
+    first = Ws[0]
+    for prev, W in zip(Ws, Ws[1:]):
+        if (W.dtype != first.dtype or W.shape[1] != first.shape[1] or not W.flags.c_contiguous
+                or not prev.flags.c_contiguous or prev.ctypes.data + prev.nbytes != W.ctypes.data
+                or _buffer(W) is not _buffer(first)):
+            return None
+    rows = sum(W.shape[0] for W in Ws)
+    return np.lib.stride_tricks.as_strided(first, (rows, first.shape[1]), first.strides, writeable=False)
+
+
 class QuantizedDenseCache(NamedTuple):
     rows: int              # N of the forward input; x itself is not kept (no dW for a quantized W)
 

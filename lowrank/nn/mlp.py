@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .dispatch import kernels_for
-from .layers import Dense
+from .layers import Dense, stacked_weight
 from .module import Module
 
 
@@ -38,16 +38,33 @@ class LlamaMLP(Module):
         self.up_proj = Dense(hidden_size, intermediate_size, bias, dtype=dtype, seed=s[1])
         self.down_proj = Dense(intermediate_size, hidden_size, bias, dtype=dtype, seed=s[2])
 
-    def forward(self, x):
+    def _check(self, x):
         if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"{self.label} expects input of shape (..., {self.hidden_size}), "
                              f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+
+    def forward(self, x):
+        self._check(x)
         x2 = x.reshape(-1, self.hidden_size)                                  # (N, d)
         g = self.gate_proj.forward(x2)                                        # (N, I)
         u = self.up_proj.forward(x2)                                          # (N, I)
         self._cache = SwiGLUCache(g, u, x.shape)
         m = kernels_for(g, self.backend).silu_and_mul(g, u)                   # (N, I) silu(g) ⊙ u
         return self.down_proj.forward(m).reshape(x.shape)                     # (..., d)
+
+    def forward_inference(self, x):
+        """``forward`` for inference (no backward may follow; a decode step's): gate and up in one product when
+        their weights are stacked in memory (``stacked_weight``), nothing kept; else ``forward``."""
+        W = stacked_weight(self.gate_proj, self.up_proj)
+        if W is None:
+            return self.forward(x)
+        self._check(x)
+        x2 = x.reshape(-1, self.hidden_size)                                  # (N, d)
+        kern = kernels_for(x2, self.backend)
+        gu = kern.dense_forward(x2, W)                                        # (N, 2I): gate, up side by side
+        I = self.intermediate_size
+        self._cache = None
+        return self.down_proj.forward(kern.silu_and_mul(gu[:, :I], gu[:, I:])).reshape(x.shape)   # (..., d)
 
     def backward(self, dy):
         g, u, shape = self._need_cache()

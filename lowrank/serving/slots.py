@@ -104,7 +104,7 @@ def decode_step(llama, cache: SlotCache, tokens) -> np.ndarray:
         layer = m.layers[i]
         a = _attend(layer.self_attn, layer.input_layernorm.forward(x), cache, i, positions)
         x = x + a                                                          # (B, 1, d)
-        x = x + layer.mlp.forward(layer.post_attention_layernorm.forward(x))
+        x = x + layer.mlp.forward_inference(layer.post_attention_layernorm.forward(x))
     x = m.norm.forward(x)                                                  # (B, 1, d)
     logits = llama.lm_head.forward(x.reshape(B, -1))                       # (B, V)
     cache.lengths[:B] += 1

@@ -86,7 +86,8 @@ class LlamaDecoderLayer(Module):
         a = (self.self_attn.forward(a, attention_mask) if kv_cache is None
              else self.self_attn.forward_cached(a, kv_cache, layer))
         h = x + a                                                                          # (B, T, d)
-        return h + self.mlp.forward(self.post_attention_layernorm.forward(h))              # (B, T, d)
+        mlp = self.mlp.forward if kv_cache is None else self.mlp.forward_inference         # cached: no backward
+        return h + mlp(self.post_attention_layernorm.forward(h))                           # (B, T, d)
 
     def backward(self, dy):
         if self._cache is not None:                                # checkpointed: redo the forward first
