@@ -13,7 +13,7 @@ import numpy as np
 from ..kernels.common import sigmoid      # one σ for the layers, the losses and the kernels
 from .device import erf, get_array_module
 from .dispatch import kernels_for
-from .module import Module, Parameter, Sequential
+from .module import Module, Parameter, Sequential, memory_owner
 
 
 def kaiming_uniform(rng, shape, fan_in, dtype):
@@ -72,13 +72,6 @@ class Dense(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _buffer(a):
-    """The object whose memory array ``a`` views: the first array of its chain, or what that array wraps."""
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a if a.base is None else a.base
-
-
 def stacked_weight(*layers):
     """The weights of ``layers`` as one (Σ D_out, D_in) view, so that x Wᵀ of it gives their outputs side by
     side in one product (vLLM's merged q/k/v and gate/up projections): when each layer is a plain Dense (not a
@@ -93,7 +86,7 @@ def stacked_weight(*layers):
     for prev, W in zip(Ws, Ws[1:]):
         if (W.dtype != first.dtype or W.shape[1] != first.shape[1] or not W.flags.c_contiguous
                 or not prev.flags.c_contiguous or prev.ctypes.data + prev.nbytes != W.ctypes.data
-                or _buffer(W) is not _buffer(first)):
+                or memory_owner(W) is not memory_owner(first)):
             return None
     rows = sum(W.shape[0] for W in Ws)
     return np.lib.stride_tricks.as_strided(first, (rows, first.shape[1]), first.strides, writeable=False)

@@ -66,20 +66,27 @@ def block_views(shapes, dtype) -> list:
     return [block[start:start + n].reshape(shape) for start, n, shape in zip(starts, sizes, shapes)]
 
 
+def memory_owner(a):
+    """What holds array ``a``'s memory: the array at the end of its chain of views, or the object that array
+    wraps (the mmap under np.frombuffer's memoryview of a file's map). Arrays with one owner share its buffer."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    owner = a if a.base is None else a.base
+    return owner.obj if isinstance(owner, memoryview) else owner
+
+
 def _one_block(params) -> bool:
     """Whether the parameters' arrays are already what ``block_views`` makes of them: views of one array that
     they fill (no dead slots), in the order given, each starting on a 64-byte line."""
     owners, end, used = set(), 0, 0
     for p in params:
-        a = owner = p.data
-        while isinstance(owner.base, np.ndarray):
-            owner = owner.base
+        a, owner = p.data, memory_owner(p.data)
         owners.add(id(owner))
         start = a.ctypes.data
         if len(owners) > 1 or not a.flags.c_contiguous or start < end or start % _ALIGN:
             return False
         end, used = start + a.nbytes, used + -(-a.nbytes // _ALIGN) * _ALIGN
-    return owner.nbytes <= used + _ALIGN
+    return isinstance(owner, np.ndarray) and owner.nbytes <= used + _ALIGN
 
 
 class Parameter:

@@ -14,7 +14,7 @@ from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 from lowrank.models.llama.gguf import keep_gguf_blocks
 from lowrank.nn import RMSNorm
 from lowrank.nn.layers import Dense
-from lowrank.nn.module import Module, Parameter, _mapped
+from lowrank.nn.module import Module, Parameter, _mapped, memory_owner
 from lowrank.tuners.lora.qlora import quantize_model
 
 SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -22,10 +22,10 @@ SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_la
 
 
 def block_of(a):
-    """The array that owns ``a``'s memory."""
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
+    """The array that owns ``a``'s memory (the views here are of arrays, not of files)."""
+    owner = memory_owner(a)
+    assert isinstance(owner, np.ndarray)
+    return owner
 
 
 class Mixed(Module):

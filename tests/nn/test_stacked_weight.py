@@ -87,3 +87,15 @@ def test_forward_inference_keeps_nothing_and_checks_its_input():
     assert mlp._cache is None                                                      # forward's was dropped
     with pytest.raises(ValueError, match="mlp.*expects input of shape"):
         mlp.forward_inference(np.zeros((3, 47), np.float32))
+
+
+def test_weights_adjacent_in_a_files_map_stack_too(tmp_path):
+    """A float32 checkpoint loads as views of the file's map; a file holds gate_proj then up_proj (names in order),
+    so those stack, and q/k/v (stored k, o, q, v) don't."""
+    model().save_pretrained(tmp_path / "m")
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "m")
+    mlp, attn = loaded.model.layers[0].mlp, loaded.model.layers[0].self_attn
+    W = stacked_weight(mlp.gate_proj, mlp.up_proj)
+    assert W is not None and np.shares_memory(W, mlp.up_proj.weight.data)
+    np.testing.assert_array_equal(W, np.concatenate([mlp.gate_proj.weight.data, mlp.up_proj.weight.data]))
+    assert stacked_weight(attn.q_proj, attn.k_proj, attn.v_proj) is None
