@@ -148,18 +148,21 @@ class LlamaAttention(Module):
             raise ValueError(f"{self.label}: attention_mask must hold 0 (padding) or 1 (token), "
                              f"got values {xp.unique(attention_mask)[:8].tolist()}")
 
+    def projections(self, kern, x2, inference: bool = False):
+        """x2 (N, d) -> q (N, H·h), k and v (N, H_kv·h); for ``inference`` (no backward) in one product when the
+        three weights are stacked in memory (``stacked_weight``)."""
+        W = stacked_weight(self.q_proj, self.k_proj, self.v_proj) if inference else None
+        if W is None:
+            return self.q_proj.forward(x2), self.k_proj.forward(x2), self.v_proj.forward(x2)
+        y = kern.dense_forward(x2, W)                                          # (N, (H + 2·H_kv)·h)
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return y[:, :q], y[:, q:q + kv], y[:, q + kv:]
+
     def _qkv(self, kern, x, cos, sin, inference: bool = False):
-        """x (B, T, d) -> rotated q / sqrt(h) (B, H_kv, G, T, h), rotated k (B, H_kv, T, h), v (B, H_kv, T, h);
-        for ``inference`` (no backward) q, k and v in one product when their weights are stacked in memory."""
+        """x (B, T, d) -> rotated q / sqrt(h) (B, H_kv, G, T, h), rotated k (B, H_kv, T, h), v (B, H_kv, T, h)."""
         B, T, d = x.shape
         H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        x2 = x.reshape(B * T, d)                                               # (B·T, d)
-        W = stacked_weight(self.q_proj, self.k_proj, self.v_proj) if inference else None
-        if W is not None:
-            y = kern.dense_forward(x2, W)                                      # (B·T, (H + 2·H_kv)·h)
-            q, k, v = y[:, :H_kv * G * h], y[:, H_kv * G * h:-H_kv * h], y[:, -H_kv * h:]
-        else:
-            q, k, v = self.q_proj.forward(x2), self.k_proj.forward(x2), self.v_proj.forward(x2)
+        q, k, v = self.projections(kern, x.reshape(B * T, d), inference)       # (B·T, ·) each
         q = q.reshape(B, T, H_kv, G, h)                                        # (B, T, H_kv, G, h)
         k = k.reshape(B, T, H_kv, h)                                           # (B, T, H_kv, h)
         if self.qk_norm:                                                       # each head over its h

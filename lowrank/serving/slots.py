@@ -121,15 +121,14 @@ def _attend(attn, x, cache: SlotCache, layer: int, positions):
     cos, sin = attn.rotary.tables(K, x.dtype, xp)
     pos = xp.asarray(positions)
     cos, sin = cos[pos], sin[pos]                                          # (B, h): row b's position
-    x2 = x.reshape(B, d)
-    q = attn.q_proj.forward(x2).reshape(B, 1, H_kv, G, h)
-    k = attn.k_proj.forward(x2).reshape(B, 1, H_kv, h)
+    q, k, v = attn.projections(kern, x.reshape(B, d), inference=True)     # (B, ·) each
+    q, k = q.reshape(B, 1, H_kv, G, h), k.reshape(B, 1, H_kv, h)
     if attn.qk_norm:
         q, k = attn.q_norm.forward(q), attn.k_norm.forward(k)
     q = kern.rope_forward(q.reshape(B, H_kv, G, h).transpose(1, 2, 0, 3), cos, sin)   # (H_kv, G, B, h): B as T
     q *= attn.scaling
     k = kern.rope_forward(k.reshape(B, H_kv, h).transpose(1, 0, 2), cos, sin)         # (H_kv, B, h)
-    v = attn.v_proj.forward(x2).reshape(B, H_kv, h)
+    v = v.reshape(B, H_kv, h)
     rows = xp.arange(B)
     cache.k[layer, rows, :, pos] = k.transpose(1, 0, 2)                    # (B, H_kv, h) at each row's position
     cache.v[layer, rows, :, pos] = v

@@ -99,3 +99,19 @@ def test_weights_adjacent_in_a_files_map_stack_too(tmp_path):
     assert W is not None and np.shares_memory(W, mlp.up_proj.weight.data)
     np.testing.assert_array_equal(W, np.concatenate([mlp.gate_proj.weight.data, mlp.up_proj.weight.data]))
     assert stacked_weight(attn.q_proj, attn.k_proj, attn.v_proj) is None
+
+
+def test_the_servers_decode_step_stacks_too():
+    from lowrank.serving import slots
+    stacked, apart = model(), separate(model())
+    prompts = [[5, 9, 3], [7, 1]]
+    out = {}
+    for name, m in (("stacked", stacked), ("apart", apart)):
+        cache = slots.SlotCache(m.config, 2, 8)
+        slots.prefill(m, cache, prompts, [0, 1])
+        with mock.patch.object(Dense, "forward", autospec=True, side_effect=Dense.forward) as spy:
+            out[name] = slots.decode_step(m, cache, [4, 6])
+        out[name + " calls"] = spy.call_count
+    np.testing.assert_allclose(out["stacked"], out["apart"], rtol=1e-5, atol=1e-6)
+    layers = SIZES["num_hidden_layers"]
+    assert (out["apart calls"], out["stacked calls"]) == (7 * layers + 1, 2 * layers + 1)
