@@ -39,6 +39,7 @@ import numpy as np
 from lowrank.kernels import config
 from lowrank.kernels import numba_cpu as nb
 from lowrank.kernels.numba_cpu import small_m
+from lowrank.nn.module import block_views
 
 from . import harness
 
@@ -104,9 +105,9 @@ def run_stream(cfg) -> dict:
     for W in Ws[:len(cfg["layer"])]:
         np.testing.assert_allclose(one_row(xs[W.shape[1]], W), xs[W.shape[1]] @ W.T, rtol=1e-3, atol=1e-3)
     nbytes = sum(W.nbytes for W in Ws)
-    block = np.concatenate([W.reshape(-1) for W in Ws])                  # the same weights, one after another
-    starts = np.cumsum([0] + [W.size for W in Ws])
-    flat = [block[i:i + W.size].reshape(W.shape) for i, W in zip(starts, Ws)]
+    flat = block_views([W.shape for W in Ws], np.float32)                # the same weights, one after another
+    for view, W in zip(flat, Ws):
+        view[...] = W
     variants = {"numpy": lambda: [xs[W.shape[1]] @ W.T for W in Ws],
                 "small_m": lambda: [one_row(xs[W.shape[1]], W) for W in Ws],
                 "numpy_one_block": lambda: [xs[W.shape[1]] @ W.T for W in flat]}

@@ -83,10 +83,10 @@ def stacked_weight(*layers):
             return None
         Ws.append(layer.weight.data)
     first = Ws[0]
+    if not all(W.flags.c_contiguous and W.dtype == first.dtype and W.shape[1] == first.shape[1] for W in Ws):
+        return None
     for prev, W in zip(Ws, Ws[1:]):
-        if (W.dtype != first.dtype or W.shape[1] != first.shape[1] or not W.flags.c_contiguous
-                or not prev.flags.c_contiguous or prev.ctypes.data + prev.nbytes != W.ctypes.data
-                or memory_owner(W) is not memory_owner(first)):
+        if prev.ctypes.data + prev.nbytes != W.ctypes.data or memory_owner(W) is not memory_owner(first):
             return None
     rows = sum(W.shape[0] for W in Ws)
     return np.lib.stride_tricks.as_strided(first, (rows, first.shape[1]), first.strides, writeable=False)

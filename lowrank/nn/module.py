@@ -45,15 +45,6 @@ def _all_finite(a) -> bool:
 _ALIGN = 64                                  # bytes: each slot of a block starts on a cache line
 
 
-def _mapped(a) -> bool:
-    """Whether array ``a`` views a memory-mapped file (np.memmap, or np.frombuffer over an mmap)."""
-    while isinstance(a, np.ndarray):
-        if isinstance(a, np.memmap):
-            return True
-        a = a.base
-    return isinstance(a, mmap.mmap) or isinstance(getattr(a, "obj", None), mmap.mmap)   # memoryview.obj
-
-
 def block_views(shapes, dtype) -> list:
     """Uninitialised arrays of ``shapes``, views of one new block of ``dtype`` in that order, each starting on a
     64-byte line: one large allocation (NumPy backs those with huge pages), touched only where written."""
@@ -73,6 +64,11 @@ def memory_owner(a):
         a = a.base
     owner = a if a.base is None else a.base
     return owner.obj if isinstance(owner, memoryview) else owner
+
+
+def _mapped(a) -> bool:
+    """Whether array ``a`` views a memory-mapped file (np.memmap, or np.frombuffer over an mmap)."""
+    return isinstance(memory_owner(a), mmap.mmap)
 
 
 def _one_block(params) -> bool:
