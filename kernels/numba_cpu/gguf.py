@@ -2,8 +2,8 @@
 
     N <= config.NF4_GEMV_MAX_N   gguf_matmul: a fused dequant-GEMV reads each row's blocks as they
                                  are: Σ_b d_b · (Σ q·x over block b), plus each block's offset (−8d, m)
-                                 times Σ x over its 32 weights (summed once per x); Q4_K sums each
-                                 sub-block pair. It reads 0.14 (Q4_0) to 0.27 (Q8_0) of the bytes of a
+                                 times Σ x over its 32 weights (summed once per x); Q4_K forms each
+                                 weight in float32 as the reference does. It reads 0.14 (Q4_0) to 0.27 (Q8_0) of the bytes of a
                                  float32 W. Q8_0/Q4_0/Q4_1 in float32: LLVM vector IR, IR_ROWS rows
                                  per pass over x (config.GGUF_VECTOR_IR); otherwise Numba loops
     larger N, and dx             dequantize NF4_TILE_ROWS rows of W (NF4_POOL_TILE_ROWS on the pool)
@@ -381,8 +381,8 @@ def _gemv_ir(blocks, kind, x, sx, y, chunks):
 
 @pool.jit(cache=True, fastmath=config.NUMBA_FASTMATH)
 def _gemv_q4_k(blocks, f16, x, y):
-    """As ``_gemv`` for Q4_K, summing each pair of sub-blocks of 32 (measured faster here than lanes):
-    y[o] = Σ_blocks d · (sc₀ · Σ x·q + sc₁ · Σ x·q) − dmin · (mn₀ · Σ x + mn₁ · Σ x)."""
+    """As ``_gemv`` for Q4_K: y[o] = Σ x · w, each weight w = (d·sc)·q − dmin·mn rounded to float32 as the
+    reference computes it (a factored d·(sc·Σ x·q) − dmin·(mn·Σ x) would skip that rounding)."""
     D_in = x.shape[0]
     zero = x[0] * 0
     for o in prange(y.shape[0]):
@@ -393,15 +393,12 @@ def _gemv_q4_k(blocks, f16, x, y):
             for g in range(4):
                 sc0, mn0 = _k_scale(row, p, 2 * g)
                 sc1, mn1 = _k_scale(row, p, 2 * g + 1)
-                q0 = q1 = x0 = x1 = zero
+                s0, m0 = d * np.float32(sc0), dmin * np.float32(mn0)
+                s1, m1 = d * np.float32(sc1), dmin * np.float32(mn1)
                 for j in range(32):
                     q = row[p + 16 + 32 * g + j]
-                    xa, xb = x[k + 64 * g + j], x[k + 64 * g + 32 + j]
-                    q0 += xa * (q & 15)
-                    q1 += xb * (q >> 4)
-                    x0 += xa
-                    x1 += xb
-                total += d * (sc0 * q0 + sc1 * q1) - dmin * (mn0 * x0 + mn1 * x1)
+                    total += x[k + 64 * g + j] * (s0 * np.float32(q & 15) - m0)
+                    total += x[k + 64 * g + 32 + j] * (s1 * np.float32(q >> 4) - m1)
         y[o] = total
 
 

@@ -95,6 +95,18 @@ def test_every_float32_path_gives_ggufs_weights_and_products(qtype, path, thread
     np.testing.assert_allclose(dx, dy @ W, **tol)
 
 
+@pytest.mark.parametrize("seed", range(11, 20))
+def test_the_q4_k_gemv_multiplies_ggufs_float32_weights(seed):
+    """Each Q4_K weight (d·sc)·q − dmin·mn rounds to float32 as gguf's own (the GEMV once summed d·(sc·Σ x·q)
+    − dmin·(mn·Σ x) unrounded: 1e-8 off in float64 for some of these seeds)."""
+    rng = np.random.default_rng(seed)
+    blocks = blocks_of(rng, Q.Q4_K, 11, 2)
+    W = quants.dequantize(blocks, Q.Q4_K).astype(np.float64)
+    x = rng.standard_normal((1, W.shape[1]))
+    np.testing.assert_allclose(numba_gguf.gguf_matmul(x, blocks, Q.Q4_K, W.shape), x @ W.T, rtol=1e-12,
+                               atol=1e-12 * np.abs(W).sum())
+
+
 def test_blocks_are_what_ggufs_writer_writes_and_its_reader_gives(tmp_path):
     """A tensor written by GGUFWriter and read back by GGUFReader: data is (D_out, bytes a row), shape reversed."""
     rng = np.random.default_rng(0)
