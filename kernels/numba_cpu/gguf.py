@@ -29,6 +29,14 @@ from numba.extending import intrinsic
 
 from .. import config, reference, validate
 from . import blas, nf4_avx2, pool
+from .llvm_ir import F16 as _f16t
+from .llvm_ir import F32 as _f32
+from .llvm_ir import I8 as _i8
+from .llvm_ir import I32 as _i32
+from .llvm_ir import I64 as _i64
+from .llvm_ir import array_pointers as _arrays
+from .llvm_ir import call as _call
+from .llvm_ir import prefetch as _prefetch
 
 F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)   # bits -> value
 _ID = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3}                                       # formats with kernels here
@@ -149,17 +157,11 @@ def _gemv(blocks, qs, fmt, f16, x, sx, y):
 # table (the low nibble needs no mask: vpermps reads the index's low 4 bits), so Q4_0 has no offset term.
 # For Q4_0/Q4_1 each block step also prefetches PREFETCH_BYTES ahead in one of the R rows in turn: R interleaved
 # row streams from a weight larger than the cache otherwise wait on memory (Q8_0 gained too little to pay for it).
-_f32, _f16t, _i8, _i32, _i64 = ir.FloatType(), ir.HalfType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
 LANES = 16                                                   # floats per vector: a block is 2 of them
 _vf, _vi, _vb = (ir.VectorType(t, LANES) for t in (_f32, _i32, _i8))
 IR_ROWS = 4                                                  # rows of W per pass over x (a power of 2)
 PREFETCH_BYTES = 1024                                        # how far ahead in a row the GEMV asks for its bytes
 PERMPS = nf4_avx2.AVAILABLE and bool(llvm.get_host_cpu_features().get("avx512f"))
-
-
-def _call(builder, name, ret, *args):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return builder.call(fn, list(args))
 
 
 def _load_f16(builder, P, at):
@@ -171,11 +173,6 @@ def _load_f16(builder, P, at):
 def _splat(builder, s):
     v = builder.insert_element(ir.Constant(_vf, ir.Undefined), s, _i32(0))
     return builder.shuffle_vector(v, v, ir.Constant(_vi, [0] * LANES))
-
-
-def _prefetch(builder, p):
-    """Ask for the cache line at byte pointer p (a hint: never faults, even past the array)."""
-    _call(builder, "llvm.prefetch.p0", ir.VoidType(), p, _i32(0), _i32(3), _i32(1))
 
 
 def _splat_f16(builder, P):
@@ -204,13 +201,6 @@ def _codes(builder, kind, P):
 def _vector_at(builder, F, b, k):
     """A <LANES x float> pointer to floats 32b + LANES·k of the float pointer F."""
     return builder.bitcast(builder.gep(F, [builder.add(builder.shl(b, _i64(5)), _i64(LANES * k))]), _vf.as_pointer())
-
-
-def _arrays(context, builder, sig, args):
-    """Data pointers of the array arguments (None for the others), and blocks' row stride in bytes."""
-    arr = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
-           for t, a in zip(sig.args, args)]
-    return [a.data if a is not None else None for a in arr], cgutils.unpack_tuple(builder, arr[0].strides, 2)[0]
 
 
 def _make_rows_dot(kind, R):
@@ -461,4 +451,3 @@ def gguf_matmul_dx(dy, blocks, qtype, shape):
         _tile(blocks, fmt, o0, buf[:t])
         dx += blas.matmul(dy[:, o0:o0 + t], buf[:t])         # (N, t) @ (t, D_in)
     return dx
-

@@ -36,6 +36,8 @@ from numba.extending import intrinsic
 
 from ..common import NF4_CODE
 from . import pool
+from .llvm_ir import F32, I8, I16, I32, I64
+from .llvm_ir import call as _call
 
 
 def _available(cpu_name, features, disable_jit=False):
@@ -49,7 +51,7 @@ STEP = 32                                                   # codes per decode: 
 ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])                  # element of each group of 8 in F_k's lanes
 PLANES = NF4_CODE.view(np.uint8).reshape(16, 4).T           # PLANES[j, q] = byte j of code[q] (little endian)
 
-_f32, _i8, _i16, _i32, _i64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_f32, _i8, _i16, _i32, _i64 = F32, I8, I16, I32, I64
 _v8f, _v8i, _v16w, _v16b, _v32b = (ir.VectorType(t, n) for t, n in
                                    ((_f32, 8), (_i32, 8), (_i16, 16), (_i8, 16), (_i8, 32)))
 
@@ -70,11 +72,6 @@ def unpermute(v):
     out = np.empty_like(v)
     out.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)[..., ORDER] = v.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)
     return out
-
-
-def _call(builder, name, ret, *args):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return builder.call(fn, list(args))
 
 
 def _unpack(builder, a, b, high):

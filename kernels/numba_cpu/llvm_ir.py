@@ -1,0 +1,31 @@
+"""What the LLVM-IR kernels of this backend share (``nf4_avx2``, ``gguf``, ``gguf_vnni``): Numba has no vector
+type, so those kernels are Numba intrinsics that build LLVM IR with llvmlite, from these pieces.
+
+    F32 F16 I8 I16 I32 I64   the IR scalar types
+    call                     a call of an LLVM intrinsic (llvm.fma.*, llvm.x86.*), declared on first use
+    prefetch                 a cache-line hint that never faults
+    array_pointers           an intrinsic's array arguments as data pointers, and the first one's row stride
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+
+F32, F16, I8, I16, I32, I64 = ir.FloatType(), ir.HalfType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+
+
+def call(builder, name, ret, *args):
+    """``name``(args) -> ``ret``: the intrinsic declared in the module on first use."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, list(args))
+
+
+def prefetch(builder, p):
+    """Ask for the cache line at byte pointer p (a hint: never faults, even past the array)."""
+    call(builder, "llvm.prefetch.p0", ir.VoidType(), p, I32(0), I32(3), I32(1))
+
+
+def array_pointers(context, builder, sig, args):
+    """Data pointers of the array arguments (None for the others), and the first one's row stride in bytes."""
+    arr = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
+           for t, a in zip(sig.args, args)]
+    return [a.data if a is not None else None for a in arr], cgutils.unpack_tuple(builder, arr[0].strides, 2)[0]
