@@ -7,6 +7,7 @@
     adapters_in      the distinct adapter ids of a per-row index, −1 left out
     segment_index    SGMV segments expanded to a per-row index
     fallback         the decorator by which a backend sends one dtype to another backend, declared once
+    round_q8_0       x rounded to llama.cpp's Q8_0 blocks, as its CPU products round their activations
 """
 import functools
 
@@ -81,3 +82,15 @@ def fallback(dtype, backend, check=None):
             return other(*args, **kwargs)
         return run
     return decorate
+
+
+def round_q8_0(x):
+    """x̃ = x rounded to Q8_0 blocks (``reference/gguf.py`` states it), float32.   x (N, D_in) -> x̃ (N, D_in), D_in = 32k."""
+    x32 = xp(x).asarray(x, np.float32).reshape(x.shape[0], x.shape[1] // 32, 32)       # (N, D_in / 32, 32)
+    d = xp(x).abs(x32).max(axis=2, keepdims=True, initial=np.float32(0)) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        v = x32 * xp(x).where(d == 0, np.float32(0), np.float32(1) / d)
+    a = xp(x).abs(v)
+    q = xp(x).sign(v) * (xp(x).floor(a) + xp(x).floor(np.float32(2) * (a - xp(x).floor(a))))   # ties away from 0
+    q = q.astype(np.int8).astype(np.float32)                                  # the int8 codes (no −0)
+    return (d.astype(np.float16).astype(np.float32) * q).reshape(x.shape)

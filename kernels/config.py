@@ -67,6 +67,7 @@ NF4_GEMV_MAX_N = 1        # numba: nf4_matmul with N <= this uses the fused dequ
                           # codes directly); larger N dequantizes a tile and calls BLAS
 NF4_AVX2 = True           # numba: that GEMV decodes codes with AVX2 byte shuffles (nf4_avx2) where the CPU,
                           # dtype and layout allow; False keeps the portable kernels (tests cover both)
+GGUF_Q8_MAX_N = 4          # numba: gguf_matmul_q8 with N <= this runs the VNNI GEMV per row of x, else tiles
 GGUF_VECTOR_IR = True     # numba: float32 Q8_0/Q4_0/Q4_1 GEMV and tiles decoded by LLVM vector IR (numba_cpu/gguf.py;
                           # vpermps on AVX-512); False keeps the Numba loops (tests cover both)
 

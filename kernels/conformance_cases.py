@@ -20,7 +20,8 @@ mean something. What the cases cover, on purpose:
     NF4         odd weight counts (a half-used last byte), block sizes 2 … 128, zero scales, and
                 absmax with and without double quantization (an 8-bit round trip of the scales)
     GGUF        Q8_0, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q6_K by name and by gguf type number,
-                1 to 3 blocks a row, a zero-scale block
+                1 to 3 blocks a row, a zero-scale block; gguf_matmul_q8 up to 10 blocks a row (groups of 4
+                blocks and the rest, as numba_cpu's VNNI GEMV reads them) and x with an all-zero block
 
 NF4 and GGUF inputs are built here with plain NumPy: any uint8 is a valid pair of codes, so random bytes
 and random scales are the whole format (``reference/nf4.py``); a GGUF block is random bytes with
@@ -249,6 +250,13 @@ def gguf_matmul(c, dtype, oracle):
     return f(c["N"], shape[1]), blocks, qtype, shape, f(shape[0]) if c["bias"] else None
 
 
+def gguf_matmul_q8(c, dtype, oracle):
+    x, blocks, qtype, shape, bias = gguf_matmul(c, dtype, oracle)
+    if x.shape[0]:
+        x[0, :32] = 0                                               # a block of x with d = 0
+    return x, blocks, qtype, shape, bias
+
+
 def gguf_matmul_dx(c, dtype, oracle):
     rng, blocks, qtype, shape = _gguf(c)
     return _normal(rng, dtype, c["layout"])(c["N"], shape[0]), blocks, qtype, shape
@@ -373,6 +381,12 @@ _EDGE_GGUF = [dict(N=n, D_out=d, blocks=k, qtype=q) for q in ("Q8_0", "Q4_0", "Q
                                                                 "Q6_K")
               for n, d, k in ((0, 1, 1), (1, 3, 2), (3, 5, 1))]
 
+GGUF_Q8 = st.fixed_dictionaries(dict(N=st.integers(0, 5), D_out=D_, blocks=st.integers(1, 10),
+                                     qtype=st.sampled_from(["Q4_0", "Q4_1", "Q8_0", "Q4_K", 2, 3, "Q6_K"]),
+                                     bias=st.booleans(), layout=LAYOUT, seed=SEED))
+_EDGE_GGUF_Q8 = [dict(N=n, D_out=d, blocks=k, qtype=q) for q in ("Q4_0", "Q4_1", "Q8_0")
+                 for n, d, k in ((0, 1, 1), (1, 5, 4), (1, 9, 10), (3, 5, 6))]
+
 _EDGE_MATMUL = [dict(lead=[], repeat=[0, 0, 0], drop=0, M=1, K=0, N=3),
                 dict(lead=[2, 3, 2], repeat=[0, 0, 1], drop=0, M=5, K=4, N=1),
                 dict(lead=[3, 2], repeat=[2, 1, 0], drop=1, M=1, K=2, N=2),
@@ -416,6 +430,7 @@ CASES = {
     "gguf_dequantize": (GGUF, gguf_dequantize, _edges(_EDGE_GGUF, bias=False, layout="C", seed=0)),
     "gguf_matmul": (GGUF, gguf_matmul, _edges(_EDGE_GGUF, bias=True, layout="strided", seed=0)),
     "gguf_matmul_dx": (GGUF, gguf_matmul_dx, _edges(_EDGE_GGUF, bias=False, layout="F", seed=0)),
+    "gguf_matmul_q8": (GGUF_Q8, gguf_matmul_q8, _edges(_EDGE_GGUF_Q8, bias=True, layout="strided", seed=0)),
     "matmul": (MATMUL, matmul, _edges(_EDGE_MATMUL, layout="strided", seed=0)),
     "rope_forward": (ROPE, rope_forward, _edges(_EDGE_ROPE, layout="strided", seed=0)),
     "rope_backward": (ROPE, rope_backward, _edges(_EDGE_ROPE, layout="F", seed=0)),

@@ -23,7 +23,7 @@ from .attention import causal_softmax, causal_softmax_backward, matmul, rope_bac
 from .loss import linear_cross_entropy  # noqa: E402
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward  # noqa: E402
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv  # noqa: E402
-from .gguf import gguf_dequantize, gguf_matmul, gguf_matmul_dx  # noqa: E402
+from .gguf import gguf_dequantize, gguf_matmul, gguf_matmul_dx, gguf_matmul_q8  # noqa: E402
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_matmul_dx  # noqa: E402
 from .norm import rms_norm, rms_norm_backward  # noqa: E402
 

@@ -21,6 +21,12 @@ def gguf_matmul(x, blocks, qtype, shape, bias=None):
     return reference.gguf_matmul(x, blocks, qtype, shape, bias)
 
 
+def gguf_matmul_q8(x, blocks, qtype, shape, bias=None):
+    """The reference's rounding of x and tiles on the device."""
+    x, blocks, bias = gpu(x=x, blocks=blocks, bias=bias)
+    return reference.gguf_matmul_q8(x, blocks, qtype, shape, bias)
+
+
 def gguf_matmul_dx(dy, blocks, qtype, shape):
     """The reference's tiles on the device."""
     dy, blocks = gpu(dy=dy, blocks=blocks)

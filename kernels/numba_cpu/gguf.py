@@ -10,6 +10,8 @@
                                  into one float buffer, rows in parallel (float32 Q8_0/Q4_0/Q4_1: the
                                  same vector IR), then BLAS on it; the full float W never exists
 
+    gguf_matmul_q8 (llama.cpp's arithmetic, x rounded to Q8_0): Q4_0/Q4_1 by integer dots (``gguf_vnni``)
+
 Q5_0, Q5_1, Q5_K and Q6_K have no kernels here: ``reference``'s functions compute them (``_reference_for``).
 
 The f16 scales are read through a 65536-entry float32 table (exact), or in the IR by fpext from half.
@@ -28,7 +30,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import config, reference, validate
-from . import blas, nf4_avx2, pool
+from ..common import round_q8_0
+from . import blas, gguf_vnni, nf4_avx2, pool
 from .llvm_ir import F16 as _f16t
 from .llvm_ir import F32 as _f32
 from .llvm_ir import I8 as _i8
@@ -432,6 +435,22 @@ def gguf_matmul(x, blocks, qtype, shape, bias=None):
             t = min(T, D_out - o0)
             _tile(blocks, fmt, o0, buf[:t])
             y[:, o0:o0 + t] = blas.matmul(x, buf[:t].T)      # (N, D_in) @ (D_in, t)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def gguf_matmul_q8(x, blocks, qtype, shape, bias=None):
+    """Q4_0 and Q4_1 with float32 x of N <= config.GGUF_Q8_MAX_N rows: integer dots by AVX-512 VNNI
+    (``gguf_vnni``); otherwise x rounded as the reference rounds it, then ``gguf_matmul``."""
+    name, D_out, D_in = validate.gguf(blocks, qtype, shape)
+    validate.gguf_operand("x", x, D_in, bias, D_out)
+    if not (name in ("Q4_0", "Q4_1") and x.dtype == np.float32 and x.shape[0] <= config.GGUF_Q8_MAX_N
+            and gguf_vnni.AVAILABLE and _ir_ok()):
+        return gguf_matmul(round_q8_0(x).astype(x.dtype), blocks, qtype, shape, bias)
+    y = np.empty((x.shape[0], D_out), np.float32)
+    chunks = 1 if pool.threads() <= 1 else min(4 * pool.threads(), D_out)
+    gguf_vnni.gemv(np.ascontiguousarray(blocks), _ID[name], np.ascontiguousarray(x), y, chunks)
     if bias is not None:
         y += bias
     return y

@@ -27,6 +27,16 @@ little-endian. Block layouts, for block weights w_0 .. w_{B-1} (f16 read as floa
     gguf_dequantize  W                (D_out, D_in)
     gguf_matmul      y  = x Wᵀ + b    (N, D_in) -> (N, D_out)
     gguf_matmul_dx   dx = dy W        (N, D_out) -> (N, D_in)      (no dW: W is frozen)
+    gguf_matmul_q8   y  = x̃ Wᵀ + b    llama.cpp's arithmetic: x rounded to Q8_0 blocks first
+
+llama.cpp multiplies a quantized W by activations it first rounds to Q8_0 blocks (its CPU vec_dot for
+these formats), 32 values of a row of x at a time, in float32:
+
+    d = max|x_j| / 127    q_j = round(x_j / d), ties away from zero (0 where d = 0)    x̃_j = f16(d) · q_j
+
+(q_j = round(x_j · (1 / d)), d's reciprocal in float32, as gguf's quantizer and ggml's reference compute it;
+f16(d) is d rounded to half, as the block stores it.) So each block's dot is integers, Σ_b f16(d_W) f16(d_x)
+Σ_j (q_W − 8) q_x for Q4_0: what ``gguf_matmul_q8`` computes in the Numba backend.
 
 W's values are gguf's ``dequantize``: each is computed in float32 exactly as ggml does, in its order
 (products grouped as written above, so Q6_K's (d · sc) · q rounds where gguf's does), then widened
@@ -37,7 +47,7 @@ time, so the full float W never exists during a forward or backward.
 import numpy as np
 
 from .. import config, validate
-from ..common import xp
+from ..common import round_q8_0, xp
 from ..validate import GGUF_FORMATS
 
 
@@ -154,6 +164,13 @@ def gguf_matmul(x, blocks, qtype, shape, bias=None):
     if bias is not None:
         y += bias
     return y
+
+
+def gguf_matmul_q8(x, blocks, qtype, shape, bias=None):
+    """Semantics: y = round_q8_0(x) · dequant(W)ᵀ + b, in x's dtype (round_q8_0: above, in ``common``).
+    x (N, D_in) -> y (N, D_out)."""
+    validate.gguf_operand("x", x, validate.gguf(blocks, qtype, shape)[2], bias, shape[0])
+    return gguf_matmul(round_q8_0(x).astype(x.dtype), blocks, qtype, shape, bias)
 
 
 def gguf_matmul_dx(dy, blocks, qtype, shape):

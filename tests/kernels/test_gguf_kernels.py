@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from lowrank.kernels import config
 from lowrank.kernels.numba_cpu import gguf as numba_gguf
+from lowrank.kernels.numba_cpu import gguf_vnni
 from lowrank.kernels.reference import gguf as reference_gguf
 
 BACKENDS = [reference_gguf, numba_gguf]
@@ -95,6 +96,75 @@ def test_every_float32_path_gives_ggufs_weights_and_products(qtype, path, thread
     np.testing.assert_allclose(dx, dy @ W, **tol)
 
 
+def ggufs_q8_0(x):
+    """x rounded to Q8_0 blocks by gguf's own quantizer and dequantizer (llama.cpp's activations), float32."""
+    return quants.dequantize(quants.quantize(np.asarray(x, np.float32), Q.Q8_0), Q.Q8_0)
+
+
+@given(N=st.integers(0, 4), n_blocks=st.integers(1, 5), scale=st.sampled_from([1e-4, 1.0, 3e3]),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_round_q8_0_is_bit_exact_to_ggufs_quantizer(N, n_blocks, scale, seed):
+    """Ties (k + 0.5 after scaling) round away from zero, an all-zero block stays zero, d is stored as f16."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((N, 32 * n_blocks)) * scale).astype(np.float32)
+    if N:
+        x[0, :32] = 0                                                    # d = 0
+        x[-1, -32:] = (np.arange(32) - 15.5) * scale                     # max 15.5·scale: q = x·127/max, ties
+    got = reference_gguf.round_q8_0(x)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), ggufs_q8_0(x).view(np.uint32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda m: m.__name__.split(".")[-2])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("N", [0, 1, 3])
+def test_q8_product_is_ggufs_rounded_x_times_ggufs_weights(backend, qtype, N):
+    """gguf_matmul_q8 = (x rounded by gguf's Q8_0) · W in float64, for every format, float32 and float64 x."""
+    rng = np.random.default_rng(N + 10)
+    blocks = blocks_of(rng, qtype, 11, 2 if qtype in K_SCALES_AT else 5)
+    W = quants.dequantize(blocks, qtype).astype(np.float64)
+    x, b = rng.standard_normal((N, W.shape[1])), rng.standard_normal(11)
+    want = ggufs_q8_0(x).astype(np.float64) @ W.T
+    y64 = backend.gguf_matmul_q8(x, blocks, qtype, W.shape, b)
+    y32 = backend.gguf_matmul_q8(x.astype(np.float32), blocks, qtype, W.shape)
+    assert y64.dtype == np.float64 and y32.dtype == np.float32
+    np.testing.assert_allclose(y64, want + b, rtol=1e-12, atol=1e-12 * np.abs(W).sum())
+    np.testing.assert_allclose(y32, want, rtol=1e-5, atol=1e-6 * np.abs(W).sum())
+
+
+@pytest.mark.skipif(not gguf_vnni.AVAILABLE, reason="the VNNI GEMV needs AVX-512 VNNI, VL and BW")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("threads", [1, 2])
+@given(D_out=st.integers(1, 13), n_blocks=st.integers(1, 10), N=st.integers(1, 3), seed=st.integers(0, 2**16))
+@settings(max_examples=12, deadline=None)
+def test_vnni_gemv_gives_the_rounded_product(qtype, threads, D_out, n_blocks, N, seed):
+    """The VNNI GEMV over whole groups of 4 blocks and the blocks after them (1 to 10 blocks a row), whole passes
+    of IR_ROWS rows and the rest, rows split in chunks on 2 threads: (gguf's Q8_0 of x) · W, with zero-scale
+    blocks and x with an all-zero block; and it is the path taken (not the tiles)."""
+    rng = np.random.default_rng(seed)
+    blocks = blocks_of(rng, qtype, D_out, n_blocks)
+    blocks[rng.integers(D_out), :2] = 0                                  # a block with d = 0
+    W = quants.dequantize(blocks, qtype).astype(np.float64)
+    x = rng.standard_normal((N, W.shape[1])).astype(np.float32)
+    x[0, :32] = 0
+    with mock.patch.object(config, "NUMBA_POOL_MIN_ELEMENTS", 0), numba_gguf.pool.limit(threads), \
+            mock.patch.object(numba_gguf, "gguf_matmul", side_effect=AssertionError("tiles taken")):
+        y = numba_gguf.gguf_matmul_q8(x, blocks, qtype, W.shape)
+    np.testing.assert_allclose(y, ggufs_q8_0(x).astype(np.float64) @ W.T, rtol=1e-5, atol=1e-6 * np.abs(W).sum())
+
+
+def test_q8_product_without_vnni_rounds_x_then_multiplies():
+    """Where the VNNI GEMV cannot run (no VNNI, more rows than GGUF_Q8_MAX_N), the same numbers through the tiles."""
+    rng = np.random.default_rng(3)
+    blocks = blocks_of(rng, Q.Q4_0, 7, 6)
+    x = rng.standard_normal((2, 192)).astype(np.float32)
+    want = ggufs_q8_0(x).astype(np.float64) @ quants.dequantize(blocks, Q.Q4_0).astype(np.float64).T
+    for patch in (mock.patch.object(gguf_vnni, "AVAILABLE", False), mock.patch.object(config, "GGUF_Q8_MAX_N", 1)):
+        with patch:
+            np.testing.assert_allclose(numba_gguf.gguf_matmul_q8(x, blocks, "Q4_0", (7, 192)), want, rtol=1e-5,
+                                       atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", range(11, 20))
 def test_the_q4_k_gemv_multiplies_ggufs_float32_weights(seed):
     """Each Q4_K weight (d·sc)·q − dmin·mn rounds to float32 as gguf's own (the GEMV once summed d·(sc·Σ x·q)
@@ -146,3 +216,7 @@ def test_bad_inputs_are_named(backend):
         backend.gguf_matmul_dx(np.ones((1, 3)), blocks, Q.Q4_0, (2, 32))
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         backend.gguf_dequantize(blocks, Q.Q4_0, (2, 32), "float16")
+    with pytest.raises(ValueError, match=r"x has shape \(1, 64\), expected \(N, 32\)"):
+        backend.gguf_matmul_q8(np.ones((1, 64), np.float32), blocks, Q.Q4_0, (2, 32))
+    with pytest.raises(ValueError, match=r"bias must be float32 of shape \(2,\)"):
+        backend.gguf_matmul_q8(np.ones((1, 32), np.float32), blocks, Q.Q4_0, (2, 32), np.ones(3, np.float32))
