@@ -3,6 +3,7 @@
     lowrank generate --model DIR --prompt "def "                             streamed as tokens arrive
     lowrank generate --model DIR --chat "Hi!" --system "Be brief."           the chat template's prompt, the reply
     lowrank generate --model DIR --adapter code=A --prompt "def "            every prompt through adapter A
+    lowrank generate --model m.gguf --keep-quantized --prompt "def "         the GGUF's blocks, llama.cpp's arithmetic
     lowrank generate --model DIR --adapter A --adapter B --adapter __base__ \\
                      --prompt "def " --prompt "import " --prompt "The "      one mixed batch: prompt i, adapter i
 
@@ -59,12 +60,16 @@ def add_arguments(parser):
     parser.add_argument("--greedy", action="store_true", help="greedy decoding, whatever generation_config.json says")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--keep-quantized", action="store_true",
+                        help="a .gguf model: keep its quantized matrices as their blocks and multiply them as llama.cpp "
+                             "does, each layer's input rounded to Q8_0 first (less memory, faster decoding; the "
+                             "logits differ from the dequantized model's by that rounding)")
 
 
 def run(args) -> int:
     _check_args(args)
     folders = _adapter_folders(args.adapter)
-    model, tok = model_and_tokenizer(args.model, args.dtype)
+    model, tok = model_and_tokenizer(args.model, args.dtype, keep_quantized=args.keep_quantized)
     texts = args.prompt or args.chat
     row = [(i if len(folders) > 1 else 0) if folders else None for i in range(len(texts))]      # row -> --adapter
     where = ["base model" if r is None else args.adapter[r] for r in row]
@@ -91,12 +96,16 @@ def run(args) -> int:
     return 0
 
 
-def model_and_tokenizer(path, dtype):
+def model_and_tokenizer(path, dtype, keep_quantized: bool = False):
     """(the model in eval mode, its folder's tokenizer), after checking that every id the tokenizer produces has
-    an embedding row and every id the model can produce has text."""
+    an embedding row and every id the model can produce has text. ``keep_quantized``: a GGUF's quantized matrices
+    stay blocks, multiplied as llama.cpp does (``LlamaForCausalLM.from_pretrained``'s q8_activations)."""
     from ..io.tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer, check_vocab, load_tokenizer
     from ..models.llama import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+    if keep_quantized and not str(path).endswith(".gguf"):
+        raise ValueError(f"--keep-quantized is for a llama.cpp .gguf model, got --model {path}")
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, keep_quantized=keep_quantized,
+                                             q8_activations=keep_quantized)
     model.eval()
     tok = load_tokenizer(path)
     V = model.config.vocab_size

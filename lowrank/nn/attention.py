@@ -51,7 +51,7 @@ import numpy as np
 
 from .device import get_array_module
 from .dispatch import kernels_for
-from .layers import Dense, stacked_weight
+from .layers import Dense, stacked_product
 from .module import Module
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding
@@ -150,11 +150,11 @@ class LlamaAttention(Module):
 
     def projections(self, kern, x2, inference: bool = False):
         """x2 (N, d) -> q (N, H·h), k and v (N, H_kv·h); for ``inference`` (no backward) in one product when the
-        three weights are stacked in memory (``stacked_weight``)."""
-        W = stacked_weight(self.q_proj, self.k_proj, self.v_proj) if inference else None
-        if W is None:
+        three weights are stacked in memory (``stacked_product``)."""
+        y = stacked_product(kern, x2, self, self.q_proj, self.k_proj, self.v_proj) if inference else None
+        if y is None:
             return self.q_proj.forward(x2), self.k_proj.forward(x2), self.v_proj.forward(x2)
-        y = kern.dense_forward(x2, W)                                          # (N, (H + 2·H_kv)·h)
+        # y (N, (H + 2·H_kv)·h): q, k, v side by side
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return y[:, :q], y[:, q:q + kv], y[:, q + kv:]
 

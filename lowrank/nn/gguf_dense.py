@@ -6,6 +6,9 @@ in ``lowrank.kernels.reference.gguf``); it never exists in full: the kernels deq
 time, and the layer holds the blocks at their GGUF size.
 
     forward   y  = x Ŵᵀ + b          gguf_matmul      (N, D_in) -> (N, D_out)
+              y  = x̃ Ŵᵀ + b          gguf_matmul_q8   with ``q8_activations``: x rounded to Q8_0 blocks first,
+                                                      llama.cpp's own arithmetic for these formats (faster
+                                                      here too: integer dots); the backward takes x̃ for x
     backward  dx = dy Ŵ              gguf_matmul_dx   (N, D_out) -> (N, D_in)
               db = Σ_rows dy         only when the bias is trainable (PEFT's bias="all")
               no dW: the quantized weight is frozen and keeps no input, no gradient, no optimizer state
@@ -50,10 +53,13 @@ def _hold_blocks(layer, blocks, qtype, shape, dtype, backend) -> tuple:
 
 class GGUFDense(QuantizedDense):
     """y = x Ŵᵀ + b with Ŵ held as GGUF blocks: ``weight_blocks``, a frozen uint8 Parameter
-    (D_out, D_in / B · S) that state_dict() carries; ``qtype`` names the block format."""
+    (D_out, D_in / B · S) that state_dict() carries; ``qtype`` names the block format; ``q8_activations``
+    multiplies as llama.cpp does (module docstring)."""
 
-    def __init__(self, blocks, qtype, shape, bias=None, *, dtype="float32", backend: str | None = None):
+    def __init__(self, blocks, qtype, shape, bias=None, *, dtype="float32", backend: str | None = None,
+                 q8_activations: bool = False):
         super().__init__()
+        self.q8_activations = bool(q8_activations)
         self.out_features, self.in_features = _hold_blocks(self, blocks, qtype, shape, dtype, backend)
         if bias is not None and (np.dtype(bias.dtype) != self.dtype or tuple(bias.shape) != (self.out_features,)):
             raise ValueError(f"GGUFDense: bias must be {self.dtype} of shape ({self.out_features},), "
@@ -61,11 +67,11 @@ class GGUFDense(QuantizedDense):
         self.bias = Parameter(bias) if bias is not None else None
 
     @classmethod
-    def tied(cls, embedding: "GGUFEmbedding") -> "GGUFDense":
+    def tied(cls, embedding: "GGUFEmbedding", *, q8_activations: bool = False) -> "GGUFDense":
         """logits = h Ŵᵀ over a GGUFEmbedding's blocks (TiedLMHead's counterpart): its Parameter is referenced,
         not listed, so nothing is held, counted or saved twice."""
         head = cls(embedding.weight_blocks.data, embedding.qtype, embedding.weight.shape, dtype=embedding.dtype,
-                   backend=embedding.backend)
+                   backend=embedding.backend, q8_activations=q8_activations)
         head._parameters.pop("weight_blocks")
         object.__setattr__(head, "weight_blocks", embedding.weight_blocks)
         return head
@@ -79,8 +85,23 @@ class GGUFDense(QuantizedDense):
         """The quantized weight, a view on the current blocks Parameter."""
         return GGUFWeight(self.weight_blocks.data, self.qtype, self.shape, self.dtype)
 
-    def _product(self, kernels, x, b):
-        return kernels.gguf_matmul(x, self.weight_blocks.data, self.qtype, self.shape, b)              # (N, D_out)
+    def _product(self, kernels, x, b, blocks=None, shape=None):
+        product = kernels.gguf_matmul_q8 if self.q8_activations else kernels.gguf_matmul
+        return product(x, self.weight_blocks.data if blocks is None else blocks, self.qtype, shape or self.shape, b)
+
+    def _stackable(self):
+        """The blocks ``layers.stacked_product`` may stack: host arrays without a bias."""
+        blocks = self.weight_blocks.data
+        return blocks if self.bias is None and type(blocks) is np.ndarray else None
+
+    @staticmethod
+    def _stacked_forward(kernels, x, blocks, layers):
+        """One product over the stacked blocks of layers of one format and arithmetic (else None)."""
+        first = layers[0]
+        if any(layer.qtype != first.qtype or layer.q8_activations != first.q8_activations for layer in layers):
+            return None
+        rows = sum(layer.out_features for layer in layers)
+        return first._product(kernels, x, None, blocks, (rows, first.in_features))                     # (N, Σ D_out)
 
     def _product_dx(self, kernels, dy):
         return kernels.gguf_matmul_dx(dy, self.weight_blocks.data, self.qtype, self.shape)             # (N, D_in)
@@ -90,7 +111,7 @@ class GGUFDense(QuantizedDense):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"qtype={self.qtype}")
+                f"qtype={self.qtype}" + (", q8_activations=True" if self.q8_activations else ""))
 
 
 class GGUFEmbedding(Module):

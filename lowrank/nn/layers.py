@@ -6,6 +6,7 @@ PyTorch's Linear, so y = x Wᵀ + b and state dicts carry over name for name.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -68,8 +69,34 @@ class Dense(Module):
         self._cache = None
         return dx
 
+    def _stackable(self):
+        """The weight ``stacked_product`` may stack: plain host arrays without a bias."""
+        w = self.weight.data
+        return w if self.bias is None and type(w) is np.ndarray else None
+
+    @staticmethod
+    def _stacked_forward(kern, x, W, layers):
+        return kern.dense_forward(x, W)                                        # (N, Σ D_out)
+
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def adjacent(arrays) -> bool:
+    """Whether C-contiguous arrays of one dtype and width lie one after another in one buffer, in order."""
+    first = arrays[0]
+    if not all(a.flags.c_contiguous and a.dtype == first.dtype and a.shape[1] == first.shape[1] for a in arrays):
+        return False
+    return all(prev.ctypes.data + prev.nbytes == a.ctypes.data and memory_owner(a) is memory_owner(first)
+               for prev, a in zip(arrays, arrays[1:]))
+
+
+def stacked_rows(arrays):
+    """Adjacent arrays (``adjacent``) as one read-only (Σ rows, width) view; None when they are not adjacent."""
+    if not adjacent(arrays):
+        return None
+    first, rows = arrays[0], sum(a.shape[0] for a in arrays)
+    return np.lib.stride_tricks.as_strided(first, (rows, first.shape[1]), first.strides, writeable=False)
 
 
 def stacked_weight(*layers):
@@ -77,19 +104,31 @@ def stacked_weight(*layers):
     side in one product (vLLM's merged q/k/v and gate/up projections): when each layer is a plain Dense (not a
     LoRA wrapper, not quantized) without bias and their weights lie one after another in one buffer, as
     ``flatten_parameters`` or a file lays them out; else None. Inference only: the layers keep no cache."""
-    Ws = []
-    for layer in layers:
-        if type(layer) is not Dense or layer.bias is not None or type(layer.weight.data) is not np.ndarray:
-            return None
-        Ws.append(layer.weight.data)
-    first = Ws[0]
-    if not all(W.flags.c_contiguous and W.dtype == first.dtype and W.shape[1] == first.shape[1] for W in Ws):
+    arrays = [Dense._stackable(layer) if type(layer) is Dense else None for layer in layers]
+    return None if any(a is None for a in arrays) else stacked_rows(arrays)
+
+
+_STACKS = weakref.WeakKeyDictionary()      # owner module -> (the arrays, their stacked view or None)
+
+
+def stacked_product(kern, x, owner, *layers):
+    """x (N, D_in) -> the outputs of ``layers`` side by side (N, Σ D_out) from one product over their stacked
+    weights, or None when they don't stack. A layer class takes part with ``_stackable(layer)`` (the array to
+    stack, or None: a bias, say) and ``_stacked_forward(kern, x, view, layers)`` (None when the layers differ in
+    how they multiply): plain Dense (``stacked_weight``'s rule) and GGUFDense (blocks of one format). The view
+    is kept for ``owner`` (the module holding the layers) while the layers hold the same arrays, so a decode
+    step does not check the memory again; arrays replaced since are held until the next call. Inference only:
+    nothing is kept for a backward."""
+    cls = type(layers[0])
+    if getattr(cls, "_stackable", None) is None or any(type(layer) is not cls for layer in layers):
         return None
-    for prev, W in zip(Ws, Ws[1:]):
-        if prev.ctypes.data + prev.nbytes != W.ctypes.data or memory_owner(W) is not memory_owner(first):
-            return None
-    rows = sum(W.shape[0] for W in Ws)
-    return np.lib.stride_tricks.as_strided(first, (rows, first.shape[1]), first.strides, writeable=False)
+    arrays = tuple(cls._stackable(layer) for layer in layers)
+    if any(a is None for a in arrays):
+        return None
+    held = _STACKS.get(owner)
+    if held is None or len(held[0]) != len(arrays) or any(a is not b for a, b in zip(held[0], arrays)):
+        held = _STACKS[owner] = (arrays, stacked_rows(arrays))
+    return None if held[1] is None else cls._stacked_forward(kern, x, held[1], layers)
 
 
 class QuantizedDenseCache(NamedTuple):

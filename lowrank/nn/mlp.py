@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .dispatch import kernels_for
-from .layers import Dense, stacked_weight
+from .layers import Dense, stacked_product
 from .module import Module
 
 
@@ -54,14 +54,13 @@ class LlamaMLP(Module):
 
     def forward_inference(self, x):
         """``forward`` for inference (no backward may follow; a decode step's): gate and up in one product when
-        their weights are stacked in memory (``stacked_weight``), nothing kept; else ``forward``."""
-        W = stacked_weight(self.gate_proj, self.up_proj)
-        if W is None:
-            return self.forward(x)
+        their weights are stacked in memory (``stacked_product``), nothing kept; else ``forward``."""
         self._check(x)
         x2 = x.reshape(-1, self.hidden_size)                                  # (N, d)
         kern = kernels_for(x2, self.backend)
-        gu = kern.dense_forward(x2, W)                                        # (N, 2I): gate, up side by side
+        gu = stacked_product(kern, x2, self, self.gate_proj, self.up_proj)          # (N, 2I): gate, up side by side
+        if gu is None:
+            return self.forward(x)
         I = self.intermediate_size
         self._cache = None
         return self.down_proj.forward(kern.silu_and_mul(gu[:, :I], gu[:, I:])).reshape(x.shape)   # (..., d)

@@ -60,3 +60,33 @@ def test_qlora_finetune_on_a_q4_0_gguf_then_export_and_generate_with_the_adapter
     assert main(["generate", "--model", str(model), "--adapter", f"sq={out / 'adapter'}", "--prompt", "n=3: ",
                  "--max-new-tokens", "4", "--greedy"]) == 0
     assert "n=3: " in capsys.readouterr().out
+
+
+def test_keep_quantized_decodes_from_the_files_blocks_with_llama_cpps_arithmetic(tmp_path, capsys):
+    """--keep-quantized on a Q4_0 file: the text of the model loaded with keep_quantized and q8_activations, run
+    through generate in Python; on a model folder, one line and exit status 2."""
+    import numpy as np
+
+    from lowrank.io.tokenizer import load_tokenizer
+    from lowrank.models.llama import LlamaForCausalLM
+    from lowrank.nn.gguf_dense import GGUFDense
+    torch.manual_seed(0)
+    vocab = byte_bpe()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=len(vocab.tokens), **SIZES)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    path = write_gguf(tmp_path / "q4.gguf", hf, vocab, "Q4_0")
+    model = LlamaForCausalLM.from_pretrained(path, keep_quantized=True, q8_activations=True).eval()
+    assert all(m.q8_activations for _, m in model.named_modules() if isinstance(m, GGUFDense))
+    tok = load_tokenizer(path)
+    ids = np.array([tok.encode("The quick brown fox")])
+    new = np.asarray(model.generate(ids, max_new_tokens=6))[0, ids.shape[1]:]
+    assert main(["generate", "--model", str(path), "--keep-quantized", "--prompt", "The quick brown fox",
+                 "--max-new-tokens", "6", "--greedy"]) == 0
+    out = capsys.readouterr().out
+    assert out.split(") ---\n", 1)[1].removesuffix("\n") == printable(
+        tok.decode([*ids[0], *new], skip_special_tokens=True), keep="\n\t")
+    assert main(["generate", "--model", str(tmp_path), "--keep-quantized", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--keep-quantized is for a llama.cpp .gguf model" in err and len(err.strip().splitlines()) == 1

@@ -115,3 +115,24 @@ def test_the_servers_decode_step_stacks_too():
     np.testing.assert_allclose(out["stacked"], out["apart"], rtol=1e-5, atol=1e-6)
     layers = SIZES["num_hidden_layers"]
     assert (out["apart calls"], out["stacked calls"]) == (7 * layers + 1, 2 * layers + 1)
+
+
+def test_the_view_kept_between_steps_follows_replaced_and_updated_weights():
+    """stacked_product keeps the stacked view for its module while the layers hold the same arrays: a weight
+    updated in place shows through the view, a weight replaced by a new array is never read from the old view."""
+    from lowrank.nn.layers import stacked_product
+    from lowrank.nn.dispatch import kernels_for
+    mlp = model().model.layers[0].mlp
+    x = np.random.default_rng(2).standard_normal((2, 48)).astype(np.float32)
+    kern = kernels_for(x, None)
+    one_by_one = lambda: np.concatenate([mlp.gate_proj.forward(x), mlp.up_proj.forward(x)], axis=1)  # noqa: E731
+    np.testing.assert_allclose(stacked_product(kern, x, mlp, mlp.gate_proj, mlp.up_proj), one_by_one(), rtol=1e-5,
+                               atol=1e-6)
+    mlp.up_proj.weight.data *= 2                                                   # in place: the view sees it
+    np.testing.assert_allclose(stacked_product(kern, x, mlp, mlp.gate_proj, mlp.up_proj), one_by_one(), rtol=1e-5,
+                               atol=1e-6)
+    mlp.up_proj.weight.data = mlp.up_proj.weight.data * 3                         # a new array: no longer adjacent
+    assert stacked_product(kern, x, mlp, mlp.gate_proj, mlp.up_proj) is None
+    mlp.flatten_parameters()                                                       # adjacent again, new arrays
+    np.testing.assert_allclose(stacked_product(kern, x, mlp, mlp.gate_proj, mlp.up_proj), one_by_one(), rtol=1e-5,
+                               atol=1e-6)

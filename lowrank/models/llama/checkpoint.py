@@ -185,12 +185,17 @@ def load_weights(model, folder, allow_nonfinite: bool = False):
     return model
 
 
-def from_pretrained(cls, folder, *, dtype="float32", allow_nonfinite: bool = False):
+def from_pretrained(cls, folder, *, dtype="float32", allow_nonfinite: bool = False, keep_quantized: bool = False,
+                    q8_activations: bool = False):
     """A ``cls`` (LlamaForCausalLM) in ``dtype`` built from ``folder/config.json`` and loaded from its tensors;
     config.json is checked against the tensor headers first. ``allow_nonfinite`` loads NaN/Inf weights.
-    A path ending in ``.gguf`` is a llama.cpp GGUF file instead (``gguf.from_gguf``)."""
+    A path ending in ``.gguf`` is a llama.cpp GGUF file instead (``gguf.from_gguf``: ``keep_quantized`` keeps
+    its quantized matrices as their blocks, ``q8_activations`` then multiplies as llama.cpp does)."""
     if str(folder).endswith(".gguf"):
-        return from_gguf(cls, folder, expected_shapes=expected_shapes, dtype=dtype, allow_nonfinite=allow_nonfinite)
+        return from_gguf(cls, folder, expected_shapes=expected_shapes, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                         keep_quantized=keep_quantized, q8_activations=q8_activations)
+    if keep_quantized or q8_activations:
+        raise ValueError(f"from_pretrained: keep_quantized and q8_activations are for a .gguf file, got {folder}")
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():

@@ -196,10 +196,11 @@ def block_tensors(gguf, mapped: dict) -> dict:
             and len(gguf.tensors[source].dims) == 2 and gguf.tensors[source].type_name in GGUF_FORMATS}
 
 
-def keep_gguf_blocks(model, gguf, mapped: dict | None = None) -> set:
+def keep_gguf_blocks(model, gguf, mapped: dict | None = None, *, q8_activations: bool = False) -> set:
     """Replace, in place, each layer of ``model`` whose weight the GGUF (a path or ``GGUFFile``) holds in a kernel
     block format by a layer holding the blocks (a Dense -> GGUFDense with its bias, the embedding -> GGUFEmbedding,
-    a tied head -> a GGUFDense sharing the embedding's blocks); the float weights they held are dropped. Returns
+    a tied head -> a GGUFDense sharing the embedding's blocks); the float weights they held are dropped. With
+    ``q8_activations`` the GGUFDense layers multiply as llama.cpp does (x rounded to Q8_0 blocks first). Returns
     the transformers names of the weights now held as blocks."""
     gguf = read_gguf(gguf) if isinstance(gguf, (str, Path)) else gguf
     if mapped is None:
@@ -219,7 +220,7 @@ def keep_gguf_blocks(model, gguf, mapped: dict | None = None) -> set:
         elif isinstance(layer, Dense):
             bias = layer.bias
             new = GGUFDense(blocks, qtype, shape, None if bias is None else bias.data, dtype=dtype,
-                            backend=layer.backend)
+                            backend=layer.backend, q8_activations=q8_activations)
             if bias is not None:
                 new.bias.trainable = bias.trainable
         else:
@@ -228,22 +229,23 @@ def keep_gguf_blocks(model, gguf, mapped: dict | None = None) -> set:
         model.set_submodule(module_name, new)
     embedding = model.model.embed_tokens
     if config.tie_word_embeddings and isinstance(embedding, GGUFEmbedding):
-        model.lm_head = GGUFDense.tied(embedding)
+        model.lm_head = GGUFDense.tied(embedding, q8_activations=q8_activations)
     model.flatten_parameters()                  # what stays in float moves out of the old block, which is freed
     return set(kept)
 
 
 def from_gguf(cls, path, *, expected_shapes, dtype="float32", allow_nonfinite: bool = False,
-              keep_quantized: bool = False):
+              keep_quantized: bool = False, q8_activations: bool = False):
     """A ``cls`` (LlamaForCausalLM) in ``dtype`` with the config and weights of the GGUF at ``path``;
     ``expected_shapes(config)`` -> {parameter name: shape} (checkpoint's, passed in by checkpoint.from_pretrained,
     which dispatches here); ``allow_nonfinite`` loads NaN/Inf weights; ``keep_quantized`` keeps block-format
-    matrices as their blocks (``keep_gguf_blocks``), never dequantized whole. ``model.gguf_path`` names the file."""
+    matrices as their blocks (``keep_gguf_blocks``, with ``q8_activations``), never dequantized whole.
+    ``model.gguf_path`` names the file."""
     gguf = read_gguf(path)
     config = load_config(gguf)
     mapped = check_shapes(gguf, expected_shapes(config))
     model = cls(config, dtype=dtype, seed=0, init_weights=False)
-    kept = keep_gguf_blocks(model, gguf, mapped) if keep_quantized else set()
+    kept = keep_gguf_blocks(model, gguf, mapped, q8_activations=q8_activations) if keep_quantized else set()
     state = state_dict_from_gguf(gguf, config, {n: s for n, s in mapped.items() if n not in kept}, model.dtype)
     try:                                                         # every name is checked by check_shapes above
         model.load_state_dict(state, strict=not kept, allow_nonfinite=allow_nonfinite, assign=True)

@@ -294,9 +294,12 @@ class LlamaForCausalLM(Module):
         self.model.backward(dh.reshape(B, T, -1))
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype="float32", allow_nonfinite: bool = False) -> "LlamaForCausalLM":
-        """Load a folder written by transformers' ``save_pretrained`` (see ``checkpoint``)."""
-        return from_pretrained(cls, path, dtype=dtype, allow_nonfinite=allow_nonfinite)
+    def from_pretrained(cls, path, *, dtype="float32", allow_nonfinite: bool = False, keep_quantized: bool = False,
+                        q8_activations: bool = False) -> "LlamaForCausalLM":
+        """Load a folder written by transformers' ``save_pretrained``, or a llama.cpp GGUF file (``keep_quantized``:
+        its quantized matrices stay blocks; ``q8_activations``: multiplied as llama.cpp does; see ``checkpoint``)."""
+        return from_pretrained(cls, path, dtype=dtype, allow_nonfinite=allow_nonfinite, keep_quantized=keep_quantized,
+                               q8_activations=q8_activations)
 
     def save_pretrained(self, path, *, overwrite: bool = False, dtype: str | None = None, **kwargs):
         """Write ``config.json`` + ``model.safetensors`` that transformers loads (``dtype`` "bfloat16"
