@@ -10,14 +10,17 @@ Variants, interleaved by ``benchmarks.harness`` (ratio = per-round t / t(base), 
 Q8_0, Q4_0, Q4_1 and Q4_K and per N:
   base   x·Wᵀ with W float32 (the dequantized weight), BLAS
   numba  numba_cpu gguf_matmul(x, blocks): the fused GEMV for small N, tiles of W and BLAS above
+  q8     numba_cpu gguf_matmul_q8(x, blocks), llama.cpp's arithmetic (x rounded to Q8_0, integer dots by
+         AVX-512 VNNI): Q4_0 and Q4_1 at N = 1, where it has a kernel
 Targets (the issue's, 4096², 1 thread): N = 1: Q4_0 <= 0.35 (its bytes are 0.14 of float32's), Q8_0 <= 0.5;
 N = 256: every format <= 1.25. ``--threads`` defaults to 1 here, the targets' setting.
 Bytes per weight are counted from the real blocks.
 
 ``--decode``: a random Llama shaped like a 135M checkpoint (30 layers, d = 576, 9 query heads over 3 key/value
 heads, I = 1536, V = 49,152, tied head; N(0, 0.02) weights) written as a GGUF with its matrices in F32 and in Q4_0
-(gguf's quantizer), loaded by ``LlamaForCausalLM.from_pretrained(path)`` (Q4_0: then ``keep_gguf_blocks``, so
-every matrix and the tied head multiply the file's blocks), greedy decode of 64 new tokens after a prompt of 32,
+(gguf's quantizer), loaded by ``LlamaForCausalLM.from_pretrained(path)`` (Q4_0: then ``keep_gguf_blocks`` with
+``q8_activations``, so every matrix and the tied head multiply the file's blocks as llama.cpp does, activations
+rounded to Q8_0), greedy decode of 64 new tokens after a prompt of 32,
 1 thread, the two files interleaved. tokens/s two ways: new / (whole generate), and the decode alone,
 (new − 1) / (t(generate new) − t(generate 1)). The floor: the tensor bytes a decode step reads (every tensor in
 the file once: the tied head reads the whole embedding) at the copy bandwidth measured in the same run.
@@ -46,6 +49,7 @@ DECODE_QUICK = dict(model=dict(layers=2, d=64, heads=4, kv_heads=2, I=128, V=512
                     qtypes=("F32", "Q4_0"), rounds=2)
 FULL = dict(shape=(4096, 4096), Ns=(1, 256), qtypes=("Q8_0", "Q4_0", "Q4_1", "Q4_K"), rounds=7, settle_s=0.3)
 QUICK = dict(shape=(512, 1024), Ns=(1, 64), qtypes=("Q8_0", "Q4_0", "Q4_1", "Q4_K"), rounds=3, settle_s=0.001)
+Q8_KERNELS = ("Q4_0", "Q4_1")                                       # gguf_matmul_q8's VNNI GEMV
 TARGETS = {(1, "Q4_0"): 0.35, (1, "Q8_0"): 0.5, **{(256, q): 1.25 for q in FULL["qtypes"]}}
 
 
@@ -71,10 +75,12 @@ def run(cfg) -> list[dict]:
         for N in cfg["Ns"]:
             x = rng.standard_normal((N, D_in)).astype(np.float32)
             variants = {"base": lambda: x @ W.T, "numba": lambda: nb.gguf_matmul(x, blocks, qtype, (D_out, D_in))}
+            if N == 1 and qtype in Q8_KERNELS:
+                variants["q8"] = lambda: nb.gguf_matmul_q8(x, blocks, qtype, (D_out, D_in))
             res = harness.interleaved(variants, cfg["rounds"], "base", settle_s=cfg["settle_s"])
             for name, r in res.items():
                 rows.append(dict(qtype=qtype, N=N, D_out=D_out, D_in=D_in, variant=name,
-                                 bytes_per_weight=blocks.nbytes / (D_out * D_in) if name == "numba" else 4.0, **r))
+                                 bytes_per_weight=blocks.nbytes / (D_out * D_in) if name != "base" else 4.0, **r))
                 print(f"{qtype:5s} N={N:4d} {name:6s} median {r['median_s'] * 1e3:9.3f} ms   ratio {r['ratio']:.3f}")
     return rows
 
@@ -84,9 +90,10 @@ def targets(rows, cfg) -> dict:
     label = "x".join(map(str, cfg["shape"]))
     out = {}
     for r in rows:
-        if r["variant"] == "numba":
+        if r["variant"] != "base":
             goal = TARGETS.get((r["N"], r["qtype"])) if cfg["shape"] == FULL["shape"] else None
-            out[f"numba gguf_matmul {r['qtype']} / base {label} N={r['N']}"
+            kernel = "gguf_matmul_q8" if r["variant"] == "q8" else "gguf_matmul"
+            out[f"numba {kernel} {r['qtype']} / base {label} N={r['N']}"
                 + (f" (<= {goal})" if goal is not None else "")] = r["ratio"]
     return out
 
@@ -150,7 +157,7 @@ def run_decode(cfg, mach, binary=None) -> list[dict]:
         paths[qtype] = f"{tmp.name}/model-{qtype}.gguf"
         nbytes[qtype] = write_random_llama(paths[qtype], cfg["model"], qtype)
         models[qtype] = LlamaForCausalLM.from_pretrained(paths[qtype])
-        kept[qtype] = len(keep_gguf_blocks(models[qtype], paths[qtype])) if qtype != "F32" else 0
+        kept[qtype] = len(keep_gguf_blocks(models[qtype], paths[qtype], q8_activations=True)) if qtype != "F32" else 0
         models[qtype].eval()
         floors[qtype] = nbytes[qtype] / (mach["copy_gbs"] * 1e9)
         theirs[qtype] = llama_bench(binary, paths[qtype], mach["threads"], cfg) if binary else []

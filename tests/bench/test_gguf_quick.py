@@ -15,13 +15,13 @@ def test_quick_gguf_benchmark_measures_every_format_against_the_float_product(tm
     assert data["machine"]["threads"] == 1 and data["command"] == "python -m benchmarks.gguf --quick"
     rows = {(r["qtype"], r["N"], r["variant"]): r for r in data["rows"]}
     assert set(rows) == {(q, N, v) for q in ("Q8_0", "Q4_0", "Q4_1", "Q4_K") for N in gguf.QUICK["Ns"]
-                         for v in ("base", "numba")}
+                         for v in ("base", "numba")} | {(q, 1, "q8") for q in ("Q4_0", "Q4_1")}
     bytes_per_block = {"Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_1": 20 / 32, "Q4_K": 144 / 256}   # ggml's blocks
     for (qtype, N, variant), row in rows.items():
         assert math.isfinite(row["median_s"]) and row["median_s"] > 0
         assert row["bytes_per_weight"] == pytest.approx(4.0 if variant == "base" else bytes_per_block[qtype])
         assert variant != "base" or row["ratio"] == 1.0
-    assert len(data["targets"]) == 4 * len(gguf.QUICK["Ns"])
+    assert len(data["targets"]) == 4 * len(gguf.QUICK["Ns"]) + 2
 
 
 def test_quick_decode_benchmark_times_greedy_decode_from_f32_and_q4_0_ggufs(tmp_path):
