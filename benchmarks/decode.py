@@ -13,8 +13,9 @@ order rotated each round, each timed sample after ``settle_s`` of its own untime
     small_m     numba_cpu's few-row kernel (numba_cpu/small_m.py) at every M, 1 included
     numba_blas  numba_cpu's BLAS path (GEMV at M = 1, GEMM tasks on the pool above): what it ran before
     numpy       NumPy's x @ W.T (OpenBLAS, --threads threads)
-numba_cpu's dense_forward runs small_m where 2 ≤ M ≤ config.NUMBA_SMALL_M and numba_blas elsewhere; the
-threshold is where small_m stops beating numba_blas (both compared round by round).
+    gemv        at M = 1: numba_cpu's one-row kernel (numba_cpu/gemv.py, prefetching)
+numba_cpu's dense_forward runs gemv at M = 1, small_m where 2 ≤ M ≤ config.NUMBA_SMALL_M and numba_blas
+elsewhere; the threshold is where small_m stops beating numba_blas (both compared round by round).
 
 Floors: ``floor_us`` is W's bytes over this run's copy bandwidth (``harness.copy_bandwidth_gbs``, a 256 MiB
 copy: memory, not cache); a W that fits the last-level cache is read faster than that when one product is
@@ -24,9 +25,10 @@ beside it: reading W once from where it lives. ``spread`` is each variant's (max
 ``--stream``: what one core reads once the weights are not in the cache. Every product of a batch-1 decode
 step of the 135M shape (30 layers of q, k, v, o, gate, up, down and the tied head), laid out ``copies``
 times over (1.08 GB: beyond this machine's 480 MB L3), one row each, one pass over all of them per sample:
-``numpy`` (BLAS's GEMV) and ``small_m`` (the few-row kernel's 4-rows-per-pass loop at one row), each matrix
-its own allocation as a model's layers make them, and ``numpy_one_block``: the same weights as views of one
-block in the order they are read (``Module.flatten_parameters``'s layout). Reported as GB/s of weights read and
+``numpy`` (BLAS's GEMV), ``small_m`` (the few-row kernel's 4-rows-per-pass loop at one row) and ``gemv``
+(numba_cpu's one-row kernel, asking for each row's bytes ahead), each matrix its own allocation as a model's
+layers make them, and ``numpy_one_block`` and ``gemv_one_block``: the same weights as views of one block in
+the order they are read (``Module.flatten_parameters``'s layout). Reported as GB/s of weights read and
 milliseconds per decoder's worth of products.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 
 from lowrank.kernels import config
 from lowrank.kernels import numba_cpu as nb
-from lowrank.kernels.numba_cpu import small_m
+from lowrank.kernels.numba_cpu import gemv, small_m
 from lowrank.nn.module import block_views
 
 from . import harness
@@ -52,8 +54,8 @@ STREAM_QUICK = dict(layer=((32, 16), (16, 32)), layers=2, head=(64, 16), copies=
 
 
 def numba_blas(x, W):
-    """numba_cpu's dense_forward with the few-row kernel off (config.NUMBA_SMALL_M = 0)."""
-    with mock.patch.object(config, "NUMBA_SMALL_M", 0):
+    """numba_cpu's dense_forward with the one- and few-row kernels off (config.NUMBA_GEMV_IR, NUMBA_SMALL_M = 0)."""
+    with mock.patch.object(config, "NUMBA_SMALL_M", 0), mock.patch.object(config, "NUMBA_GEMV_IR", False):
         return nb.dense_forward(x, W)
 
 
@@ -69,12 +71,14 @@ def run(cfg, copy_gbs):
             np.testing.assert_allclose(small_m.product(x, W), x @ W.T, rtol=1e-4, atol=1e-4)
             variants = {"numpy": lambda: x @ W.T, "small_m": lambda: small_m.product(x, W),
                         "numba_blas": lambda: numba_blas(x, W)}
+            if M == 1:
+                variants["gemv"] = lambda: gemv.product(x, W)
             res = harness.interleaved(variants, cfg["rounds"], "numpy", cfg["target_s"], cfg["settle_s"])
             us = {n: r["median_s"] * 1e6 for n, r in res.items()}
             gemv_us = us["numpy"] if M == 1 else gemv_us
             spread = {n: (max(r["samples_s"]) - min(r["samples_s"])) / r["median_s"] for n, r in res.items()}
-            row = dict(D_out=D_out, D_in=D_in, M=M, dense_forward_runs="small_m" if 2 <= M <= config.NUMBA_SMALL_M
-                       else "numba_blas", us=us, small_m_over_numpy=res["small_m"]["ratio"],
+            runs = "gemv" if M == 1 else "small_m" if 2 <= M <= config.NUMBA_SMALL_M else "numba_blas"
+            row = dict(D_out=D_out, D_in=D_in, M=M, dense_forward_runs=runs, us=us, small_m_over_numpy=res["small_m"]["ratio"],
                        small_m_over_numba_blas=float(np.median(np.array(res["small_m"]["samples_s"])
                                                                / np.array(res["numba_blas"]["samples_s"]))),
                        floor_us=floor_us, gemv_us=gemv_us, small_m_over_floor=us["small_m"] / floor_us,
@@ -97,20 +101,23 @@ def one_row(x, W):
 
 
 def run_stream(cfg) -> dict:
-    """One pass of one-row products over ``copies`` decoders' weights per sample, numpy vs small_m."""
+    """One pass of one-row products over ``copies`` decoders' weights per sample: numpy, small_m and gemv."""
     rng = np.random.default_rng(0)
     shapes = [s for _ in range(cfg["layers"]) for s in cfg["layer"]] + [tuple(cfg["head"])]
     Ws = [rng.standard_normal(s, dtype=np.float32) for _ in range(cfg["copies"]) for s in shapes]
     xs = {D_in: rng.standard_normal((1, D_in), dtype=np.float32) for D_in in {s[1] for s in shapes}}
     for W in Ws[:len(cfg["layer"])]:
         np.testing.assert_allclose(one_row(xs[W.shape[1]], W), xs[W.shape[1]] @ W.T, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(gemv.product(xs[W.shape[1]], W), xs[W.shape[1]] @ W.T, rtol=1e-3, atol=1e-3)
     nbytes = sum(W.nbytes for W in Ws)
     flat = block_views([W.shape for W in Ws], np.float32)                # the same weights, one after another
     for view, W in zip(flat, Ws):
         view[...] = W
     variants = {"numpy": lambda: [xs[W.shape[1]] @ W.T for W in Ws],
                 "small_m": lambda: [one_row(xs[W.shape[1]], W) for W in Ws],
-                "numpy_one_block": lambda: [xs[W.shape[1]] @ W.T for W in flat]}
+                "numpy_one_block": lambda: [xs[W.shape[1]] @ W.T for W in flat],
+                "gemv": lambda: [gemv.product(xs[W.shape[1]], W) for W in Ws],
+                "gemv_one_block": lambda: [gemv.product(xs[W.shape[1]], W) for W in flat]}
     res = harness.interleaved(variants, cfg["rounds"], "numpy", target_s=0.0)
     out = dict(working_set_bytes=nbytes, decoders=cfg["copies"])
     for name, r in res.items():

@@ -36,6 +36,7 @@ NUMBA_POOL_MIN_ELEMENTS = 1 << 14
 # row of x while it is in cache) instead of BLAS, whose GEMM packs W first; 0 turns it off. Set from
 # benchmarks/decode.py: above it, BLAS's GEMM is the faster (results beside that benchmark).
 NUMBA_SMALL_M = 32
+NUMBA_GEMV_IR = True      # numba: a one-row float32 product by numba_cpu/gemv.py's prefetching GEMV; False: BLAS's sgemv
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
 # Threads of the BLAS that SciPy bundles, numba_cpu's own (the in-place rank-r GEMMs, and the pool's GEMM

@@ -6,7 +6,8 @@ arrays come from ``case["seed"]``, O(1) standard normals, so the relative tolera
 mean something. What the cases cover, on purpose:
 
     shapes      N = 0 and 1, odd sizes, r = 1, r > min(D_in, D_out) (PEFT allows it); dense products of
-                2 … 70 rows (decode-shaped: numba_cpu's few-row kernel and BLAS on either side of its threshold)
+                1 … 70 rows (decode-shaped: numba_cpu's one-row GEMV with a masked last step, its few-row kernel
+                and BLAS on either side of its threshold)
     layouts     C, F and step-2 strided (non-contiguous) views of every float input
     LoRA        dropout masks (scaled by 1/keep), W=None (the LoRA term alone), bias or none, need_dx
     BGMV        index with repeats, gaps and −1 (base only), ranks zero-padded to the largest
@@ -367,7 +368,7 @@ def linear_cross_entropy(c, dtype, oracle):
 
 
 # -- per API function: (strategy, inputs(case, dtype, oracle) -> args, explicit edge cases) --------
-_EDGE_FEW_ROWS = [dict(N=2, D_in=1, D_out=1), dict(N=5, D_in=9, D_out=7), dict(N=33, D_in=17, D_out=13),
+_EDGE_FEW_ROWS = [dict(N=1, D_in=37, D_out=11), dict(N=1, D_in=48, D_out=2), dict(N=2, D_in=1, D_out=1), dict(N=5, D_in=9, D_out=7), dict(N=33, D_in=17, D_out=13),
                   dict(N=64, D_in=33, D_out=6), dict(N=70, D_in=40, D_out=5)]
 _EDGE_LORA = [dict(N=0, D_in=1, D_out=1, r=1), dict(N=1, D_in=1, D_out=1, r=1), dict(N=3, D_in=6, D_out=2, r=8)]
 _EDGE_MULTI = [dict(N=1, D_in=1, D_out=1, K=1, ranks=[1], index=[-1]), dict(N=0, D_in=2, D_out=3, K=2, ranks=[1, 2],

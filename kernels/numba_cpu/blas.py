@@ -24,7 +24,7 @@ from numba.extending import get_cython_function_address
 from scipy.linalg import blas
 
 from .. import common, config, reference
-from . import pool, small_m
+from . import gemv, pool, small_m
 
 half_to_reference = common.fallback(np.float16, reference)
 """Decorator of every dense/LoRA/BGMV/SGMV function here: float16 has neither BLAS nor Numba
@@ -54,8 +54,11 @@ def gemm_acc(C, P, Q, alpha):
 
 
 def base_product(x, W, bias):
-    """y = x Wᵀ (+ b): (N, D_in) @ (D_in, D_out) -> (N, D_out), C-contiguous. A few rows (``small_m.usable``)
-    stream W once through ``small_m.product``; the rest is BLAS."""
+    """y = x Wᵀ (+ b): (N, D_in) @ (D_in, D_out) -> (N, D_out), C-contiguous. One float32 row (``gemv.usable``)
+    and a few rows (``small_m.usable``) stream W once through ``gemv.product`` and ``small_m.product``; the rest
+    is BLAS."""
+    if gemv.usable(x, W):
+        return gemv.product(x, W, bias)
     if small_m.usable(x, W):
         return small_m.product(x, W, bias)
     y = matmul(x, W.T)                               # (N, D_in) @ (D_in, D_out)

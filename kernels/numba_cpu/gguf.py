@@ -163,7 +163,7 @@ def _gemv(blocks, qs, fmt, f16, x, sx, y):
 LANES = 16                                                   # floats per vector: a block is 2 of them
 _vf, _vi, _vb = (ir.VectorType(t, LANES) for t in (_f32, _i32, _i8))
 IR_ROWS = 4                                                  # rows of W per pass over x (a power of 2)
-PREFETCH_BYTES = 1024                                        # how far ahead in a row the GEMV asks for its bytes
+PREFETCH_BYTES = 8192                                        # how far ahead in a row the GEMV asks for its bytes
 PERMPS = nf4_avx2.AVAILABLE and bool(llvm.get_host_cpu_features().get("avx512f"))
 
 

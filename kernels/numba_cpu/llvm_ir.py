@@ -1,7 +1,7 @@
-"""What the LLVM-IR kernels of this backend share (``nf4_avx2``, ``gguf``, ``gguf_vnni``): Numba has no vector
+"""What the LLVM-IR kernels of this backend share (``nf4_avx2``, ``gguf``, ``gguf_vnni``, ``gemv``): Numba has no vector
 type, so those kernels are Numba intrinsics that build LLVM IR with llvmlite, from these pieces.
 
-    F32 F16 I8 I16 I32 I64   the IR scalar types
+    F32 F16 I1 I8 I16 I32 I64   the IR scalar types (I1: a mask lane)
     call                     a call of an LLVM intrinsic (llvm.fma.*, llvm.x86.*), declared on first use
     prefetch                 a cache-line hint that never faults
     array_pointers           an intrinsic's array arguments as data pointers, and the first one's row stride
@@ -10,7 +10,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 
-F32, F16, I8, I16, I32, I64 = ir.FloatType(), ir.HalfType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32, F16, I1, I8, I16, I32, I64 = (ir.FloatType(), ir.HalfType(), ir.IntType(1), ir.IntType(8), ir.IntType(16),
+                                  ir.IntType(32), ir.IntType(64))
 
 
 def call(builder, name, ret, *args):

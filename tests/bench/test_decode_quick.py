@@ -16,7 +16,9 @@ def test_quick_decode_benchmark_times_every_shape_and_row_count(tmp_path):
     cells = {(r["D_out"], r["D_in"], r["M"]) for r in data["rows"]}
     assert cells == {(o, i, M) for o, i in decode.QUICK["shapes"] for M in decode.QUICK["Ms"]}
     for r in data["rows"]:
-        assert r["dense_forward_runs"] == ("small_m" if 2 <= r["M"] <= data["numba_small_m"] else "numba_blas")
+        assert r["dense_forward_runs"] == ("gemv" if r["M"] == 1 else "small_m" if 2 <= r["M"] <= data["numba_small_m"]
+                                           else "numba_blas")
+        assert ("gemv" in r["us"]) == (r["M"] == 1)
         assert all(math.isfinite(t) and t > 0 for t in r["us"].values())
 
 
@@ -26,7 +28,7 @@ def test_stream_counts_every_weight_of_each_decoder_copy(tmp_path):
     cfg = decode.STREAM_QUICK
     per_decoder = 4 * (cfg["layers"] * sum(o * i for o, i in cfg["layer"]) + cfg["head"][0] * cfg["head"][1])
     assert result["working_set_bytes"] == cfg["copies"] * per_decoder
-    for name in ("numpy", "small_m"):
+    for name in ("numpy", "small_m", "gemv", "gemv_one_block"):
         r = result[name]
         assert r["gb_s"] * 1e9 * np.median(r["samples_s"]) == pytest.approx(result["working_set_bytes"])
         assert len(r["samples_s"]) == cfg["rounds"]

@@ -97,7 +97,8 @@ def test_the_base_products_of_lora_bgmv_and_sgmv_take_it(dtype, rng):
 
 
 def test_one_row_float16_and_a_threshold_of_zero_go_elsewhere(rng):
-    """N = 1 is BLAS's GEMV (it reads W once already); float16 is the reference's; NUMBA_SMALL_M = 0 turns it off."""
+    """N = 1 is BLAS's GEMV for float64 (float32: numba_cpu/gemv.py); float16 is the reference's; NUMBA_SMALL_M = 0 turns
+    it off."""
     W = rng.standard_normal((6, 5))
     with _spy() as spy:
         nb.dense_forward(rng.standard_normal((1, 5)), W)
