@@ -2,12 +2,12 @@
 (``reference/lora.py``'s dense_forward is the equation): a decode step's products at batch 1.
 
 Such a product reads all of W once for 2·D_out·D_in flops, so it runs at the speed W streams from memory.
-BLAS's sgemv streams a W larger than the cache at about 13 GB/s on one core here, the hardware prefetcher
-alone keeping the loads in flight; this GEMV asks for each row's bytes PREFETCH_BYTES ahead (a hint per 64
-bytes read) and streams at about 16-17 GB/s (``python -m benchmarks.decode --stream``). Written as LLVM IR
-(``llvm_ir``): ROWS rows of W per pass over x, 16 floats a step, one FMA per row into its own vector of
-16 lanes; the last D_in mod 16 columns by a masked load (the missing lanes zero); each row's lanes summed
-as a tree. W's rows split into chunks over the pool's threads.
+BLAS's sgemv leaves the loads in flight to the hardware prefetcher; this GEMV also asks for each row's bytes
+PREFETCH_BYTES ahead (a hint per 64 bytes read). Written as LLVM IR (``llvm_ir``): ROWS rows of W per pass
+over x, 16 floats a step, one FMA per row into its own vector of 16 lanes; the last D_in mod 16 columns by a
+masked load (the missing lanes zero); each row's lanes summed as a tree. What it gains is in
+docs/performance.md (``python -m benchmarks.decode --stream``, variants gemv and numpy).
+W's rows split into chunks over the pool's threads.
 """
 import numba
 import numpy as np
