@@ -43,7 +43,7 @@ from .llvm_ir import prefetch as _prefetch
 _features = llvm.get_host_cpu_features()
 AVAILABLE = all(_features.get(f) for f in ("avx512vnni", "avx512vl", "avx512bw"))
 IR_ROWS = 4                 # rows of W per pass over x's codes
-PREFETCH_BYTES = 8192       # how far ahead in a row the GEMV asks for its bytes (1024 streamed at ~10 GB/s, 4096-16384 at ~18)
+PREFETCH_BYTES = 8192       # how far ahead in a row the GEMV asks for its bytes (1024 streamed slower: docs/files.md)
 _v16i, _v8i, _v16f, _v8f = (ir.VectorType(t, n) for t, n in ((_i32, 16), (_i32, 8), (_f32, 16), (_f32, 8)))
 _v64b, _v16b = ir.VectorType(_i8, 64), ir.VectorType(_i8, 16)
 _FORMATS = {1: (18, 2, None), 2: (20, 4, 2)}     # fmt (Q4_0, Q4_1): (block bytes, nibbles at, f16 m at)
