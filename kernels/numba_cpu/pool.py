@@ -46,11 +46,27 @@ def layer() -> str:
     return _started[1]
 
 
+_count = None               # numba.get_num_threads without its locks, once Numba's threads are launched
+
+
+def _numba_threads() -> int:
+    """numba.get_num_threads() (the calling thread's count). Numba's own takes two locks to check that its
+    threads are launched, 0.8 us a call, several hundred calls a decode step; once they are, the count is
+    read directly (the C function Numba itself reads it with)."""
+    global _count
+    if _count is not None:
+        return _count()
+    n = numba.get_num_threads()                              # launches Numba's threads
+    from numba.np.ufunc import parallel
+    _count = getattr(parallel, "_get_num_threads", None) or numba.get_num_threads
+    return n
+
+
 def threads() -> int:
     """How many pool threads a kernel may use now: Numba's thread count when the pool is usable, else 1."""
     if not config.NUMBA_PARALLEL:
         return 1
-    n = numba.get_num_threads()
+    n = _numba_threads()
     if n < 2:
         return 1
     if _started is not None and _started[0] != os.getpid():  # a forked child of the process that started it

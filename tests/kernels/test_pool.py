@@ -165,6 +165,29 @@ def test_limit_keeps_scipys_blas_at_one_thread_and_restores_numba():
         pool.limit(0).__enter__()                              # the check runs on entering the context
 
 
+def test_threads_reads_numbas_count_as_it_changes_and_per_thread():
+    """pool.threads() reads Numba's count directly after its first call (numba.get_num_threads takes locks): it
+    still follows set_num_threads, pool.limit and another thread's own count, as numba.get_num_threads does."""
+    import threading
+    pool.threads()
+    old = numba.get_num_threads()
+    try:
+        for n in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(n)
+            assert pool._numba_threads() == numba.get_num_threads() == n
+            assert pool.threads() == (1 if n < 2 or pool.layer() not in ("omp", "tbb") else n)
+        with pool.limit(1):
+            assert pool._numba_threads() == 1 and pool.threads() == 1
+        numba.set_num_threads(1)
+        seen = []
+        other = threading.Thread(target=lambda: seen.append((pool._numba_threads(), numba.get_num_threads())))
+        other.start()
+        other.join()
+        assert seen[0][0] == seen[0][1] and pool._numba_threads() == 1      # a thread's count is its own
+    finally:
+        numba.set_num_threads(old)
+
+
 def _decoder_step(monkeypatch, on: bool):
     monkeypatch.setattr(config, "NUMBA_PARALLEL", on)
     cfg = lr.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
