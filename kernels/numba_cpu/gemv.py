@@ -18,12 +18,12 @@ from numba.extending import intrinsic
 
 from .. import config
 from . import pool
-from .llvm_ir import F32, I1, I8, I32, I64, array_pointers, call, prefetch
+from .llvm_ir import F32, I8, I32, I64, array_pointers, call, hsum, lanes_below, pointer, prefetch
 
 ROWS = 2                    # rows of W per pass over x (2 streamed fastest here: 4 and 8 ~8% slower, 1 ~4%)
 PREFETCH_BYTES = 8192       # how far ahead in a row the loads are asked for (1024 and 2048 were slower)
 LANES = 16
-_vf, _vi, _vm = ir.VectorType(F32, LANES), ir.VectorType(I32, LANES), ir.VectorType(I1, LANES)
+_vf = ir.VectorType(F32, LANES)
 
 
 def _make_rows_dot(R):
@@ -41,19 +41,15 @@ def _make_rows_dot(R):
                                                                                        stride)]), F32.as_pointer())
                     for r in range(R)]
             acc = [cgutils.alloca_once_value(builder, ir.Constant(_vf, [0.0] * LANES)) for _ in range(R)]
-            vec = lambda p, j: builder.bitcast(builder.gep(p, [j]), _vf.as_pointer())   # noqa: E731
             fma = lambda a, b, c: call(builder, "llvm.fma.v16f32", _vf, a, b, c)        # noqa: E731
 
             def step(j, masked):
                 if masked:                                   # lanes j + k < D
-                    n = builder.trunc(builder.sub(D, j), I32)
-                    bound = builder.shuffle_vector(builder.insert_element(ir.Constant(_vi, ir.Undefined), n, I32(0)),
-                                                   ir.Constant(_vi, ir.Undefined), ir.Constant(_vi, [0] * LANES))
-                    mask = builder.icmp_signed("<", ir.Constant(_vi, list(range(LANES))), bound)
-                    load = lambda p: call(builder, "llvm.masked.load.v16f32.p0", _vf, vec(p, j), I32(4),  # noqa: E731
-                                          mask, ir.Constant(_vf, [0.0] * LANES))
+                    mask = lanes_below(builder, builder.trunc(builder.sub(D, j), I32), LANES)
+                    load = lambda p: call(builder, "llvm.masked.load.v16f32.p0", _vf,   # noqa: E731
+                                          pointer(builder, p, j, _vf), I32(4), mask, ir.Constant(_vf, [0.0] * LANES))
                 else:
-                    load = lambda p: builder.load(vec(p, j), align=4)                   # noqa: E731
+                    load = lambda p: builder.load(pointer(builder, p, j, _vf), align=4)  # noqa: E731
                 xv = load(X)
                 for r in range(R):
                     if not masked:
@@ -67,13 +63,7 @@ def _make_rows_dot(R):
             with builder.if_then(builder.icmp_signed("!=", tail, I64(0))):
                 step(builder.sub(D, tail), True)
             for r in range(R):
-                v, m = builder.load(acc[r]), LANES
-                while m > 1:                                 # a tree: halves added in turn
-                    m //= 2
-                    half = lambda at: builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, m),   # noqa: E731
-                                                                               list(range(at, at + m))))
-                    v = builder.fadd(half(0), half(m))
-                builder.store(builder.extract_element(v, I32(0)), builder.gep(Y, [builder.add(args[1], I64(r))]))
+                builder.store(hsum(builder, builder.load(acc[r])), builder.gep(Y, [builder.add(args[1], I64(r))]))
             return context.get_dummy_value()
         return sig, codegen
     return rows_dot
@@ -107,8 +97,7 @@ def product(x, W, bias=None):
     """y = x Wᵀ (+ b), W streamed once: x (1, D_in), W (D_out, D_in) C-contiguous float32 -> y (1, D_out)."""
     D_out = W.shape[0]
     y = np.empty((1, D_out), np.float32)
-    chunks = 1 if pool.threads() <= 1 else min(4 * pool.threads(), D_out)
-    _gemv(W, np.ascontiguousarray(x[0]), y[0], chunks)
+    _gemv(W, np.ascontiguousarray(x[0]), y[0], pool.chunks(D_out))
     if bias is not None:
         y += bias
     return y

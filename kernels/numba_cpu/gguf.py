@@ -3,8 +3,8 @@
     N <= config.NF4_GEMV_MAX_N   gguf_matmul: a fused dequant-GEMV reads each row's blocks as they
                                  are: Σ_b d_b · (Σ q·x over block b), plus each block's offset (−8d, m)
                                  times Σ x over its 32 weights (summed once per x); Q4_K forms each
-                                 weight in float32 as the reference does. It reads 0.14 (Q4_0) to 0.27 (Q8_0) of the bytes of a
-                                 float32 W. Q8_0/Q4_0/Q4_1 in float32: LLVM vector IR, IR_ROWS rows
+                                 weight in float32 as the reference does. It reads 0.14 (Q4_0) to 0.27
+                                 (Q8_0) of the bytes of a float32 W. Q8_0/Q4_0/Q4_1 in float32: LLVM vector IR, IR_ROWS rows
                                  per pass over x (config.GGUF_VECTOR_IR); otherwise Numba loops
     larger N, and dx             dequantize NF4_TILE_ROWS rows of W (NF4_POOL_TILE_ROWS on the pool)
                                  into one float buffer, rows in parallel (float32 Q8_0/Q4_0/Q4_1: the
@@ -40,6 +40,7 @@ from .llvm_ir import I64 as _i64
 from .llvm_ir import array_pointers as _arrays
 from .llvm_ir import call as _call
 from .llvm_ir import prefetch as _prefetch
+from .llvm_ir import splat
 
 F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)   # bits -> value
 _ID = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3}                                       # formats with kernels here
@@ -173,17 +174,10 @@ def _load_f16(builder, P, at):
     return builder.fpext(builder.load(p, align=1), _f32)
 
 
-def _splat(builder, s):
-    v = builder.insert_element(ir.Constant(_vf, ir.Undefined), s, _i32(0))
-    return builder.shuffle_vector(v, v, ir.Constant(_vi, [0] * LANES))
-
-
 def _splat_f16(builder, P):
     """The f16 at byte pointer P in every lane of a float vector: converted after the splat, so that AVX-512 FP16
     does it in one vcvtph2psx from memory."""
-    h = builder.load(builder.bitcast(P, _f16t.as_pointer()), align=1)
-    hv = builder.insert_element(ir.Constant(ir.VectorType(_f16t, LANES), ir.Undefined), h, _i32(0))
-    return builder.fpext(builder.shuffle_vector(hv, hv, ir.Constant(_vi, [0] * LANES)), _vf)
+    return builder.fpext(splat(builder, builder.load(builder.bitcast(P, _f16t.as_pointer()), align=1), LANES), _vf)
 
 
 def _codes(builder, kind, P):
@@ -269,14 +263,14 @@ def _make_row_dequantize(kind):
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
                 P = builder.gep(row, [builder.mul(b, _i64(S))])
-                d = _splat(builder, _load_f16(builder, P, 0))
+                d = splat(builder, _load_f16(builder, P, 0), LANES)
                 for k, q in enumerate(_codes(builder, kind, P)):
                     if kind == 1:
                         q = builder.fsub(q, ir.Constant(_vf, [8.0] * LANES))
                     if at_m is None:
                         w = builder.fmul(q, d)
                     else:
-                        m = _splat(builder, _load_f16(builder, P, at_m))
+                        m = splat(builder, _load_f16(builder, P, at_m), LANES)
                         w = _call(builder, f"llvm.fma.v{LANES}f32", _vf, q, d, m)
                     builder.store(w, _vector_at(builder, OUT, b, k), align=4)
             return context.get_dummy_value()
@@ -420,7 +414,7 @@ def gguf_matmul(x, blocks, qtype, shape, bias=None):
         x = np.ascontiguousarray(x)
         sx = x.reshape(N, D_in // 32, 32).sum(axis=2)                # (N, D_in / 32)
         ir_ok = x.dtype == np.float32 and _ir_ok()
-        chunks = 1 if pool.threads() <= 1 else min(4 * pool.threads(), D_out)
+        chunks = pool.chunks(D_out)
         for n in range(N):
             if fmt == 3:
                 _gemv_q4_k(blocks, F16, x[n], y[n])
@@ -449,8 +443,7 @@ def gguf_matmul_q8(x, blocks, qtype, shape, bias=None):
             and gguf_vnni.AVAILABLE and _ir_ok()):
         return gguf_matmul(round_q8_0(x).astype(x.dtype), blocks, qtype, shape, bias)
     y = np.empty((x.shape[0], D_out), np.float32)
-    chunks = 1 if pool.threads() <= 1 else min(4 * pool.threads(), D_out)
-    gguf_vnni.gemv(np.ascontiguousarray(blocks), _ID[name], np.ascontiguousarray(x), y, chunks)
+    gguf_vnni.gemv(np.ascontiguousarray(blocks), _ID[name], np.ascontiguousarray(x), y, pool.chunks(D_out))
     if bias is not None:
         y += bias
     return y

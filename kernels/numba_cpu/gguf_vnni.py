@@ -3,8 +3,8 @@ against the weight's nibbles by AVX-512 VNNI (vpdpbusd: 64 unsigned bytes times 
 by 4 into 16 int32 lanes), written as LLVM vector IR because Numba has no vector type.
 
 x's side, once per row of x (``_round_rows``): each block b of 32 values becomes 32 int8 codes q_x and its
-scale f16(d_x) (``reference.round_q8_0``'s arithmetic, the same float32 operations, so the same codes), then the codes of 4
-blocks at a time (a group, 128 weights) are laid out as the weight's bytes hold theirs:
+scale f16(d_x) (``common.round_q8_0``'s arithmetic, the same float32 operations, so the same codes), then the
+codes of 4 blocks at a time (a group, 128 weights) are laid out as the weight's bytes hold theirs:
 
     xg[g]   (128 int8)   block 4g+k's codes 0-15 at 16k (against low nibbles), codes 16-31 at 64 + 16k (high)
     cg[g]   (16 int32)   lane 4k+l: Σ of the 8 codes lane l of block 4g+k meets (4l..4l+3 and 16+4l..16+4l+3)
@@ -20,7 +20,8 @@ scales (and Q4_1's 4 mins) spread to 4 lanes each by a word shuffle, and one FMA
 
 A row whose blocks end short of a whole group reads its last group by a masked load (the missing bytes zero, so
 their scales are 0, never a NaN from another row's bytes). IR_ROWS rows share each load of x; each row asks for
-its bytes PREFETCH_BYTES ahead; each row's 16 lanes are summed as a tree. Needs AVX-512 VNNI, VL and BW (``AVAILABLE``).
+its bytes PREFETCH_BYTES ahead; each row's 16 lanes are summed as a tree. Needs AVX-512 VNNI, VL and BW
+(``AVAILABLE``).
 """
 import llvmlite.binding as llvm
 import numpy as np
@@ -38,14 +39,15 @@ from .llvm_ir import I32 as _i32
 from .llvm_ir import I64 as _i64
 from .llvm_ir import array_pointers as _arrays
 from .llvm_ir import call as _call
+from .llvm_ir import hsum, lanes_below
+from .llvm_ir import pointer as _ptr
 from .llvm_ir import prefetch as _prefetch
 
 _features = llvm.get_host_cpu_features()
 AVAILABLE = all(_features.get(f) for f in ("avx512vnni", "avx512vl", "avx512bw"))
 IR_ROWS = 4                 # rows of W per pass over x's codes
 PREFETCH_BYTES = 8192       # how far ahead in a row the GEMV asks for its bytes (1024 streamed slower: docs/files.md)
-_v16i, _v8i, _v16f, _v8f = (ir.VectorType(t, n) for t, n in ((_i32, 16), (_i32, 8), (_f32, 16), (_f32, 8)))
-_v64b, _v16b = ir.VectorType(_i8, 64), ir.VectorType(_i8, 16)
+_v16i, _v16f, _v64b = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16), ir.VectorType(_i8, 64)
 _FORMATS = {1: (18, 2, None), 2: (20, 4, 2)}     # fmt (Q4_0, Q4_1): (block bytes, nibbles at, f16 m at)
 
 
@@ -77,6 +79,7 @@ def _round_rows(x, xt, xg, cg, sg):
             amax = max(amax, abs(x[32 * b + j]))
         d = amax / np.float32(127)
         inv = np.float32(1) / d if d != 0 else np.float32(0)
+        d16 = _f16_round(d)
         for j in range(32):
             xt[b, j] = np.int8(_round_away(x[32 * b + j] * inv))
         g, k = b // 4, b % 4
@@ -85,22 +88,7 @@ def _round_rows(x, xt, xg, cg, sg):
         for l in range(4):
             cg[g, 4 * k + l] = (np.int32(xt[b, 4 * l]) + xt[b, 4 * l + 1] + xt[b, 4 * l + 2] + xt[b, 4 * l + 3]
                                 + xt[b, 16 + 4 * l] + xt[b, 17 + 4 * l] + xt[b, 18 + 4 * l] + xt[b, 19 + 4 * l])
-            sg[g, 4 * k + l] = _f16_round(d)
-
-
-def _ptr(builder, base, at, ty):
-    return builder.bitcast(builder.gep(base, [at]), ty.as_pointer())
-
-
-def _hsum(builder, v):
-    """The sum of a float vector's lanes, halves added in turn (a tree, not a chain of adds)."""
-    n = v.type.count
-    while n > 1:
-        n //= 2
-        half = lambda at: builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n),   # noqa: E731
-                                                                   list(range(at, at + n))))
-        v = builder.fadd(half(0), half(n))
-    return builder.extract_element(v, _i32(0))
+            sg[g, 4 * k + l] = d16
 
 
 def _make_rows_dot(fmt, R):
@@ -136,11 +124,7 @@ def _make_rows_dot(fmt, R):
                 start = builder.mul(c, ir.Constant(_v16i, [-8] * 16)) if fmt == 1 else ir.Constant(_v16i, [0] * 16)
                 sx = builder.fmul(builder.sitofp(c, _v16f), s) if fmt == 2 else None
                 if masked:                                   # bytes < (nb mod 4)·S of the group
-                    n = builder.trunc(builder.mul(builder.and_(nb, _i64(3)), _i64(S)), _i32)
-                    bound = builder.shuffle_vector(builder.insert_element(ir.Constant(_v64i, ir.Undefined), n,
-                                                                          _i32(0)), ir.Constant(_v64i, ir.Undefined),
-                                                   ir.Constant(_v64i, [0] * 64))
-                    mask = builder.icmp_unsigned("<", ir.Constant(_v64i, list(range(64))), bound)
+                    mask = lanes_below(builder, builder.trunc(builder.mul(builder.and_(nb, _i64(3)), _i64(S)), _i32), 64)
                 for r in range(R):
                     P = builder.gep(rows[r], [builder.mul(g, _i64(4 * S))])
                     if masked:
@@ -168,7 +152,7 @@ def _make_rows_dot(fmt, R):
             with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, _i64(3)), _i64(0))):
                 group(builder.ashr(nb, _i64(2)), True)
             for r in range(R):
-                builder.store(_hsum(builder, builder.load(acc[r])), builder.gep(Y, [builder.add(args[1], _i64(r))]))
+                builder.store(hsum(builder, builder.load(acc[r])), builder.gep(Y, [builder.add(args[1], _i64(r))]))
             return context.get_dummy_value()
         return sig, codegen
     return rows_dot

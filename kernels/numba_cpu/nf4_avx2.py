@@ -30,7 +30,7 @@ import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -38,6 +38,7 @@ from ..common import NF4_CODE
 from . import pool
 from .llvm_ir import F32, I8, I16, I32, I64
 from .llvm_ir import call as _call
+from .llvm_ir import splat
 
 
 def _available(cpu_name, features, disable_jit=False):
@@ -95,12 +96,6 @@ def _decode32(builder, bytes16):
     return [builder.bitcast(_unpack(builder, a, b, h), _v8f) for a, b in ((lo01, lo23), (hi01, hi23)) for h in (0, 1)]
 
 
-def _splat(builder, s):
-    """<8 x float> of the scalar s."""
-    v = builder.insert_element(ir.Constant(_v8f, ir.Undefined), s, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(_v8i, [0] * 8))
-
-
 def _fma(builder, a, b, c):
     return _call(builder, "llvm.fma.v8f32", _v8f, a, b, c)
 
@@ -145,7 +140,7 @@ def _row_dot(typingctx, packed, p0, x, absmax, a0, n_blocks, steps):
             block = builder.fadd(builder.fadd(builder.load(acc[0]), builder.load(acc[1])),
                                  builder.fadd(builder.load(acc[2]), builder.load(acc[3])))
             scale = builder.load(builder.gep(A, [blk.index]))
-            builder.store(_fma(builder, block, _splat(builder, scale), builder.load(total)), total)
+            builder.store(_fma(builder, block, splat(builder, scale, 8), builder.load(total)), total)
         t = builder.load(total)
         out = builder.extract_element(t, _i32(0))
         for k in range(1, 8):
@@ -162,7 +157,7 @@ def _row_axpy(typingctx, packed, p0, out, absmax, a0, n_blocks, steps, g):
     def codegen(context, builder, sig, args):
         P, OUT, A, n_blocks, steps = _row(context, builder, sig, args)
         with cgutils.for_range(builder, n_blocks) as blk:
-            gs = _splat(builder, builder.fmul(args[7], builder.load(builder.gep(A, [blk.index]))))
+            gs = splat(builder, builder.fmul(args[7], builder.load(builder.gep(A, [blk.index]))), 8)
             with cgutils.for_range(builder, steps) as s:
                 step = builder.add(builder.mul(blk.index, steps), s.index)
                 for w, op in zip(_codes(builder, P, step), _lanes(builder, OUT, step)):
@@ -179,7 +174,7 @@ def _row_dequantize(typingctx, packed, p0, out, absmax, a0, n_blocks, steps):
     def codegen(context, builder, sig, args):
         P, OUT, A, n_blocks, steps = _row(context, builder, sig, args)
         with cgutils.for_range(builder, n_blocks) as blk:
-            scale = _splat(builder, builder.load(builder.gep(A, [blk.index])))
+            scale = splat(builder, builder.load(builder.gep(A, [blk.index])), 8)
             with cgutils.for_range(builder, steps) as s:
                 step = builder.add(builder.mul(blk.index, steps), s.index)
                 for w, op in zip(_codes(builder, P, step), _lanes(builder, OUT, step)):

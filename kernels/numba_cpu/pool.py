@@ -94,6 +94,13 @@ def pin_scipy_blas(threads: int = config.SCIPY_BLAS_THREADS) -> list:
 PINNED_BLAS = pin_scipy_blas()
 
 
+def chunks(rows: int) -> int:
+    """How many chunks a kernel splits ``rows`` rows into for the pool: 1 on one thread, else 4 a thread
+    (at most ``rows``), so that threads finishing early take more."""
+    n = threads()
+    return 1 if n <= 1 else min(4 * n, rows)
+
+
 @contextlib.contextmanager
 def limit(n: int):
     """Within: every CPU thread pool the kernels use limited to ``n`` threads, restored after: Numba's
