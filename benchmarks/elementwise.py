@@ -4,7 +4,8 @@ training step of the peers benchmark's decoder (B = 8, T = 128, 8 heads of 32, d
     python -m benchmarks.elementwise --threads 1     # results/elementwise.json (seconds)
     python -m benchmarks.elementwise --quick         # tiny shapes (CI)
 
-One row per kernel (RoPE, the causal softmax, SwiGLU's gate, RMSNorm, each way), float32:
+One row per kernel (RoPE, the causal softmax, SwiGLU's gate, RMSNorm, each way; inference's causal_attention,
+whose reference is two products and the softmax), float32:
 ``ratio`` is the median over interleaved rounds of t(backend) / t(reference) from the same round.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ def inputs(c, seed=0):
     rstd = ref.rms_norm(x, w, 1e-6)[1]
     return {"rope_forward": (q, cos, sin), "rope_backward": (q, cos, sin),
             "causal_softmax": (S,), "causal_softmax_backward": (f(*S.shape), ref.causal_softmax(S)),
+            "causal_attention": (q, f(B, H, T, h), f(B, H, T, h)),
             "silu_and_mul": (g, u), "silu_and_mul_backward": (dy, g, u),
             "rms_norm": (x, w, 1e-6), "rms_norm_backward": (f(B, T, d), x, w, rstd)}
 

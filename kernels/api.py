@@ -7,7 +7,8 @@
     each backend   lora.py (dense, one adapter)  multi.py (BGMV, SGMV)  nf4.py (4-bit W)
                    gguf.py (W in llama.cpp's blocks: Q8_0, Q4_0, Q4_1, Q4_K; Q5_0, Q5_1, Q5_K, Q6_K by the reference;
                            gguf_matmul_q8, llama.cpp's arithmetic: x rounded to Q8_0 first)
-                   attention.py (batched products, RoPE, causal softmax)  activations.py (SwiGLU's gate)  norm.py (RMSNorm)
+                   attention.py (batched products, RoPE, causal softmax; causal_attention: inference's, one call)
+                   activations.py (SwiGLU's gate)  norm.py (RMSNorm)
                    loss.py (the LM head and cross-entropy, fused)
     shared         validate.py (input checks)  config.py (tunables, tolerances)  common.py (helpers)
     your own       backends.py (register_backend, describe), conformance.py (the public test suite)
@@ -32,7 +33,7 @@ API = (
     "nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",
     "gguf_dequantize", "gguf_matmul", "gguf_matmul_dx", "gguf_matmul_q8",
     "matmul", "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
-    "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward",
+    "causal_attention", "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward",
     "linear_cross_entropy",
 )
 

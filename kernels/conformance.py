@@ -38,6 +38,7 @@ OUTPUTS = {
     "nf4_dequantize": ("W",), "nf4_matmul": ("y",), "nf4_matmul_dx": ("dx",),
     "gguf_dequantize": ("W",), "gguf_matmul": ("y",), "gguf_matmul_dx": ("dx",), "gguf_matmul_q8": ("y",),
     "matmul": ("y",), "rope_forward": ("y",), "rope_backward": ("dx",), "causal_softmax": ("P",), "causal_softmax_backward": ("dS",),
+    "causal_attention": ("O",),
     "silu_and_mul": ("y",), "silu_and_mul_backward": ("dg", "du"),
     "rms_norm": ("y", "rstd"), "rms_norm_backward": ("dx", "dw"),
     "linear_cross_entropy": ("loss_sum", "dx", "dW"),

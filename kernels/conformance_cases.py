@@ -14,7 +14,8 @@ mean something. What the cases cover, on purpose:
     SGMV        sorted segments, empty ones included, an adapter or −1 per segment
     products    batched matmul with broadcast batch axes (a repeated matrix), K = 0, transposed views
     attention   RoPE on 2- to 5-axis inputs, T = 0 included; the causal softmax with a KV-cache offset
-                (past > 0), padding masks and rows that see no key, any number of head axes
+                (past > 0), padding masks and rows that see no key, any number of head axes; causal_attention
+                with the same masks, query groups (GQA) of 1 to 3 heads, odd head sizes
     SwiGLU      1 to 3 axes, empty ones included; gates of ±hundreds, where e^−g overflows
     RMSNorm     1 to 3 axes, d = 1, empty batches, a large eps, with and without dw
     LM loss     N = 0, V = 1, no label ignored, some, all; with and without dx and dW
@@ -273,6 +274,10 @@ SOFTMAX = st.fixed_dictionaries(dict(B=st.integers(0, 3), heads=st.lists(st.inte
                                      T=st.integers(0, 6), past=st.integers(0, 4), key_mask=st.booleans(),
                                      layout=LAYOUT, seed=SEED))
 
+ATTENTION = st.fixed_dictionaries(dict(B=st.integers(0, 3), H_kv=st.integers(1, 3), G=st.integers(1, 3),
+                                       T=st.integers(0, 6), past=st.integers(0, 4), h=D_, key_mask=st.booleans(),
+                                       layout=LAYOUT, seed=SEED))
+
 
 def matmul(c, dtype, oracle):
     """a (*lead_a, M, K) and b (*lead_b, K, N) whose batch axes broadcast: per axis of ``lead``, both have
@@ -312,6 +317,17 @@ def causal_softmax_backward(c, dtype, oracle):
     S, key_mask, past = causal_softmax(c, dtype, oracle)
     P = relayout(np.asarray(oracle.causal_softmax(S, key_mask, past)).astype(dtype), c["layout"])
     return _normal(np.random.default_rng(c["seed"] + 1), dtype, c["layout"])(*S.shape), P
+
+
+def causal_attention(c, dtype, oracle):
+    """q (B, H_kv, G, T, h), k and v (B, H_kv, past + T, h): scores q·k of a few units; key_mask as the
+    softmax's (rows that see no key whenever the mask starts with zeros)."""
+    rng = np.random.default_rng(c["seed"])
+    B, H_kv, T, K, h = c["B"], c["H_kv"], c["T"], c["past"] + c["T"], c["h"]
+    f = _normal(rng, dtype, c["layout"])
+    q = relayout((2 * rng.standard_normal((B, H_kv, c["G"], T, h)) / np.sqrt(h)).astype(dtype), c["layout"])
+    key_mask = (rng.random((B, K)) < 0.7).astype(np.int64) if c["key_mask"] else None
+    return q, f(B, H_kv, K, h), f(B, H_kv, K, h), key_mask, c["past"]
 
 
 # -- activations: SwiGLU's gate ----------------------------------------------------------------
@@ -396,6 +412,11 @@ _EDGE_ROPE = [dict(lead=[], T=1, half=1), dict(lead=[0, 2], T=3, half=2), dict(l
 _EDGE_SOFTMAX = [dict(B=1, heads=[], T=1, past=0, key_mask=False), dict(B=0, heads=[2], T=3, past=1, key_mask=True),
                  dict(B=3, heads=[2, 3], T=6, past=4, key_mask=True), dict(B=2, heads=[1], T=0, past=2, key_mask=True)]
 
+_EDGE_ATTENTION = [dict(B=1, H_kv=1, G=1, T=1, past=0, h=1, key_mask=False),
+                   dict(B=2, H_kv=3, G=3, T=1, past=5, h=8, key_mask=True),
+                   dict(B=3, H_kv=2, G=2, T=6, past=4, h=9, key_mask=True),
+                   dict(B=2, H_kv=1, G=2, T=0, past=2, h=4, key_mask=True), dict(B=0, H_kv=2, G=1, T=3, past=1, h=3)]
+
 _EDGE_SILU = [dict(shape=[1], scale=1.0), dict(shape=[0, 3], scale=4.0), dict(shape=[4, 5], scale=120.0)]
 
 _EDGE_NORM = [dict(shape=[], d=1, eps=1e-6, need_dw=True), dict(shape=[0], d=3, eps=1e-5, need_dw=True),
@@ -437,6 +458,8 @@ CASES = {
     "rope_backward": (ROPE, rope_backward, _edges(_EDGE_ROPE, layout="F", seed=0)),
     "causal_softmax": (SOFTMAX, causal_softmax, _edges(_EDGE_SOFTMAX, layout="strided", seed=0)),
     "causal_softmax_backward": (SOFTMAX, causal_softmax_backward, _edges(_EDGE_SOFTMAX, layout="F", seed=0)),
+    "causal_attention": (ATTENTION, causal_attention, _edges(_EDGE_ATTENTION, key_mask=False, layout="strided",
+                                                             seed=0)),
     "silu_and_mul": (SILU, silu_and_mul, _edges(_EDGE_SILU, layout="strided", seed=0)),
     "silu_and_mul_backward": (SILU, silu_and_mul_backward, _edges(_EDGE_SILU, layout="F", seed=0)),
     "rms_norm": (NORM, rms_norm, _edges(_EDGE_NORM, layout="strided", seed=0)),

@@ -172,12 +172,32 @@ def causal_softmax(S, key_mask, past):
         raise ValueError(f"S must be (B, ..., T, K) with at least 3 axes, got shape {tuple(S.shape)}")
     _float("S", S, S.dtype)
     B, T, K = S.shape[0], S.shape[-2], S.shape[-1]
+    _keys(key_mask, past, B, T, K, f"S has T={T} queries, K={K} keys")
+    return B, T, K
+
+
+def causal_attention(q, k, v, key_mask, past):
+    """q (B, H_kv, G, T, h); k and v (B, H_kv, K, h) of q's dtype with K = past + T; key_mask (B, K) or None."""
+    if q.ndim != 5:
+        raise ValueError(f"q must be (B, H_kv, G, T, head_dim), got shape {tuple(q.shape)}")
+    _float("q", q, q.dtype)
+    B, H_kv, G, T, h = q.shape
+    for name, a in (("k", k), ("v", v)):
+        if a.ndim != 4:
+            raise ValueError(f"{name} must be (B, H_kv, K, head_dim), got shape {tuple(a.shape)}")
+        _float(name, a, q.dtype)
+        _shape(name, a, (B, H_kv, k.shape[2], h))
+    K = k.shape[2]
+    _keys(key_mask, past, B, T, K, f"q has T={T} queries, k has K={K} keys")
+    return B, T, K
+
+
+def _keys(key_mask, past, B, T, K, what):
+    """The queries' offset ``past`` (an int >= 0, past + T = K) and key_mask (B, K) or None; ``what``: the sizes."""
     if isinstance(past, bool) or not isinstance(past, (int, np.integer)) or past < 0 or past + T != K:
-        raise ValueError(f"past must be an int >= 0 with past + T = K (S has T={T} queries, K={K} keys), "
-                         f"got {past!r}")
+        raise ValueError(f"past must be an int >= 0 with past + T = K ({what}), got {past!r}")
     if key_mask is not None:
         _shape("key_mask", key_mask, (B, K))
-    return B, T, K
 
 
 def softmax_grad(dP, P):

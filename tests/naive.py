@@ -126,6 +126,20 @@ def causal_softmax(S, key_mask=None, past=0):
     return P
 
 
+def causal_attention(q, k, v, key_mask=None, past=0):
+    """Query by query: the keys it sees listed, their scores q·k_j as sums, the softmax over them alone, and
+    the weighted sum of their v_j; k and v of key/value head m serve each of its G query heads."""
+    q, k, v = _f64(q, k, v)
+    O = np.zeros(q.shape)
+    for b, m, g, i in np.ndindex(q.shape[:-1]):
+        seen = [j for j in range(k.shape[2]) if j <= past + i and (key_mask is None or key_mask[b, j])]
+        if seen:
+            s = [sum(q[b, m, g, i, e] * k[b, m, j, e] for e in range(q.shape[-1])) for j in seen]
+            w = np.exp(np.array(s) - max(s))
+            O[b, m, g, i] = sum(wj * v[b, m, j] for wj, j in zip(w / w.sum(), seen))
+    return O
+
+
 def causal_softmax_backward(dP, P):
     """dS = J dP with the softmax's Jacobian J = diag(p) − p pᵀ written out, row by row."""
     dP, P = _f64(dP, P)

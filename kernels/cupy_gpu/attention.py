@@ -40,3 +40,10 @@ def causal_softmax_backward(dP, P):
     """The reference's softmax backward on the device."""
     dP, P = gpu(dP=dP, P=P)
     return reference.causal_softmax_backward(dP, P)
+
+
+# -- attention, inference ---------------------------------------------------------------------
+def causal_attention(q, k, v, key_mask=None, past=0):
+    """The reference's two products and softmax on the device."""
+    q, k, v, key_mask = gpu(q=q, k=k, v=v, key_mask=key_mask)
+    return reference.causal_attention(q, k, v, key_mask, past)

@@ -10,6 +10,10 @@ which vectorizes; Numba's own exp is a scalar libm call), then the division. Bot
 layouts LLVM can vectorize are read in place: C-ordered rows, and the head-major view of a
 (B, T, heads, h) projection (``_rows``); anything else is copied to C order first (a strided row
 vectorizes as gathers). Outputs are C-ordered.
+
+Inference's attention (``causal_attention``) is one loop per query row as well: its scores q·k_j over the
+keys it sees, e^(s − max) and their sum, then Σ e_j v_j / Σ e_j, so neither S nor P is written out and
+a decode step's attention is one call, not two products and a softmax (each a call with its checks).
 """
 import math
 
@@ -160,3 +164,52 @@ def causal_softmax_backward(dP, P):
     dS = np.empty(P.shape, P.dtype)
     _softmax_grad(_blocks(dP), _blocks(P), _blocks(dS))
     return dS
+
+
+# -- attention, inference ---------------------------------------------------------------------
+@pool.jit(**_JIT)
+def _attend(q, k, v, key_mask, past, zero, ninf, O):
+    """Per query row (b, m, g, i): s_j = q·k_j over the keys it sees (j <= past + i, key_mask[b, j] when
+    given), e_j = exp(s_j − max) and z = Σ e_j, then O = Σ e_j v_j / z; 0 on a row that sees none."""
+    B, M, G, T, h = q.shape
+    masked = key_mask.shape[0] > 0
+    for bm in prange(B * M):
+        b, m = bm // M, bm % M
+        s = np.empty(k.shape[2], q.dtype)
+        for g in range(G):
+            for i in range(T):
+                sees = min(past + i + 1, k.shape[2])
+                qi, o = q[b, m, g, i], O[b, m, g, i]
+                top, seen = ninf, False
+                for j in range(sees):
+                    if masked and not key_mask[b, j]:
+                        s[j] = ninf
+                        continue
+                    kj, dot = k[b, m, j], zero
+                    for e in range(h):
+                        dot += qi[e] * kj[e]
+                    s[j] = dot
+                    if not seen or dot > top:
+                        top, seen = dot, True
+                o[:] = zero
+                if not seen:
+                    continue
+                z = zero
+                for j in range(sees):
+                    s[j] = exp(s[j] - top)                     # exp(−inf) = 0: a hidden key adds nothing
+                    z += s[j]
+                for j in range(sees):
+                    w, vj = s[j] / z, v[b, m, j]
+                    for e in range(h):
+                        o[e] += w * vj[e]
+
+
+@half_to_reference
+def causal_attention(q, k, v, key_mask=None, past=0):
+    """One loop per query row: scores, softmax and the sum over v without writing S or P (module docstring)."""
+    validate.causal_attention(q, k, v, key_mask, past)
+    mask = np.zeros((0, 0), np.bool_) if key_mask is None else c(np.asarray(key_mask) != 0)
+    O = np.empty(q.shape, q.dtype)
+    t = q.dtype.type
+    _attend(c(q), c(k), c(v), mask, past, t(0), t(-np.inf), O)
+    return O

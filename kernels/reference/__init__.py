@@ -19,7 +19,7 @@ run on CuPy arrays (the cupy_gpu backend sends float64 here).
 """
 from ..api import API
 from .activations import silu_and_mul, silu_and_mul_backward
-from .attention import causal_softmax, causal_softmax_backward, matmul, rope_backward, rope_forward
+from .attention import causal_attention, causal_softmax, causal_softmax_backward, matmul, rope_backward, rope_forward
 from .loss import linear_cross_entropy
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv

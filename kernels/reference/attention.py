@@ -11,6 +11,9 @@ h = head_dim (even); "..." any axes between (heads, the query group of GQA).
     softmax   query i sits at position past + i and sees key j when j <= past + i and key_mask[b, j];
               P = softmax of S over the keys it sees, 0 on the others and on a row that sees none.
               Backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)).
+    attention O = P v with P = softmax(q kᵀ) as above, the G query heads of a key/value head sharing its
+              k and v (GQA): inference's whole attention in one call. No backward: training keeps P
+              for its own and takes the parts.
 """
 import numpy as np
 
@@ -82,3 +85,12 @@ def causal_softmax_backward(dP, P):
     dS = dP - (dP * P).sum(axis=-1, keepdims=True)
     dS *= P
     return dS
+
+
+# -- attention, inference ---------------------------------------------------------------------
+def causal_attention(q, k, v, key_mask=None, past=0):
+    """Semantics: O = causal_softmax(q kᵀ, key_mask, past) v, the G query heads of each key/value head sharing its
+    k and v; q (B, H_kv, G, T, h), k, v (B, H_kv, K, h) with K = past + T -> O (B, H_kv, G, T, h)."""
+    validate.causal_attention(q, k, v, key_mask, past)
+    S = matmul(q, k[:, :, None].swapaxes(-1, -2))                              # (B, H_kv, G, T, K)
+    return matmul(causal_softmax(S, key_mask, past), v[:, :, None])            # (B, H_kv, G, T, h)

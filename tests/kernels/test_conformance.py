@@ -39,6 +39,7 @@ def _naive_multi_backward(dy, x, h, W, A_stack, B_stack, scalings, index, need_d
 NAIVE = types.SimpleNamespace(          # tests/naive.py's loops behind the API's signatures (no NF4)
     rope_forward=naive.rope_forward, rope_backward=naive.rope_backward,
     causal_softmax=naive.causal_softmax, causal_softmax_backward=naive.causal_softmax_backward,
+    causal_attention=naive.causal_attention,
     silu_and_mul=naive.silu_and_mul, silu_and_mul_backward=naive.silu_and_mul_backward,
     rms_norm=naive.rms_norm, rms_norm_backward=naive.rms_norm_backward,
     dense_forward=naive.dense_forward, dense_backward=_naive_dense_backward,

@@ -1,6 +1,6 @@
-"""The decoder's elementwise kernels (RoPE, the causal softmax, SwiGLU's gate, RMSNorm) refuse bad input
-with errors that name it, on every CPU backend; and the decoder's cached path (past > 0) agrees across
-backends."""
+"""The decoder's elementwise kernels (RoPE, the causal softmax, inference's causal_attention, SwiGLU's gate,
+RMSNorm) refuse bad input with errors that name it, on every CPU backend; and the decoder's cached path
+(past > 0) agrees across backends."""
 import numpy as np
 import pytest
 
@@ -14,6 +14,11 @@ BACKENDS = ("numpy", "numba")
 def _rope_args(dtype=np.float32, T=3, h=4):
     rng = np.random.default_rng(0)
     return rng.standard_normal((2, T, h)).astype(dtype), np.ones((T, h), dtype), np.zeros((T, h), dtype)
+
+
+def _attention_args(q=(1, 2, 3, 2, 4), k=(1, 2, 3, 4), v=None, dtype_k=np.float32):
+    """q (B, H_kv, G, T, h), k and v (B, H_kv, K, h), no mask, past = K − T = 1: the shapes the cases bend."""
+    return (np.zeros(q, np.float32), np.zeros(k, dtype_k), np.zeros(k if v is None else v, np.float32), None, 1)
 
 
 CASES = {
@@ -38,6 +43,18 @@ CASES = {
                  ValueError, r"dP has shape \(1, 2, 3\), expected \(1, 2, 2\)"),
     "dP dtype": (lambda k: k.causal_softmax_backward(np.zeros((1, 2, 2)), np.zeros((1, 2, 2), np.float32)),
                  TypeError, r"dP has dtype float64, expected float32"),
+    "4-D q": (lambda k: k.causal_attention(*_attention_args(q=(1, 2, 3, 4))), ValueError,
+              r"q must be \(B, H_kv, G, T, head_dim\), got shape \(1, 2, 3, 4\)"),
+    "k heads": (lambda k: k.causal_attention(*_attention_args(k=(1, 3, 3, 4))), ValueError,
+                r"k has shape \(1, 3, 3, 4\), expected \(1, 2, 3, 4\)"),
+    "v unlike k": (lambda k: k.causal_attention(*_attention_args(v=(1, 2, 2, 4))), ValueError,
+                   r"v has shape \(1, 2, 2, 4\), expected \(1, 2, 3, 4\)"),
+    "attention past": (lambda k: k.causal_attention(*_attention_args()[:4], 0), ValueError,
+                       r"past \+ T = K \(q has T=2 queries, k has K=3 keys\), got 0"),
+    "attention mask": (lambda k: k.causal_attention(*_attention_args()[:3], np.ones((1, 2)), 1), ValueError,
+                       r"key_mask has shape \(1, 2\), expected \(1, 3\)"),
+    "attention dtypes": (lambda k: k.causal_attention(*_attention_args(dtype_k=np.float64)), TypeError,
+                         r"k has dtype float64, expected float32"),
     "gate and up shapes": (lambda k: k.silu_and_mul(np.zeros((2, 3)), np.zeros((3, 2))), ValueError,
                            r"u has shape \(3, 2\), expected \(2, 3\)"),
     "0-d gate": (lambda k: k.silu_and_mul_backward(np.zeros(()), np.zeros(()), np.zeros(())), ValueError,
@@ -80,3 +97,4 @@ def test_cached_decoding_agrees_across_backends(dtype):
     np.testing.assert_array_equal(out["numpy"][0], out["numba"][0])
     tol = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(out["numpy"][1], out["numba"][1], rtol=tol, atol=tol)
+

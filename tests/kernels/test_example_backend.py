@@ -16,7 +16,7 @@ from benchmarks import kernels as bench
 FILE = Path(__file__).resolve().parents[2] / "examples" / "torch_backend.py"
 LEFT_OUT = ("nf4_dequantize", "nf4_matmul", "nf4_matmul_dx",            # what the example does not implement
             "gguf_dequantize", "gguf_matmul", "gguf_matmul_dx", "gguf_matmul_q8",
-            "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward",
+            "rope_forward", "rope_backward", "causal_softmax", "causal_softmax_backward", "causal_attention",
             "silu_and_mul", "silu_and_mul_backward", "rms_norm", "rms_norm_backward", "linear_cross_entropy")
 NATIVE = tuple(n for n in api.API if n not in LEFT_OUT)
 
