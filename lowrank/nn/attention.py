@@ -40,7 +40,9 @@ figure against training.accounting's measured activations; B=3, T=6, H=4, H_kv=2
 Inference with a KV cache (``forward_cached``, no backward): T_new new tokens at absolute positions
 P0..P0+T_new−1 (P0 cached before them) get the same projections and RoPE; their k, v join the cache
 (``nn.kv_cache``) and S = q kᵀ / sqrt(h) runs over all P0 + T_new keys (B, H, T_new, P0 + T_new), key j
-visible to new query i when j <= P0 + i and j is not padding. Since RoPE makes q·k depend on positions
+visible to new query i when j <= P0 + i and j is not padding: one kernel call (``causal_attention``), S and P
+never written out, unless a sliding window is shorter than the keys (then the parts, as in training). When
+q, k and v come from one product over stacked weights, q and k are rotated in one RoPE call. Since RoPE makes q·k depend on positions
 only through their difference, a left-padded row gives its unpadded outputs (up to rounding).
 """
 from __future__ import annotations
@@ -152,17 +154,29 @@ class LlamaAttention(Module):
         """x2 (N, d) -> q (N, H·h), k and v (N, H_kv·h); for ``inference`` (no backward) in one product when the
         three weights are stacked in memory (``stacked_product``)."""
         y = stacked_product(kern, x2, self, self.q_proj, self.k_proj, self.v_proj) if inference else None
+        return self._split(x2, y)
+
+    def _split(self, x2, y):
+        """q, k, v: the columns of y (N, (H + 2·H_kv)·h), one product's; each layer's own product when y is None."""
         if y is None:
             return self.q_proj.forward(x2), self.k_proj.forward(x2), self.v_proj.forward(x2)
-        # y (N, (H + 2·H_kv)·h): q, k, v side by side
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return y[:, :q], y[:, q:q + kv], y[:, q + kv:]
 
     def _qkv(self, kern, x, cos, sin, inference: bool = False):
         """x (B, T, d) -> rotated q / sqrt(h) (B, H_kv, G, T, h), rotated k (B, H_kv, T, h), v (B, H_kv, T, h)."""
         B, T, d = x.shape
-        H_kv, G, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        q, k, v = self.projections(kern, x.reshape(B * T, d), inference)       # (B·T, ·) each
+        H, H_kv, G, h = self.num_heads, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        x2 = x.reshape(B * T, d)
+        y = stacked_product(kern, x2, self, self.q_proj, self.k_proj, self.v_proj) if inference else None
+        if y is not None and not self.qk_norm:          # q and k side by side in one product's y: one rotation
+            qk = y[:, :(H + H_kv) * h].reshape(B, T, H + H_kv, h).transpose(0, 2, 1, 3)   # (B, H + H_kv, T, h)
+            qk = kern.rope_forward(qk, cos, sin)
+            q = qk[:, :H].reshape(B, H_kv, G, T, h)                            # (B, H_kv, G, T, h)
+            q *= self.scaling                                                  # q / sqrt(h): on q, not on S
+            v = y[:, (H + H_kv) * h:].reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)   # (B, H_kv, T, h)
+            return q, qk[:, H:], v
+        q, k, v = self._split(x2, y)                                           # (B·T, ·) each
         q = q.reshape(B, T, H_kv, G, h)                                        # (B, T, H_kv, G, h)
         k = k.reshape(B, T, H_kv, h)                                           # (B, T, H_kv, h)
         if self.qk_norm:                                                       # each head over its h
@@ -171,7 +185,7 @@ class LlamaAttention(Module):
         k = k.transpose(0, 2, 1, 3)                                            # (B, H_kv, T, h)
         v = v.reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)                     # (B, H_kv, T, h)
         q = kern.rope_forward(q, cos, sin)
-        q *= self.scaling                                                      # q / sqrt(h): on q, not on S
+        q *= self.scaling
         return q, kern.rope_forward(k, cos, sin), v
 
     def forward(self, x, attention_mask=None):
@@ -229,10 +243,12 @@ class LlamaAttention(Module):
         cos, sin = cos[P0:], sin[P0:]                                          # (T, h): the new positions
         q, k, v = self._qkv(kern, x, cos, sin, inference=True)                 # (B, H_kv, [G,] T, h)
         k, v, mask = kv_cache.update(layer, k, v)                              # (B, H_kv, P0 + T, h), (B, P0 + T)
-        S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                     # (B, H_kv, G, T, P0 + T)
-        P = kern.causal_softmax(_slide(S, self.sliding_window, P0), mask, P0)  # (B, H_kv, G, T, P0 + T)
-        P = _sees_a_token(P, mask, self.sliding_window, P0)
-        O = kern.matmul(P, v[:, :, None])                                      # (B, H_kv, G, T, h)
+        if self.sliding_window is None or P0 + T <= self.sliding_window:      # every key within the window
+            O = kern.causal_attention(q, k, v, mask, P0)                       # (B, H_kv, G, T, h)
+        else:
+            S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                 # (B, H_kv, G, T, P0 + T)
+            P = kern.causal_softmax(_slide(S, self.sliding_window, P0), mask, P0)   # (B, H_kv, G, T, P0 + T)
+            O = kern.matmul(_sees_a_token(P, mask, self.sliding_window, P0), v[:, :, None])   # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
         self._cache = None                                                     # nothing for a backward
         return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)

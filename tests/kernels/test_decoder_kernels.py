@@ -1,12 +1,15 @@
 """The decoder's elementwise kernels (RoPE, the causal softmax, inference's causal_attention, SwiGLU's gate,
-RMSNorm) refuse bad input with errors that name it, on every CPU backend; and the decoder's cached path
-(past > 0) agrees across backends."""
+RMSNorm) refuse bad input with errors that name it, on every CPU backend; the decoder's cached path (past > 0)
+agrees across backends, and a decode step attends in one kernel call a layer."""
 import numpy as np
 import pytest
+
+from unittest import mock
 
 from lowrank.kernels import api, backends
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 from lowrank.nn import LlamaAttention, LlamaMLP, RMSNorm
+from lowrank.nn.kv_cache import KVCache
 
 BACKENDS = ("numpy", "numba")
 
@@ -98,3 +101,24 @@ def test_cached_decoding_agrees_across_backends(dtype):
     tol = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(out["numpy"][1], out["numba"][1], rtol=tol, atol=tol)
 
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_decode_step_attends_in_one_kernel_call_a_layer(window):
+    """Cached steps take causal_attention (no S or P written out) and rotate q and k of the stacked product in one
+    call; a sliding window shorter than the keys takes the parts (its masking lives in the layer) with the same
+    numbers as the uncached forward."""
+    config = LlamaConfig(vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         sliding_window=window, model_type="llama" if window is None else "mistral")
+    model = LlamaForCausalLM(config, seed=3)
+    ids = np.random.default_rng(1).integers(0, 31, (2, 6))
+    kern = backends.load("numba")
+    cache = KVCache.for_model(config, 2, 6)
+    model.forward(ids[:, :5], kv_cache=cache)
+    with mock.patch.object(kern, "causal_attention", wraps=kern.causal_attention) as attend, \
+            mock.patch.object(kern, "causal_softmax", wraps=kern.causal_softmax) as softmax, \
+            mock.patch.object(kern, "rope_forward", wraps=kern.rope_forward) as rope:
+        step = model.forward(ids[:, 5:], kv_cache=cache)[:, -1]
+    assert (attend.call_count, softmax.call_count) == ((2, 0) if window is None else (0, 2))
+    assert rope.call_count == 2                                           # q and k together, once a layer
+    np.testing.assert_allclose(step, model.forward(ids)[:, -1], rtol=1e-5, atol=1e-5)
