@@ -311,17 +311,28 @@ def gguf_qtype(qtype):
                      f"got {qtype!r}")
 
 
+_UINT8 = np.dtype(np.uint8)
+
+
+def _gguf_shape(shape) -> tuple:
+    """``shape`` as a tuple of two ints (NumPy's included); ValueError otherwise."""
+    if len(tuple(shape)) != 2 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in shape):
+        raise ValueError(f"GGUF: shape must be (D_out, D_in) with positive ints, got {shape!r}")
+    return tuple(int(d) for d in shape)
+
+
 def gguf(blocks, qtype, shape):
     """Validate a GGUF-quantized weight, rows of whole blocks; returns (name, D_out, D_in)."""
-    name = gguf_qtype(qtype)
+    name = qtype if type(qtype) is str and qtype in GGUF_FORMATS else gguf_qtype(qtype)
     B, S = GGUF_FORMATS[name]
-    if len(tuple(shape)) != 2 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
-                                     for d in shape):
+    if not (type(shape) is tuple and len(shape) == 2 and type(shape[0]) is int and type(shape[1]) is int):
+        shape = _gguf_shape(shape)                 # the plain tuple of ints every layer passes skips this
+    D_out, D_in = shape
+    if D_out < 1 or D_in < 1:
         raise ValueError(f"GGUF: shape must be (D_out, D_in) with positive ints, got {shape!r}")
-    D_out, D_in = (int(d) for d in shape)
     if D_in % B:
         raise ValueError(f"GGUF: {name} rows are whole blocks of {B} weights, got D_in = {D_in}")
-    if np.dtype(blocks.dtype) != np.uint8 or tuple(blocks.shape) != (D_out, D_in // B * S):
+    if blocks.dtype != _UINT8 or tuple(blocks.shape) != (D_out, D_in // B * S):
         raise ValueError(f"GGUF: {name} blocks must be uint8 of shape ({D_out}, {D_in // B * S}) for shape "
                          f"{(D_out, D_in)}, got {blocks.dtype} {tuple(blocks.shape)}")
     return name, D_out, D_in

@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 
+import numpy as np
+
 from ..kernels import backends as kernels
 from .device import is_cupy_array
 
@@ -85,6 +87,10 @@ def _cpu_auto():
 def kernels_for(x, backend: str | None = None):
     """The kernel module for array ``x`` under ``backend`` (None = the global setting)."""
     name = backend or _default
+    if type(x) is np.ndarray and name != "cupy":     # a host array, a CPU backend loaded before: every call of a
+        module = _loaded.get("numba" if name == "auto" else name)      # decode step, so one lookup
+        if module is not None and not isinstance(module, ImportError):
+            return module
     _check(name)
     on_gpu = is_cupy_array(x)
     if name == "auto":

@@ -136,6 +136,9 @@ class Module:
 
     # -- registration -------------------------------------------------------------
     def __setattr__(self, name, value):
+        if name == "_cache":                         # every forward sets it: never a Parameter or a Module
+            object.__setattr__(self, name, value)
+            return
         params, modules = self.__dict__.get("_parameters"), self.__dict__.get("_modules")
         if params is None:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")

@@ -220,3 +220,9 @@ def test_bad_inputs_are_named(backend):
         backend.gguf_matmul_q8(np.ones((1, 64), np.float32), blocks, Q.Q4_0, (2, 32))
     with pytest.raises(ValueError, match=r"bias must be float32 of shape \(2,\)"):
         backend.gguf_matmul_q8(np.ones((1, 32), np.float32), blocks, Q.Q4_0, (2, 32), np.ones(3, np.float32))
+    for shape in ((2, True), (2,), (2, 32, 1), (2, 32.0), (0, 32), (2, -32)):     # not two positive ints
+        with pytest.raises(ValueError, match=r"shape must be \(D_out, D_in\) with positive ints"):
+            backend.gguf_dequantize(blocks, "Q4_0", shape)
+    W = backend.gguf_dequantize(blocks, "Q4_0", (2, 32))
+    for shape in ([2, 32], (np.int64(2), np.int32(32))):                          # any two ints are a shape
+        np.testing.assert_array_equal(backend.gguf_dequantize(blocks, "q4_0", shape), W)

@@ -1,4 +1,5 @@
-"""When Numba fails to import, 'auto' runs the NumPy reference and says so: once, with the reason."""
+"""When Numba fails to import, 'auto' runs the NumPy reference and says so: once, with the reason; and the
+one-lookup path for host arrays picks what the full rules pick."""
 import warnings
 
 import numpy as np
@@ -53,3 +54,19 @@ def test_choosing_numpy_does_not_warn(broken_numba):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dispatch.kernels_for(np.zeros(2), "numpy") is backends.load("numpy")
+
+
+def test_the_fast_path_for_host_arrays_keeps_every_rule(monkeypatch):
+    """A host array under 'auto' or a CPU backend's name is one dict lookup once loaded; the GPU backend, even
+    loaded, still refuses a host array, and unknown names are still refused."""
+    x = np.zeros((2, 3))
+    assert dispatch.kernels_for(x) is dispatch.kernels_for(x, "numba") is backends.load("numba")
+    assert dispatch.kernels_for(x, "numpy") is backends.load("numpy")
+    monkeypatch.setitem(dispatch._loaded, "cupy", backends.load("numpy"))        # as if CuPy had loaded
+    with pytest.raises(ValueError, match="backend 'cupy' needs CuPy arrays"):
+        dispatch.kernels_for(x, "cupy")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.kernels_for(x, "bogus")
+    with lr.use_backend("numpy"):
+        assert dispatch.kernels_for(x) is backends.load("numpy")
+    assert dispatch.kernels_for(x.view(np.matrix)) is backends.load("numba")     # a subclass: the full rules
