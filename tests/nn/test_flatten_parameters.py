@@ -1,7 +1,9 @@
 """Module.flatten_parameters: the host parameters as views of one block per dtype, in module order, values
-unchanged; views of a file's memory map left alone; and the layers that drop float weights wholesale
-(quantize_model, keep_gguf_blocks) leave no view of the old block behind, so it is freed."""
+unchanged; views of a file's memory map left alone; a large block on memory advised for huge pages; and the
+layers that drop float weights wholesale (quantize_model, keep_gguf_blocks) leave no view of the old block
+behind, so it is freed."""
 import gc
+import sys
 import weakref
 
 import numpy as np
@@ -14,7 +16,7 @@ from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 from lowrank.models.llama.gguf import keep_gguf_blocks
 from lowrank.nn import RMSNorm
 from lowrank.nn.layers import Dense
-from lowrank.nn.module import Module, Parameter, _mapped, memory_owner
+from lowrank.nn.module import HUGE_MIN, HugePages, Module, Parameter, _mapped, block_views, memory_owner
 from lowrank.tuners.lora.qlora import quantize_model
 
 SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -72,6 +74,37 @@ def test_a_built_llama_is_one_block_and_trains_in_place():
     model.backward()
     opt.step()
     assert all(block_of(p.data) is block for p in params)                # the optimizer writes into the block
+
+
+def vm_flags(address: int) -> list:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(v, 16) for v in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are asked for with Linux's madvise")
+def test_a_large_block_is_memory_advised_for_huge_pages_and_flattens_once():
+    """From HUGE_MIN bytes on, the block is private anonymous memory on a 2 MB boundary advised MADV_HUGEPAGE
+    (VmFlags 'hg'), not a file's map; flatten_parameters then leaves it as it is (no second copy)."""
+    rows = HUGE_MIN // (4 * 64) // 2 + 1
+    m = Module()
+    m.a = Parameter(np.arange(rows * 64, dtype=np.float32).reshape(rows, 64))
+    m.b = Parameter(np.ones((rows, 64), np.float32))
+    m.flatten_parameters()
+    owner, a = memory_owner(m.a.data), m.a.data
+    assert isinstance(owner, HugePages) and not _mapped(a)
+    assert a.ctypes.data % (2 << 20) == 0 and "hg" in vm_flags(a.ctypes.data)
+    np.testing.assert_array_equal(a, np.arange(rows * 64, dtype=np.float32).reshape(rows, 64))
+    assert m.flatten_parameters().a.data is a                             # one block already: untouched
+    small = block_views([(3, 5)], np.float32)[0]
+    assert isinstance(memory_owner(small), np.ndarray)                    # under HUGE_MIN: NumPy's memory
 
 
 def test_mapped_weights_stay_mapped_converted_ones_are_one_block(tmp_path):
