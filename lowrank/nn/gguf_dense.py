@@ -98,10 +98,10 @@ class GGUFDense(QuantizedDense):
     def _stacked_forward(kernels, x, blocks, layers):
         """One product over the stacked blocks of layers of one format and arithmetic (else None)."""
         first = layers[0]
-        if any(layer.qtype != first.qtype or layer.q8_activations != first.q8_activations for layer in layers):
-            return None
-        rows = sum(layer.out_features for layer in layers)
-        return first._product(kernels, x, None, blocks, (rows, first.in_features))                     # (N, Σ D_out)
+        for layer in layers:
+            if layer.qtype != first.qtype or layer.q8_activations != first.q8_activations:
+                return None
+        return first._product(kernels, x, None, blocks, (blocks.shape[0], first.in_features))          # (N, Σ D_out)
 
     def _product_dx(self, kernels, dy):
         return kernels.gguf_matmul_dx(dy, self.weight_blocks.data, self.qtype, self.shape)             # (N, D_in)

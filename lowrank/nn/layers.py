@@ -108,7 +108,13 @@ def stacked_weight(*layers):
     return None if any(a is None for a in arrays) else stacked_rows(arrays)
 
 
-_STACKS = weakref.WeakKeyDictionary()      # owner module -> (the arrays, their stacked view or None)
+class HeldStack(NamedTuple):
+    layers: tuple          # the layers stacked, as given
+    arrays: tuple          # what each of them held (``_stackable``) when the view was made
+    view: object           # their (Σ D_out, D_in) view, or None: they do not stack
+
+
+_STACKS = weakref.WeakKeyDictionary()      # owner module -> HeldStack
 
 
 def stacked_product(kern, x, owner, *layers):
@@ -116,19 +122,34 @@ def stacked_product(kern, x, owner, *layers):
     weights, or None when they don't stack. A layer class takes part with ``_stackable(layer)`` (the array to
     stack, or None: a bias, say) and ``_stacked_forward(kern, x, view, layers)`` (None when the layers differ in
     how they multiply): plain Dense (``stacked_weight``'s rule) and GGUFDense (blocks of one format). The view
-    is kept for ``owner`` (the module holding the layers) while the layers hold the same arrays, so a decode
-    step does not check the memory again; arrays replaced since are held until the next call. Inference only:
-    nothing is kept for a backward."""
+    is kept for ``owner`` (the module holding the layers) while the same layers hold the same arrays, so a decode
+    step checks only that (a few identity tests), not the memory; arrays replaced since are held until the next
+    call. Inference only: nothing is kept for a backward."""
+    held = _STACKS.get(owner)
+    if held is None or held.layers != layers or not _holding(held):
+        held = _STACKS[owner] = _stack(layers)           # layers that don't stack are checked again each call
+    return None if held.view is None else type(layers[0])._stacked_forward(kern, x, held.view, layers)
+
+
+def _holding(held) -> bool:
+    """Whether ``held`` has a view and each of its layers still holds the array the view was made of."""
+    if held.view is None:
+        return False
+    for layer, array in zip(held.layers, held.arrays):
+        if type(layer)._stackable(layer) is not array:
+            return False
+    return True
+
+
+def _stack(layers) -> HeldStack:
+    """The HeldStack of ``layers``: one class with ``_stackable``, every array there, adjacent in memory."""
     cls = type(layers[0])
     if getattr(cls, "_stackable", None) is None or any(type(layer) is not cls for layer in layers):
-        return None
+        return HeldStack(layers, (), None)
     arrays = tuple(cls._stackable(layer) for layer in layers)
     if any(a is None for a in arrays):
-        return None
-    held = _STACKS.get(owner)
-    if held is None or len(held[0]) != len(arrays) or any(a is not b for a, b in zip(held[0], arrays)):
-        held = _STACKS[owner] = (arrays, stacked_rows(arrays))
-    return None if held[1] is None else cls._stacked_forward(kern, x, held[1], layers)
+        return HeldStack(layers, (), None)
+    return HeldStack(layers, arrays, stacked_rows(arrays))
 
 
 class QuantizedDenseCache(NamedTuple):

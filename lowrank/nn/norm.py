@@ -34,13 +34,22 @@ class RMSNorm(Module):
         self.dim, self.eps = dim, float(eps)
         self.weight = Parameter(np.ones(dim, dtype=check_dtype("RMSNorm", dtype)))
 
-    def forward(self, x):
+    def _check(self, x):
         if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"{self.label} expects input of shape (..., {self.dim}), "
                              f"got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+
+    def forward(self, x):
+        self._check(x)
         y, r = kernels_for(x, self.backend).rms_norm(x, self.weight.data, self.eps)   # (..., d), (..., 1)
         self._cache = RMSNormCache(x, r)
         return y
+
+    def forward_inference(self, x):
+        """``forward`` with nothing kept: no backward may follow (a decode step's)."""
+        self._check(x)
+        self._cache = None
+        return kernels_for(x, self.backend).rms_norm(x, self.weight.data, self.eps)[0]            # (..., d)
 
     def backward(self, dy):
         x, r = self._need_cache()

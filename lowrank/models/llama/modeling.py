@@ -82,12 +82,12 @@ class LlamaDecoderLayer(Module):
             self._cache = LayerCheckpoint(x, attention_mask, states)
             return y
         self._cache = None
-        a = self.input_layernorm.forward(x)                                               # (B, T, d)
-        a = (self.self_attn.forward(a, attention_mask) if kv_cache is None
-             else self.self_attn.forward_cached(a, kv_cache, layer))
-        h = x + a                                                                          # (B, T, d)
-        mlp = self.mlp.forward if kv_cache is None else self.mlp.forward_inference         # cached: no backward
-        return h + mlp(self.post_attention_layernorm.forward(h))                           # (B, T, d)
+        if kv_cache is not None:                                                           # inference: no backward
+            a = self.self_attn.forward_cached(self.input_layernorm.forward_inference(x), kv_cache, layer)
+            h = x + a                                                                      # (B, T, d)
+            return h + self.mlp.forward_inference(self.post_attention_layernorm.forward_inference(h))
+        h = x + self.self_attn.forward(self.input_layernorm.forward(x), attention_mask)    # (B, T, d)
+        return h + self.mlp.forward(self.post_attention_layernorm.forward(h))             # (B, T, d)
 
     def backward(self, dy):
         if self._cache is not None:                                # checkpointed: redo the forward first
@@ -143,6 +143,7 @@ class LlamaModel(Module):
             h = self.layers[i].forward(h, attention_mask, kv_cache, i, checkpoint)   # (B, T, d)
         if kv_cache is not None:
             kv_cache.advance(input_ids.shape[1])
+            return self.norm.forward_inference(h)                              # (B, T, d), nothing kept
         return self.norm.forward(h)                                            # (B, T, d)
 
     def backward(self, dy):
