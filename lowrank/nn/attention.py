@@ -154,10 +154,13 @@ class LlamaAttention(Module):
         """x2 (N, d) -> q (N, H·h), k and v (N, H_kv·h); for ``inference`` (no backward) in one product when the
         three weights are stacked in memory (``stacked_product``)."""
         y = stacked_product(kern, x2, self, self.q_proj, self.k_proj, self.v_proj) if inference else None
-        return self._split(x2, y)
+        return self._split(x2, y, inference)
 
-    def _split(self, x2, y):
-        """q, k, v: the columns of y (N, (H + 2·H_kv)·h), one product's; each layer's own product when y is None."""
+    def _split(self, x2, y, inference: bool):
+        """q, k, v: the columns of y (N, (H + 2·H_kv)·h), one product's; each layer's own product when y is None
+        (``forward_inference`` for ``inference``: nothing kept)."""
+        if y is None and inference:
+            return self.q_proj.forward_inference(x2), self.k_proj.forward_inference(x2), self.v_proj.forward_inference(x2)
         if y is None:
             return self.q_proj.forward(x2), self.k_proj.forward(x2), self.v_proj.forward(x2)
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -176,11 +179,12 @@ class LlamaAttention(Module):
             q *= self.scaling                                                  # q / sqrt(h): on q, not on S
             v = y[:, (H + H_kv) * h:].reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)   # (B, H_kv, T, h)
             return q, qk[:, H:], v
-        q, k, v = self._split(x2, y)                                           # (B·T, ·) each
+        q, k, v = self._split(x2, y, inference)                                # (B·T, ·) each
         q = q.reshape(B, T, H_kv, G, h)                                        # (B, T, H_kv, G, h)
         k = k.reshape(B, T, H_kv, h)                                           # (B, T, H_kv, h)
         if self.qk_norm:                                                       # each head over its h
-            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
+            q, k = ((self.q_norm.forward_inference(q), self.k_norm.forward_inference(k)) if inference
+                    else (self.q_norm.forward(q), self.k_norm.forward(k)))
         q = q.transpose(0, 2, 3, 1, 4)                                         # (B, H_kv, G, T, h)
         k = k.transpose(0, 2, 1, 3)                                            # (B, H_kv, T, h)
         v = v.reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)                     # (B, H_kv, T, h)
@@ -251,7 +255,7 @@ class LlamaAttention(Module):
             O = kern.matmul(_sees_a_token(P, mask, self.sliding_window, P0), v[:, :, None])   # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
         self._cache = None                                                     # nothing for a backward
-        return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)
+        return self.o_proj.forward_inference(O2).reshape(B, T, d)              # (B, T, d)
 
     def extra_repr(self):
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"

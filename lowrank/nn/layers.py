@@ -56,6 +56,13 @@ class Dense(Module):
         self._cache = DenseCache(x if self.weight.trainable else None, x.shape[0])
         return kernels_for(x, self.backend).dense_forward(x, self.weight.data, b)   # (N, D_out)
 
+    def forward_inference(self, x):
+        """``forward`` with nothing kept (no backward may follow)."""
+        self._check_input(x, self.in_features, self.weight.dtype)
+        self._cache = None
+        b = self.bias.data if self.bias is not None else None
+        return kernels_for(x, self.backend).dense_forward(x, self.weight.data, b)   # (N, D_out)
+
     def backward(self, dy):
         cache = self._need_cache()
         self._check_dy(dy, (cache.rows, self.out_features))
@@ -174,6 +181,12 @@ class QuantizedDense(Module):
         b = self.bias.data if self.bias is not None else None
         self._cache = QuantizedDenseCache(x.shape[0])
         return self._product(kernels_for(x, self.backend), x, b)                  # (N, D_out)
+
+    def forward_inference(self, x):
+        """``forward`` with nothing kept (no backward may follow)."""
+        self._check_input(x, self.in_features, self.dtype)
+        self._cache = None
+        return self._product(kernels_for(x, self.backend), x, self.bias.data if self.bias is not None else None)
 
     def backward(self, dy):
         cache = self._need_cache()

@@ -54,16 +54,16 @@ class LlamaMLP(Module):
 
     def forward_inference(self, x):
         """``forward`` for inference (no backward may follow; a decode step's): gate and up in one product when
-        their weights are stacked in memory (``stacked_product``), nothing kept; else ``forward``."""
+        their weights are stacked in memory (``stacked_product``), else each its own; nothing kept."""
         self._check(x)
         x2 = x.reshape(-1, self.hidden_size)                                  # (N, d)
         kern = kernels_for(x2, self.backend)
-        gu = stacked_product(kern, x2, self, self.gate_proj, self.up_proj)          # (N, 2I): gate, up side by side
-        if gu is None:
-            return self.forward(x)
+        gu = stacked_product(kern, x2, self, self.gate_proj, self.up_proj)    # (N, 2I): gate, up side by side
         I = self.intermediate_size
+        g, u = ((gu[:, :I], gu[:, I:]) if gu is not None
+                else (self.gate_proj.forward_inference(x2), self.up_proj.forward_inference(x2)))   # (N, I) each
         self._cache = None
-        return self.down_proj.forward(kern.silu_and_mul(gu[:, :I], gu[:, I:])).reshape(x.shape)   # (..., d)
+        return self.down_proj.forward_inference(kern.silu_and_mul(g, u)).reshape(x.shape)       # (..., d)
 
     def backward(self, dy):
         g, u, shape = self._need_cache()

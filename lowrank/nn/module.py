@@ -317,6 +317,14 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
+    def forward_inference(self, *args, **kwargs):
+        """``forward`` when no backward may follow (a decode step's): by default forward, then every cache it and
+        the modules below it kept dropped; layers on a decode step's path override it to keep nothing at all."""
+        y = self.forward(*args, **kwargs)
+        for _, m in self.named_modules():
+            m._cache = None
+        return y
+
     def _need_cache(self):
         """The forward cache, or a clear error when backward comes first."""
         if self._cache is None:

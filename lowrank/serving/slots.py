@@ -102,10 +102,10 @@ def decode_step(llama, cache: SlotCache, tokens) -> np.ndarray:
     x = m.embed_tokens.forward(xp.asarray(tokens[:, None]))               # (B, 1, d)
     for i in range(len(m.layers)):
         layer = m.layers[i]
-        a = _attend(layer.self_attn, layer.input_layernorm.forward(x), cache, i, positions)
+        a = _attend(layer.self_attn, layer.input_layernorm.forward_inference(x), cache, i, positions)
         x = x + a                                                          # (B, 1, d)
-        x = x + layer.mlp.forward_inference(layer.post_attention_layernorm.forward(x))
-    x = m.norm.forward(x)                                                  # (B, 1, d)
+        x = x + layer.mlp.forward_inference(layer.post_attention_layernorm.forward_inference(x))
+    x = m.norm.forward_inference(x)                                        # (B, 1, d)
     logits = llama.lm_head.forward(x.reshape(B, -1))                       # (B, V)
     cache.lengths[:B] += 1
     return host(logits)
@@ -124,7 +124,7 @@ def _attend(attn, x, cache: SlotCache, layer: int, positions):
     q, k, v = attn.projections(kern, x.reshape(B, d), inference=True)     # (B, ·) each
     q, k = q.reshape(B, 1, H_kv, G, h), k.reshape(B, 1, H_kv, h)
     if attn.qk_norm:
-        q, k = attn.q_norm.forward(q), attn.k_norm.forward(k)
+        q, k = attn.q_norm.forward_inference(q), attn.k_norm.forward_inference(k)
     q = kern.rope_forward(q.reshape(B, H_kv, G, h).transpose(1, 2, 0, 3), cos, sin)   # (H_kv, G, B, h): B as T
     q *= attn.scaling
     k = kern.rope_forward(k.reshape(B, H_kv, h).transpose(1, 0, 2), cos, sin)         # (H_kv, B, h)
@@ -134,12 +134,10 @@ def _attend(attn, x, cache: SlotCache, layer: int, positions):
     cache.v[layer, rows, :, pos] = v
     keys, values = cache.k[layer, :B, :, :K], cache.v[layer, :B, :, :K]    # (B, H_kv, K, h)
     q = q.transpose(2, 0, 1, 3)[:, :, :, None, :]                          # (B, H_kv, G, 1, h)
-    S = kern.matmul(q, keys[:, :, None].swapaxes(-1, -2))                  # (B, H_kv, G, 1, K)
     j = np.arange(K)[None, :]
     visible = j <= positions[:, None]                                      # (B, K): the row's own keys
     if attn.sliding_window is not None:
         visible &= j > positions[:, None] - attn.sliding_window
-    P = kern.causal_softmax(S, xp.asarray(visible), K - 1)                 # (B, H_kv, G, 1, K)
-    O = kern.matmul(P, values[:, :, None])                                 # (B, H_kv, G, 1, h)
-    O2 = O.transpose(0, 3, 1, 2, 4).reshape(B, H_kv * G * h)               # (B, H·h)
-    return attn.o_proj.forward(O2).reshape(B, 1, d)
+    O = kern.causal_attention(q, keys, values, xp.asarray(visible), K - 1)   # (B, H_kv, G, 1, h); the one query
+    O2 = O.transpose(0, 3, 1, 2, 4).reshape(B, H_kv * G * h)               # sits at K − 1: the mask is the rest
+    return attn.o_proj.forward_inference(O2).reshape(B, 1, d)              # (B, 1, d)

@@ -114,3 +114,19 @@ def test_decoding_does_not_rebuild_the_rope_tables_every_step(monkeypatch):
     model.generate(ids, max_new_tokens=20)
     per_layer = len(built) / model.config.num_hidden_layers
     assert per_layer <= 4, built                       # 4 -> 8 -> 16 -> 32 positions, not 4, 5, 6, ..., 23
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_cached_step_keeps_nothing_for_a_backward(lora):
+    """A decode step below the head keeps no cache in any module: plain layers, and LoRA-wrapped ones (q_proj
+    wrapped: q/k/v unstacked; gate_proj wrapped) through Module.forward_inference's default."""
+    model = tiny_llama("float32")
+    if lora:
+        model = lr.get_lora_model(model, lr.LoraConfig(r=2, target_modules=["q_proj", "gate_proj"]))
+    base = model.get_base_model() if lora else model
+    ids, _ = ids_and_mask()
+    cache = KVCache.for_model(base.config, 3, 12, "float32")
+    model.forward(ids, kv_cache=cache)
+    model.forward(ids[:, :1], kv_cache=cache)
+    kept = [name for name, m in base.model.named_modules() if m._cache is not None]
+    assert kept == []

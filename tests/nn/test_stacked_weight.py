@@ -60,17 +60,22 @@ def test_cached_forwards_give_the_layers_numbers_with_two_products_fewer_a_layer
     stacked, apart = model(**kw), separate(model(**kw))
     ids = np.random.default_rng(0).integers(0, 97, (2, 7))
     calls = []
-    real = Dense.forward
+    real, real_inference = Dense.forward, Dense.forward_inference
 
     def counting(self, x):
         calls.append(self)
         return real(self, x)
+
+    def counting_inference(self, x):
+        calls.append(self)
+        return real_inference(self, x)
     out = {}
     for name, m in (("stacked", stacked), ("apart", apart)):
         cache = KVCache.for_model(m.config, 2, 12)
         m.forward(ids, kv_cache=cache)                                              # prefill
         calls.clear()
-        with mock.patch.object(Dense, "forward", counting):
+        with mock.patch.object(Dense, "forward", counting), \
+                mock.patch.object(Dense, "forward_inference", counting_inference):
             out[name] = m.forward(ids[:, :1], kv_cache=cache)                       # one decode step
         out[name + " calls"] = len(calls)
     np.testing.assert_allclose(out["stacked"], out["apart"], rtol=1e-5, atol=1e-6)
@@ -109,9 +114,11 @@ def test_the_servers_decode_step_stacks_too():
     for name, m in (("stacked", stacked), ("apart", apart)):
         cache = slots.SlotCache(m.config, 2, 8)
         slots.prefill(m, cache, prompts, [0, 1])
-        with mock.patch.object(Dense, "forward", autospec=True, side_effect=Dense.forward) as spy:
+        with mock.patch.object(Dense, "forward", autospec=True, side_effect=Dense.forward) as spy, \
+                mock.patch.object(Dense, "forward_inference", autospec=True,
+                                  side_effect=Dense.forward_inference) as spy_inference:
             out[name] = slots.decode_step(m, cache, [4, 6])
-        out[name + " calls"] = spy.call_count
+        out[name + " calls"] = spy.call_count + spy_inference.call_count
     np.testing.assert_allclose(out["stacked"], out["apart"], rtol=1e-5, atol=1e-6)
     layers = SIZES["num_hidden_layers"]
     assert (out["apart calls"], out["stacked calls"]) == (7 * layers + 1, 2 * layers + 1)

@@ -138,7 +138,8 @@ class LlamaModel(Module):
         if kv_cache is not None:
             kv_cache.start(attention_mask, input_ids.shape[1])
         checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
-        h = self.embed_tokens.forward(input_ids)                                # (B, T, d)
+        embed = self.embed_tokens.forward if kv_cache is None else self.embed_tokens.forward_inference
+        h = embed(input_ids)                                                   # (B, T, d)
         for i in range(len(self.layers)):
             h = self.layers[i].forward(h, attention_mask, kv_cache, i, checkpoint)   # (B, T, d)
         if kv_cache is not None:

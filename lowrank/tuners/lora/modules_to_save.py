@@ -94,14 +94,6 @@ class ModulesToSave(Module):
         self._cache = ("mixed", [(n, rows) for n, rows, _ in parts], x.shape)
         return y
 
-    def forward_inference(self, x, adapter_names=None):
-        """``forward`` with nothing kept, here or in the modules it ran: no backward may follow (a decode step
-        asks a decoder's norms and MLP for this)."""
-        y = self.forward(x, adapter_names)
-        for _, m in self.named_modules():
-            m._cache = None
-        return y
-
     def backward(self, dy):
         cache = self._need_cache()
         self._cache = None
