@@ -19,7 +19,8 @@ except ImportError as e:                         # dispatch reads ImportError as
 
 from ..api import API  # noqa: E402
 from .activations import silu_and_mul, silu_and_mul_backward  # noqa: E402
-from .attention import causal_attention, causal_softmax, causal_softmax_backward, matmul, rope_backward, rope_forward  # noqa: E402
+from .attention import (causal_attention, causal_softmax, causal_softmax_backward, matmul,  # noqa: E402
+                        rope_backward, rope_forward)
 from .loss import linear_cross_entropy  # noqa: E402
 from .lora import dense_backward, dense_forward, lora_backward, lora_forward  # noqa: E402
 from .multi import lora_backward_multi, lora_backward_sgmv, lora_forward_multi, lora_forward_sgmv  # noqa: E402

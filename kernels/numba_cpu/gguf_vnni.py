@@ -53,7 +53,8 @@ _features = llvm.get_host_cpu_features()
 AVAILABLE = all(_features.get(f) for f in ("avx512vnni", "avx512vl", "avx512bw"))
 IR_ROWS = 4                 # rows of W per pass over x's codes
 PREFETCH_BYTES = 8192       # how far ahead in a row the GEMV asks for its bytes (1024 streamed slower: docs/files.md)
-_v8i, _v8f, _v32b, _v32i = ir.VectorType(_i32, 8), ir.VectorType(_f32, 8), ir.VectorType(_i8, 32), ir.VectorType(_i32, 32)
+_v8i, _v8f = ir.VectorType(_i32, 8), ir.VectorType(_f32, 8)
+_v32b, _v32i = ir.VectorType(_i8, 32), ir.VectorType(_i32, 32)
 _FORMATS = {1: (18, 2, None), 2: (20, 4, 2)}     # fmt (Q4_0, Q4_1): (block bytes, nibbles at, f16 m at)
 
 
