@@ -32,11 +32,12 @@ NUMBA_POOL_MIN_MACS = 1 << 16
 # A loop whose first array has fewer elements than this runs serial (pool.jit): waking the pool's threads
 # costs more than the work.
 NUMBA_POOL_MIN_ELEMENTS = 1 << 14
-# x Wᵀ with 2 <= N <= this many rows of x runs numba_cpu/small_m.py (each W row read once, dotted with every
-# row of x while it is in cache) instead of BLAS, whose GEMM packs W first; 0 turns it off. Set from
-# benchmarks/decode.py: above it, BLAS's GEMM is the faster (results beside that benchmark).
+# x Wᵀ with N <= this many rows of x streams W once (each W row read once, dotted with every row of x while it
+# is in cache) instead of BLAS, whose GEMM packs W first: float32 by numba_cpu/gemv.py, float64 (and float32
+# with NUMBA_GEMV_IR off) from 2 rows by numba_cpu/small_m.py; 0 turns both off. Set from benchmarks/decode.py:
+# above it, BLAS's GEMM is the faster (results beside that benchmark).
 NUMBA_SMALL_M = 32
-NUMBA_GEMV_IR = True      # numba: a one-row float32 product by numba_cpu/gemv.py's prefetching GEMV; False: BLAS's sgemv
+NUMBA_GEMV_IR = True      # numba: float32's few-row products by numba_cpu/gemv.py's prefetching IR; False: small_m, BLAS
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
 # Threads of the BLAS that SciPy bundles, numba_cpu's own (the in-place rank-r GEMMs, and the pool's GEMM

@@ -54,9 +54,9 @@ def gemm_acc(C, P, Q, alpha):
 
 
 def base_product(x, W, bias):
-    """y = x Wᵀ (+ b): (N, D_in) @ (D_in, D_out) -> (N, D_out), C-contiguous. One float32 row (``gemv.usable``)
-    and a few rows (``small_m.usable``) stream W once through ``gemv.product`` and ``small_m.product``; the rest
-    is BLAS."""
+    """y = x Wᵀ (+ b): (N, D_in) @ (D_in, D_out) -> (N, D_out), C-contiguous. A few float32 rows (``gemv.usable``)
+    and a few float64 rows (``small_m.usable``) stream W once through ``gemv.product`` and ``small_m.product``;
+    the rest is BLAS."""
     if gemv.usable(x, W):
         return gemv.product(x, W, bias)
     if small_m.usable(x, W):

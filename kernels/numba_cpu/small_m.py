@@ -1,5 +1,6 @@
 """The few-row product of numba_cpu: y = x Wᵀ (+ b) for 2 ≤ N ≤ ``config.NUMBA_SMALL_M`` rows of x,
-streaming the frozen W once per call (``reference/lora.py``'s dense_forward is the equation).
+streaming the frozen W once per call (``reference/lora.py``'s dense_forward is the equation); float64, and
+float32 when ``config.NUMBA_GEMV_IR`` is off (float32's few rows are numba_cpu/gemv.py's otherwise).
 
 A decoder step multiplies a handful of rows (one per sequence of the batch) by every weight, and
 BLAS's GEMM is slow there: it packs W into panels first, a full extra pass over W for a few rows of

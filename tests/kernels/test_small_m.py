@@ -1,7 +1,9 @@
 """numba_cpu's few-row product (numba_cpu/small_m.py): y = x Wᵀ (+ b) for 2 ≤ N ≤ config.NUMBA_SMALL_M rows,
 against tests/naive.py's float64 loops, with the threshold shrunk so that tiny inputs cross it both ways;
-and the products that reach it (dense, LoRA, BGMV, SGMV base products). Its values on the conformance
-suite's few-row cases (N = 2 … 70 at the shipped threshold) are tests/kernels/test_conformance.py's.
+and the products that reach it (dense, LoRA, BGMV, SGMV base products). It takes float64, and float32 when
+config.NUMBA_GEMV_IR is off (float32's few rows go to numba_cpu/gemv.py otherwise: tests/kernels/test_gemv.py),
+so these tests turn that off. Its values on the conformance suite's few-row cases (N = 2 … 70 at the shipped
+threshold) are tests/kernels/test_conformance.py's.
 """
 from unittest import mock
 
@@ -27,6 +29,13 @@ def _layout(a, how):
         big[tuple(slice(None, None, 2) for _ in a.shape)] = a
         return big[tuple(slice(None, None, 2) for _ in a.shape)]
     return a
+
+
+@pytest.fixture(autouse=True)
+def no_ir_gemv():
+    """float32's few rows come here only with numba_cpu/gemv.py's product off."""
+    with mock.patch.object(config, "NUMBA_GEMV_IR", False):
+        yield
 
 
 def _spy():
