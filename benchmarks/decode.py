@@ -13,9 +13,9 @@ order rotated each round, each timed sample after ``settle_s`` of its own untime
     small_m     numba_cpu's few-row kernel (numba_cpu/small_m.py) at every M, 1 included
     numba_blas  numba_cpu's BLAS path (GEMV at M = 1, GEMM tasks on the pool above): what it ran before
     numpy       NumPy's x @ W.T (OpenBLAS, --threads threads)
-    gemv        at M = 1: numba_cpu's one-row kernel (numba_cpu/gemv.py, prefetching)
-numba_cpu's dense_forward runs gemv at M = 1, small_m where 2 ≤ M ≤ config.NUMBA_SMALL_M and numba_blas
-elsewhere; the threshold is where small_m stops beating numba_blas (both compared round by round).
+    gemv        at M ≤ config.NUMBA_SMALL_M: numba_cpu's few-row IR kernel (numba_cpu/gemv.py, prefetching)
+numba_cpu's dense_forward runs gemv (float32) where M ≤ config.NUMBA_SMALL_M, small_m for float64 there, and
+numba_blas elsewhere; the threshold is where the few-row kernels stop beating numba_blas (round by round).
 
 Floors: ``floor_us`` is W's bytes over this run's copy bandwidth (``harness.copy_bandwidth_gbs``, a 256 MiB
 copy: memory, not cache); a W that fits the last-level cache is read faster than that when one product is
@@ -71,13 +71,13 @@ def run(cfg, copy_gbs):
             np.testing.assert_allclose(small_m.product(x, W), x @ W.T, rtol=1e-4, atol=1e-4)
             variants = {"numpy": lambda: x @ W.T, "small_m": lambda: small_m.product(x, W),
                         "numba_blas": lambda: numba_blas(x, W)}
-            if M == 1:
+            if M <= config.NUMBA_SMALL_M:
                 variants["gemv"] = lambda: gemv.product(x, W)
             res = harness.interleaved(variants, cfg["rounds"], "numpy", cfg["target_s"], cfg["settle_s"])
             us = {n: r["median_s"] * 1e6 for n, r in res.items()}
             gemv_us = us["numpy"] if M == 1 else gemv_us
             spread = {n: (max(r["samples_s"]) - min(r["samples_s"])) / r["median_s"] for n, r in res.items()}
-            runs = "gemv" if M == 1 else "small_m" if 2 <= M <= config.NUMBA_SMALL_M else "numba_blas"
+            runs = "gemv" if M <= config.NUMBA_SMALL_M else "numba_blas"
             row = dict(D_out=D_out, D_in=D_in, M=M, dense_forward_runs=runs, us=us, small_m_over_numpy=res["small_m"]["ratio"],
                        small_m_over_numba_blas=float(np.median(np.array(res["small_m"]["samples_s"])
                                                                / np.array(res["numba_blas"]["samples_s"]))),
@@ -85,7 +85,8 @@ def run(cfg, copy_gbs):
                        small_m_over_gemv=us["small_m"] / gemv_us, spread=spread,
                        gflops={n: 2 * M * D_in * D_out / (t * 1e3) for n, t in us.items()}, raw=res)
             rows.append(row)
-            print(f"W {D_out:5d}x{D_in:<5d} M {M:3d}  small_m {us['small_m']:9.1f}  numba_blas {us['numba_blas']:9.1f}  "
+            print(f"W {D_out:5d}x{D_in:<5d} M {M:3d}  gemv {us.get('gemv', float('nan')):9.1f}  "
+                  f"small_m {us['small_m']:9.1f}  numba_blas {us['numba_blas']:9.1f}  "
                   f"numpy {us['numpy']:9.1f} us   small_m/numba_blas {row['small_m_over_numba_blas']:5.2f}  "
                   f"/numpy {row['small_m_over_numpy']:5.2f}  /gemv {row['small_m_over_gemv']:5.2f}  "
                   f"/floor {row['small_m_over_floor']:5.2f} (floor {floor_us:.0f} us)  spread {max(spread.values()):.2f}",
