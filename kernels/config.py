@@ -37,7 +37,7 @@ NUMBA_POOL_MIN_ELEMENTS = 1 << 14
 # with NUMBA_GEMV_IR off) from 2 rows by numba_cpu/small_m.py; 0 turns both off. Set from benchmarks/decode.py:
 # above it, BLAS's GEMM is the faster (results beside that benchmark).
 NUMBA_SMALL_M = 32
-NUMBA_GEMV_IR = True      # numba: float32's few-row products by numba_cpu/gemv.py's prefetching IR; False: small_m, BLAS
+NUMBA_GEMV_IR = True      # numba: float32's few-row products by numba_cpu/gemv.py's prefetching IR; False: small_m
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
 # Threads of the BLAS that SciPy bundles, numba_cpu's own (the in-place rank-r GEMMs, and the pool's GEMM

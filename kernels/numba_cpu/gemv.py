@@ -78,7 +78,8 @@ def _make_rows_dot(R, M):
             for m in range(M):
                 y_row = at_row(Y, builder.add(args[3], I64(m)), y_stride)
                 for r in range(R):
-                    builder.store(hsum(builder, builder.load(acc[r][m])), builder.gep(y_row, [builder.add(args[1], I64(r))]))
+                    builder.store(hsum(builder, builder.load(acc[r][m])),
+                                  builder.gep(y_row, [builder.add(args[1], I64(r))]))
             return context.get_dummy_value()
         return sig, codegen
     return rows_dot
@@ -133,7 +134,8 @@ def _gemv(W, x, y, chunks):
 def usable(x, W) -> bool:
     """Whether ``product`` takes x Wᵀ: 1 to config.NUMBA_SMALL_M rows, float32 on both sides, a C-contiguous W,
     config.NUMBA_GEMV_IR on and Numba compiling."""
-    return (1 <= x.shape[0] <= config.NUMBA_SMALL_M and x.dtype == np.float32 and W.dtype == np.float32 and W.flags.c_contiguous
+    return (1 <= x.shape[0] <= config.NUMBA_SMALL_M and x.dtype == np.float32 and W.dtype == np.float32
+            and W.flags.c_contiguous
             and config.NUMBA_GEMV_IR and not numba.config.DISABLE_JIT)
 
 

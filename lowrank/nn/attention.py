@@ -42,8 +42,9 @@ P0..P0+T_new−1 (P0 cached before them) get the same projections and RoPE; thei
 (``nn.kv_cache``) and S = q kᵀ / sqrt(h) runs over all P0 + T_new keys (B, H, T_new, P0 + T_new), key j
 visible to new query i when j <= P0 + i and j is not padding: one kernel call (``causal_attention``), S and P
 never written out, unless a sliding window is shorter than the keys (then the parts, as in training). When
-q, k and v come from one product over stacked weights, q and k are rotated in one RoPE call. Since RoPE makes q·k depend on positions
-only through their difference, a left-padded row gives its unpadded outputs (up to rounding).
+q, k and v come from one product over stacked weights, q and k are rotated in one RoPE call. Since RoPE makes
+q·k depend on positions only through their difference, a left-padded row gives its unpadded outputs (up to
+rounding).
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ class LlamaAttention(Module):
         """q, k, v: the columns of y (N, (H + 2·H_kv)·h), one product's; each layer's own product when y is None
         (``forward_inference`` for ``inference``: nothing kept)."""
         if y is None and inference:
-            return self.q_proj.forward_inference(x2), self.k_proj.forward_inference(x2), self.v_proj.forward_inference(x2)
+            return tuple(p.forward_inference(x2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if y is None:
             return self.q_proj.forward(x2), self.k_proj.forward(x2), self.v_proj.forward(x2)
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
