@@ -45,7 +45,7 @@ from .llvm_ir import I32 as _i32
 from .llvm_ir import I64 as _i64
 from .llvm_ir import array_pointers as _arrays
 from .llvm_ir import call as _call
-from .llvm_ir import hsum, splat
+from .llvm_ir import hsum, lanes_below
 from .llvm_ir import pointer as _ptr
 from .llvm_ir import prefetch as _prefetch
 
@@ -123,8 +123,6 @@ def _make_rows_dot(fmt, R):
             halves = lambda v, at: builder.fpext(builder.bitcast(builder.shuffle_vector(   # noqa: E731
                 v, ir.Constant(v.type, ir.Undefined), spread(at)), ir.VectorType(_f16t, 8)), _v8f)
             clamp = lambda n: builder.select(builder.icmp_signed("<", n, _i64(0)), _i64(0), n)   # noqa: E731
-            below = lambda n: builder.icmp_unsigned("<", ir.Constant(_v32b, list(range(32))),   # noqa: E731
-                                                    splat(builder, builder.trunc(n, _i8), 32))
 
             def half(g, h, valid):
                 """Blocks 2h, 2h+1 of group g in every row; ``valid``: how many of their 2S bytes exist (None: all)."""
@@ -146,7 +144,8 @@ def _make_rows_dot(fmt, R):
                             _v32i, list(range(2 * S - 32)) + [0] * (64 - 2 * S)))
                     else:
                         masked = lambda p, n: _call(builder, "llvm.masked.load.v32i8.p0", _v32b,   # noqa: E731
-                                                    builder.bitcast(p, _v32b.as_pointer()), _i32(1), below(n),
+                                                    builder.bitcast(p, _v32b.as_pointer()), _i32(1),
+                                                    lanes_below(builder, builder.trunc(n, _i8), 32),
                                                     ir.Constant(_v32b, [0] * 32))
                         A = masked(P, valid)
                         Bw = masked(builder.gep(P, [_i64(32)]), clamp(builder.sub(valid, _i64(32))))

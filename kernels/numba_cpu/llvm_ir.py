@@ -14,7 +14,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 
-F32, F16, I8, I16, I32, I64 = ir.FloatType(), ir.HalfType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32, F16 = ir.FloatType(), ir.HalfType()
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
 
 def call(builder, name, ret, *args):
@@ -47,8 +48,9 @@ def splat(builder, s, n):
 
 
 def lanes_below(builder, count, n):
-    """<n x i1>: lane k is k < count (count an i32)."""
-    return builder.icmp_signed("<", ir.Constant(ir.VectorType(I32, n), list(range(n))), splat(builder, count, n))
+    """<n x i1>: lane k is k < count (a signed integer, compared in its own width: an i8 keeps a 32-lane mask
+    within 256 bits)."""
+    return builder.icmp_signed("<", ir.Constant(ir.VectorType(count.type, n), list(range(n))), splat(builder, count, n))
 
 
 def hsum(builder, v):

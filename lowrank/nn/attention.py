@@ -190,7 +190,7 @@ class LlamaAttention(Module):
         k = k.transpose(0, 2, 1, 3)                                            # (B, H_kv, T, h)
         v = v.reshape(B, T, H_kv, h).transpose(0, 2, 1, 3)                     # (B, H_kv, T, h)
         q = kern.rope_forward(q, cos, sin)
-        q *= self.scaling
+        q *= self.scaling                                                      # q / sqrt(h): on q, not on S
         return q, kern.rope_forward(k, cos, sin), v
 
     def forward(self, x, attention_mask=None):

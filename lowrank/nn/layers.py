@@ -51,15 +51,18 @@ class Dense(Module):
         self.bias = Parameter(kaiming_uniform(rng, (out_features,), in_features, dt)) if bias else None
 
     def forward(self, x):
-        self._check_input(x, self.in_features, self.weight.dtype)
-        b = self.bias.data if self.bias is not None else None
+        y = self._forward(x)
         self._cache = DenseCache(x if self.weight.trainable else None, x.shape[0])
-        return kernels_for(x, self.backend).dense_forward(x, self.weight.data, b)   # (N, D_out)
+        return y
 
     def forward_inference(self, x):
         """``forward`` with nothing kept (no backward may follow)."""
-        self._check_input(x, self.in_features, self.weight.dtype)
         self._cache = None
+        return self._forward(x)
+
+    def _forward(self, x):
+        """x Wᵀ + b after the input check: what forward and forward_inference share."""
+        self._check_input(x, self.in_features, self.weight.dtype)
         b = self.bias.data if self.bias is not None else None
         return kernels_for(x, self.backend).dense_forward(x, self.weight.data, b)   # (N, D_out)
 
@@ -177,16 +180,20 @@ class QuantizedDense(Module):
     lora_targetable = True     # get_lora_model may wrap it in LoraLinear: LoRA over a quantized base (QLoRA)
 
     def forward(self, x):
-        self._check_input(x, self.in_features, self.dtype)
-        b = self.bias.data if self.bias is not None else None
+        y = self._forward(x)
         self._cache = QuantizedDenseCache(x.shape[0])
-        return self._product(kernels_for(x, self.backend), x, b)                  # (N, D_out)
+        return y
 
     def forward_inference(self, x):
         """``forward`` with nothing kept (no backward may follow)."""
-        self._check_input(x, self.in_features, self.dtype)
         self._cache = None
-        return self._product(kernels_for(x, self.backend), x, self.bias.data if self.bias is not None else None)
+        return self._forward(x)
+
+    def _forward(self, x):
+        """x Ŵᵀ + b after the input check: what forward and forward_inference share."""
+        self._check_input(x, self.in_features, self.dtype)
+        b = self.bias.data if self.bias is not None else None
+        return self._product(kernels_for(x, self.backend), x, b)                  # (N, D_out)
 
     def backward(self, dy):
         cache = self._need_cache()
