@@ -168,7 +168,7 @@ def memory_child(variant, cfg, threads):
             f.write("5")                                             # VmHWM := VmRSS
         step()
         print(json.dumps(dict(variant=variant, rss_before_mb=before / 1024, step_peak_mb=_status_kb("VmHWM") / 1024,
-                              process_peak_mb=process_peak / 1024)))
+                              process_peak_mb=process_peak / 1024, torch_imported="torch" in sys.modules)))
 
 
 def memory_row(cfg, threads, quick):
@@ -241,13 +241,6 @@ def run(cfg, mach):
 
 
 def main(argv=None):
-    try:
-        import peft
-        import torch
-        import transformers
-    except ImportError as e:
-        print(f"benchmarks.real_model needs torch, transformers and peft (pip install torch transformers peft): {e}")
-        return None
     import argparse
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: finishes in seconds (CI)")
@@ -257,8 +250,15 @@ def main(argv=None):
     p.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     cfg = dict(QUICK if a.quick else FULL)
-    if a.memory_child:
+    if a.memory_child:                       # before torch is imported: lowrank's child holds lowrank only
         return memory_child(a.memory_child, cfg, a.threads)
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError as e:
+        print(f"benchmarks.real_model needs torch, transformers and peft (pip install torch transformers peft): {e}")
+        return None
     cfg["rounds"] = a.rounds or cfg["rounds"]
     a.out = a.out or os.path.join(harness.RESULTS, f"real_model_t{a.threads}{'_quick' if a.quick else ''}.json")
     t0, torch_threads = time.time(), torch.get_num_threads()

@@ -31,7 +31,8 @@ def test_quick_real_model_times_both_sides_and_they_agree(tmp_path):
     for r in rows["decode"]:
         assert r["floor_step_s"] > 0 and all(r[side]["tokens_per_s"] > 0 for side in ("lowrank", "torch"))
     assert [r["variant"] for r in rows["memory"]] == list(real_model.QUICK["memory"])
-    for r in rows["memory"]:
+    for r in rows["memory"]:                     # each child holds its own side only: lowrank's never imports torch
+        assert r["torch_imported"] == r["variant"].startswith("torch")
         assert 0 < r["rss_before_mb"] <= r["step_peak_mb"] and r["rss_before_mb"] <= r["process_peak_mb"]
     assert checks["step_loss"] <= 1e-5 and checks["step_lora_grads"] <= 1e-4      # float32 on both sides
     assert all(checks[f"decode_b{B}_same_tokens"] >= 0.75 for B in real_model.QUICK["decode"]["batches"])
