@@ -15,7 +15,8 @@ mean something. What the cases cover, on purpose:
     products    batched matmul with broadcast batch axes (a repeated matrix), K = 0, transposed views
     attention   RoPE on 2- to 5-axis inputs, T = 0 included; the causal softmax with a KV-cache offset
                 (past > 0), padding masks and rows that see no key, any number of head axes; causal_attention
-                with the same masks, query groups (GQA) of 1 to 3 heads, odd head sizes
+                with the same masks, query groups (GQA) of 1 to 3 heads, odd head sizes, keys after the last
+                query's (a KV cache's buffer)
     SwiGLU      1 to 3 axes, empty ones included; gates of ±hundreds, where e^−g overflows
     RMSNorm     1 to 3 axes, d = 1, empty batches, a large eps, with and without dw
     LM loss     N = 0, V = 1, no label ignored, some, all; with and without dx and dW
@@ -275,8 +276,8 @@ SOFTMAX = st.fixed_dictionaries(dict(B=st.integers(0, 3), heads=st.lists(st.inte
                                      layout=LAYOUT, seed=SEED))
 
 ATTENTION = st.fixed_dictionaries(dict(B=st.integers(0, 3), H_kv=st.integers(1, 3), G=st.integers(1, 3),
-                                       T=st.integers(0, 6), past=st.integers(0, 4), h=D_, key_mask=st.booleans(),
-                                       layout=LAYOUT, seed=SEED))
+                                       T=st.integers(0, 6), past=st.integers(0, 4), spare=st.integers(0, 3), h=D_,
+                                       key_mask=st.booleans(), layout=LAYOUT, seed=SEED))
 
 
 def matmul(c, dtype, oracle):
@@ -320,10 +321,11 @@ def causal_softmax_backward(c, dtype, oracle):
 
 
 def causal_attention(c, dtype, oracle):
-    """q (B, H_kv, G, T, h), k and v (B, H_kv, past + T, h): scores q·k of a few units; key_mask as the
-    softmax's (rows that see no key whenever the mask starts with zeros)."""
+    """q (B, H_kv, G, T, h), k and v (B, H_kv, past + T + spare, h), the spare keys after every query's (a KV
+    cache's unused buffer): scores q·k of a few units; key_mask as the softmax's (rows that see no key whenever
+    the mask starts with zeros)."""
     rng = np.random.default_rng(c["seed"])
-    B, H_kv, T, K, h = c["B"], c["H_kv"], c["T"], c["past"] + c["T"], c["h"]
+    B, H_kv, T, K, h = c["B"], c["H_kv"], c["T"], c["past"] + c["T"] + c["spare"], c["h"]
     f = _normal(rng, dtype, c["layout"])
     q = relayout((2 * rng.standard_normal((B, H_kv, c["G"], T, h)) / np.sqrt(h)).astype(dtype), c["layout"])
     key_mask = (rng.random((B, K)) < 0.7).astype(np.int64) if c["key_mask"] else None
@@ -413,9 +415,10 @@ _EDGE_SOFTMAX = [dict(B=1, heads=[], T=1, past=0, key_mask=False), dict(B=0, hea
                  dict(B=3, heads=[2, 3], T=6, past=4, key_mask=True), dict(B=2, heads=[1], T=0, past=2, key_mask=True)]
 
 _EDGE_ATTENTION = [dict(B=1, H_kv=1, G=1, T=1, past=0, h=1, key_mask=False),
-                   dict(B=2, H_kv=3, G=3, T=1, past=5, h=8, key_mask=True),
+                   dict(B=2, H_kv=3, G=3, T=1, past=5, spare=3, h=8, key_mask=True),
                    dict(B=3, H_kv=2, G=2, T=6, past=4, h=9, key_mask=True),
-                   dict(B=2, H_kv=1, G=2, T=0, past=2, h=4, key_mask=True), dict(B=0, H_kv=2, G=1, T=3, past=1, h=3)]
+                   dict(B=2, H_kv=1, G=2, T=0, past=2, spare=1, h=4, key_mask=True),
+                   dict(B=0, H_kv=2, G=1, T=3, past=1, h=3)]
 
 _EDGE_SILU = [dict(shape=[1], scale=1.0), dict(shape=[0, 3], scale=4.0), dict(shape=[4, 5], scale=120.0)]
 
@@ -458,8 +461,8 @@ CASES = {
     "rope_backward": (ROPE, rope_backward, _edges(_EDGE_ROPE, layout="F", seed=0)),
     "causal_softmax": (SOFTMAX, causal_softmax, _edges(_EDGE_SOFTMAX, layout="strided", seed=0)),
     "causal_softmax_backward": (SOFTMAX, causal_softmax_backward, _edges(_EDGE_SOFTMAX, layout="F", seed=0)),
-    "causal_attention": (ATTENTION, causal_attention, _edges(_EDGE_ATTENTION, key_mask=False, layout="strided",
-                                                             seed=0)),
+    "causal_attention": (ATTENTION, causal_attention, _edges(_EDGE_ATTENTION, key_mask=False, spare=0,
+                                                             layout="strided", seed=0)),
     "silu_and_mul": (SILU, silu_and_mul, _edges(_EDGE_SILU, layout="strided", seed=0)),
     "silu_and_mul_backward": (SILU, silu_and_mul_backward, _edges(_EDGE_SILU, layout="F", seed=0)),
     "rms_norm": (NORM, rms_norm, _edges(_EDGE_NORM, layout="strided", seed=0)),

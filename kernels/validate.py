@@ -177,7 +177,7 @@ def causal_softmax(S, key_mask, past):
 
 
 def causal_attention(q, k, v, key_mask, past):
-    """q (B, H_kv, G, T, h); k and v (B, H_kv, K, h) of q's dtype with K = past + T; key_mask (B, K) or None."""
+    """q (B, H_kv, G, T, h); k and v (B, H_kv, K, h) of q's dtype with K >= past + T; key_mask (B, K) or None."""
     if q.ndim != 5:
         raise ValueError(f"q must be (B, H_kv, G, T, head_dim), got shape {tuple(q.shape)}")
     _float("q", q, q.dtype)
@@ -188,14 +188,17 @@ def causal_attention(q, k, v, key_mask, past):
         _float(name, a, q.dtype)
         _shape(name, a, (B, H_kv, k.shape[2], h))
     K = k.shape[2]
-    _keys(key_mask, past, B, T, K, f"q has T={T} queries, k has K={K} keys")
+    _keys(key_mask, past, B, T, K, f"q has T={T} queries, k has K={K} keys", spare=True)
     return B, T, K
 
 
-def _keys(key_mask, past, B, T, K, what):
-    """The queries' offset ``past`` (an int >= 0, past + T = K) and key_mask (B, K) or None; ``what``: the sizes."""
-    if isinstance(past, bool) or not isinstance(past, (int, np.integer)) or past < 0 or past + T != K:
-        raise ValueError(f"past must be an int >= 0 with past + T = K ({what}), got {past!r}")
+def _keys(key_mask, past, B, T, K, what, spare=False):
+    """The queries' offset ``past`` (an int >= 0, past + T = K, or <= K with ``spare`` keys after them) and
+    key_mask (B, K) or None; ``what``: the sizes."""
+    if isinstance(past, bool) or not isinstance(past, (int, np.integer)) or past < 0 \
+            or past + T > K or (past + T < K and not spare):
+        raise ValueError(f"past must be an int >= 0 with past + T {'<=' if spare else '='} K ({what}), "
+                         f"got {past!r}")
     if key_mask is not None:
         _shape("key_mask", key_mask, (B, K))
 

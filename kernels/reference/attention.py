@@ -90,7 +90,10 @@ def causal_softmax_backward(dP, P):
 # -- attention, inference ---------------------------------------------------------------------
 def causal_attention(q, k, v, key_mask=None, past=0):
     """Semantics: O = causal_softmax(q kᵀ, key_mask, past) v, the G query heads of each key/value head sharing its
-    k and v; q (B, H_kv, G, T, h), k, v (B, H_kv, K, h) with K = past + T -> O (B, H_kv, G, T, h)."""
+    k and v; q (B, H_kv, G, T, h), k, v (B, H_kv, K, h) -> O (B, H_kv, G, T, h). Keys from past + T on are
+    never seen (query i sees j <= past + i), so K may exceed past + T: a KV cache passes its whole buffer."""
     validate.causal_attention(q, k, v, key_mask, past)
+    n = past + q.shape[3]                                                      # the keys a query can see
+    k, v, key_mask = k[:, :, :n], v[:, :, :n], None if key_mask is None else key_mask[:, :n]
     S = matmul(q, k[:, :, None].swapaxes(-1, -2))                              # (B, H_kv, G, T, K)
     return matmul(causal_softmax(S, key_mask, past), v[:, :, None])            # (B, H_kv, G, T, h)

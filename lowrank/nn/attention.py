@@ -249,7 +249,7 @@ class LlamaAttention(Module):
         q, k, v = self._qkv(kern, x, cos, sin, inference=True)                 # (B, H_kv, [G,] T, h)
         k, v, mask = kv_cache.update(layer, k, v)                              # (B, H_kv, P0 + T, h), (B, P0 + T)
         if self.sliding_window is None or P0 + T <= self.sliding_window:      # every key within the window
-            O = kern.causal_attention(q, k, v, mask, P0)                       # (B, H_kv, G, T, h)
+            O = kern.causal_attention(q, *kv_cache.buffers(layer), P0)         # (B, H_kv, G, T, h)
         else:
             S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                 # (B, H_kv, G, T, P0 + T)
             P = kern.causal_softmax(_slide(S, self.sliding_window, P0), mask, P0)   # (B, H_kv, G, T, P0 + T)

@@ -80,6 +80,11 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.mask[:, :end]
 
+    def buffers(self, layer: int):
+        """Layer ``layer``'s whole k, v (B, H_kv, T_cap, h) and the mask (B, T_cap), C-ordered: for a kernel that
+        reads no key past the step's last position (causal_attention), so the buffers need no slicing copy."""
+        return self.k[layer], self.v[layer], self.mask
+
     def _grow(self, capacity: int):
         """Reallocate k, v (L, B, H_kv, capacity, h) and the mask (B, capacity), keeping the P0 cached positions."""
         xp, P0 = get_array_module(self.k), self.length

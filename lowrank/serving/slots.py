@@ -132,10 +132,10 @@ def _attend(attn, x, cache: SlotCache, layer: int, positions):
     rows = xp.arange(B)
     cache.k[layer, rows, :, pos] = k.transpose(1, 0, 2)                    # (B, H_kv, h) at each row's position
     cache.v[layer, rows, :, pos] = v
-    keys, values = cache.k[layer, :B, :, :K], cache.v[layer, :B, :, :K]    # (B, H_kv, K, h)
-    q = q.transpose(2, 0, 1, 3)[:, :, :, None, :]                          # (B, H_kv, G, 1, h)
-    j = np.arange(K)[None, :]
-    visible = j <= positions[:, None]                                      # (B, K): the row's own keys
+    keys, values = cache.k[layer, :B], cache.v[layer, :B]                  # (B, H_kv, T_max, h), read in place:
+    q = q.transpose(2, 0, 1, 3)[:, :, :, None, :]                          # the query at K − 1 sees none past K
+    j = np.arange(keys.shape[2])[None, :]
+    visible = j <= positions[:, None]                                      # (B, T_max): the row's own keys
     if attn.sliding_window is not None:
         visible &= j > positions[:, None] - attn.sliding_window
     O = kern.causal_attention(q, keys, values, xp.asarray(visible), K - 1)   # (B, H_kv, G, 1, h); the one query

@@ -52,8 +52,8 @@ CASES = {
                 r"k has shape \(1, 3, 3, 4\), expected \(1, 2, 3, 4\)"),
     "v unlike k": (lambda k: k.causal_attention(*_attention_args(v=(1, 2, 2, 4))), ValueError,
                    r"v has shape \(1, 2, 2, 4\), expected \(1, 2, 3, 4\)"),
-    "attention past": (lambda k: k.causal_attention(*_attention_args()[:4], 0), ValueError,
-                       r"past \+ T = K \(q has T=2 queries, k has K=3 keys\), got 0"),
+    "attention past": (lambda k: k.causal_attention(*_attention_args()[:4], 2), ValueError,
+                       r"past \+ T <= K \(q has T=2 queries, k has K=3 keys\), got 2"),
     "attention mask": (lambda k: k.causal_attention(*_attention_args()[:3], np.ones((1, 2)), 1), ValueError,
                        r"key_mask has shape \(1, 2\), expected \(1, 3\)"),
     "attention dtypes": (lambda k: k.causal_attention(*_attention_args(dtype_k=np.float64)), TypeError,
@@ -113,7 +113,7 @@ def test_a_decode_step_attends_in_one_kernel_call_a_layer(window):
     model = LlamaForCausalLM(config, seed=3)
     ids = np.random.default_rng(1).integers(0, 31, (2, 6))
     kern = backends.load("numba")
-    cache = KVCache.for_model(config, 2, 6)
+    cache = KVCache.for_model(config, 2, 9)                    # room past the step: a buffer, not a view
     model.forward(ids[:, :5], kv_cache=cache)
     with mock.patch.object(kern, "causal_attention", wraps=kern.causal_attention) as attend, \
             mock.patch.object(kern, "causal_softmax", wraps=kern.causal_softmax) as softmax, \
@@ -121,4 +121,8 @@ def test_a_decode_step_attends_in_one_kernel_call_a_layer(window):
         step = model.forward(ids[:, 5:], kv_cache=cache)[:, -1]
     assert (attend.call_count, softmax.call_count) == ((2, 0) if window is None else (0, 2))
     assert rope.call_count == 2                                           # q and k together, once a layer
+    for call in attend.call_args_list:                                    # the cache's buffers, read in place
+        assert all(a.flags.c_contiguous and np.shares_memory(a, buf) for a, buf in zip(call.args[1:3],
+                                                                                          (cache.k, cache.v)))
     np.testing.assert_allclose(step, model.forward(ids)[:, -1], rtol=1e-5, atol=1e-5)
+
