@@ -40,7 +40,7 @@ def generate(model, input_ids, max_new_tokens: int = 20, do_sample: bool = False
     """Continue each prompt of ``input_ids`` (B, T) by up to ``max_new_tokens`` tokens -> ids (B, T + n).
 
     ``model``: a LlamaForCausalLM (its config, dtype and device); ``forward(ids, attention_mask,
-    kv_cache) -> logits`` defaults to ``model.forward`` (benchmarks/serving.py passes its own; LoRA
+    kv_cache, logits_to_keep) -> logits`` defaults to ``model.forward`` (benchmarks/serving.py passes its own; LoRA
     generation sets the adapters on the layers instead, ``LoraModel.generate``).
     ``seed``: the numpy Generator's seed for sampling. ``eos_token_id``: an int or a list of ints;
     ``pad_token_id`` defaults to the (first) eos id. ``attention_mask`` (B, T): 1 for tokens, 0 for
@@ -58,7 +58,8 @@ def generate(model, input_ids, max_new_tokens: int = 20, do_sample: bool = False
     cache = KVCache.for_model(config, B, T + max_new_tokens, model.dtype, xp, capacity=T)
     if streamer is not None:
         streamer.put(ids)
-    logits = forward(xp.asarray(ids), attention_mask=xp.asarray(mask), kv_cache=cache)[:, -1]   # (B, V) prefill
+    logits = forward(xp.asarray(ids), attention_mask=xp.asarray(mask), kv_cache=cache,
+                     logits_to_keep=1)[:, -1]                                 # (B, V) prefill: the last position's
     finished = np.zeros(B, bool)
     new = []
     for step in range(max_new_tokens):

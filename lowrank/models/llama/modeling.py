@@ -30,10 +30,12 @@ embedding's scatter-add both accumulate into its ``.grad``.
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import numpy as np
 
+from ...nn.device import get_array_module
 from ...nn.dispatch import kernels_for
 from ...nn.layers import Dense, check_dtype
 from ...nn.losses_lm import CausalLMLoss, LinearCrossEntropyLoss
@@ -204,6 +206,7 @@ class CausalLMCache(NamedTuple):
     B: int
     T: int
     loss: object       # the LinearCrossEntropyLoss or CausalLMLoss of a forward given labels, else None
+    kept: int = 0      # logits_to_keep of a forward without labels: its logits are the last ``kept`` positions'
 
 
 class LlamaForCausalLM(Module):
@@ -254,7 +257,15 @@ class LlamaForCausalLM(Module):
             return head.weight
         return None
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, labels=None, logits_to_keep: int = 0):
+        """Logits (B, T, V), or the loss given ``labels``. ``logits_to_keep`` (transformers' name): k > 0 gives
+        only the last k positions' logits (B, k, V), as a prefill needs the last one; 0 gives all."""
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, numbers.Integral) or logits_to_keep < 0:
+            raise ValueError(f"{self.label}: logits_to_keep must be an int >= 0 (0: every position), "
+                             f"got {logits_to_keep!r}")
+        if logits_to_keep and labels is not None:
+            raise ValueError(f"{self.label}: logits_to_keep and labels do not go together (the loss needs every "
+                             f"position's logits)")
         h = self.model.forward(input_ids, attention_mask, kv_cache)            # (B, T, d)
         B, T, d = h.shape
         if labels is not None:
@@ -269,31 +280,36 @@ class LlamaForCausalLM(Module):
                 loss = loss_fn.forward(self.lm_head.forward(h.reshape(B * T, d)).reshape(B, T, -1), labels)
             self._cache = CausalLMCache(B, T, loss_fn)
             return loss
-        logits = self.lm_head.forward(h.reshape(B * T, d))                     # (B·T, V)
-        self._cache = CausalLMCache(B, T, None) if kv_cache is None else None  # a cached forward has no backward
-        return logits.reshape(B, T, -1)                                        # (B, T, V)
+        kept = min(logits_to_keep, T) or T
+        logits = self.lm_head.forward(h[:, T - kept:].reshape(B * kept, d))    # (B·k, V)
+        self._cache = CausalLMCache(B, T, None, kept) if kv_cache is None else None   # a cached forward: no backward
+        return logits.reshape(B, kept, -1)                                     # (B, k, V)
 
     def generate(self, input_ids, max_new_tokens: int = 20, **kwargs):
         """Hugging Face's ``generate``: prompt ids (B, T) -> ids (B, T + new); see ``generation``."""
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     def backward(self, dlogits=None):
-        """From dlogits (B, T, V) after a forward without labels; from the loss (no argument) after one with."""
-        B, T, loss_fn = self._need_cache()
+        """From dlogits (B, k, V) after a forward without labels (k = T, or its logits_to_keep); from the loss (no
+        argument) after one with."""
+        B, T, loss_fn, kept = self._need_cache()
         if (loss_fn is None) != (dlogits is not None):
             raise ValueError(f"{self.label}: backward takes dlogits (B, T, V) after a forward without labels and "
                              f"nothing after one with labels; got {'nothing' if dlogits is None else 'dlogits'} "
                              f"after a forward {'without' if loss_fn is None else 'with'} labels")
         if loss_fn is None:
-            self._check_dy(dlogits, (B, T, self.config.vocab_size))
+            self._check_dy(dlogits, (B, kept, self.config.vocab_size))
         self._cache = None
         if isinstance(loss_fn, LinearCrossEntropyLoss):
             self.model.backward(loss_fn.backward())                            # (B, T, d)
             return
         if loss_fn is not None:
-            dlogits = loss_fn.backward()                                       # (B, T, V)
-        dh = self.lm_head.backward(dlogits.reshape(B * T, -1))                 # (B·T, d)
-        self.model.backward(dh.reshape(B, T, -1))
+            dlogits, kept = loss_fn.backward(), T                              # (B, T, V)
+        dh = self.lm_head.backward(dlogits.reshape(B * kept, -1)).reshape(B, kept, -1)   # (B, k, d)
+        if kept < T:                                                           # the positions without logits: 0
+            xp = get_array_module(dh)
+            dh = xp.concatenate([xp.zeros((B, T - kept, dh.shape[-1]), dh.dtype), dh], axis=1)   # (B, T, d)
+        self.model.backward(dh)
 
     @classmethod
     def from_pretrained(cls, path, *, dtype="float32", allow_nonfinite: bool = False, keep_quantized: bool = False,
