@@ -30,12 +30,13 @@ A query row with no visible key (a left-padding position) gets P = 0, so its out
 model, whose float32 softmax sees −inf everywhere; no real token attends to such a row).
 
 What the backward keeps, besides the projections' own caches (when trainable, q/k/v_proj share
-one (B·T, d) input and o_proj keeps its (B·T, H·h) input; frozen ones keep nothing): P (B, H, T, T),
-rotated q (B, H, T, h), rotated k and v (B, H_kv, T, h) and the RoPE tables (2, T, h), that is
-itemsize · (B·H·T² + B·T·h·(H + 2·H_kv) + 2·T·h) bytes (itemsize 8 in float64, 4 in float32);
-with ``qk_norm``, q_norm and k_norm also keep their inputs and 1/RMS, B·T·(H + H_kv)·(h + 1) more.
-P is the only O(T²) term; no temporary is bigger than O(B·H·T²). (tests/models/test_llama_memory.py checks this
-figure against training.accounting's measured activations; B=3, T=6, H=4, H_kv=2, h=8: 1,680 floats.)
+one (B·T, d) input and o_proj keeps its (B·T, H·h) input; frozen ones keep nothing): rotated q (B, H, T, h),
+rotated k and v (B, H_kv, T, h) and the RoPE tables (2, T, h), that is itemsize · (B·T·h·(H + 2·H_kv) + 2·T·h)
+bytes (itemsize 8 in float64, 4 in float32), and the attention_mask it was given; with ``qk_norm``, q_norm and
+k_norm also keep their inputs and 1/RMS, B·T·(H + H_kv)·(h + 1) more. P (B, H, T, T) is not kept: backward
+recomputes it from q and k (one more product and softmax, as flash attention does), so nothing kept is O(T²);
+no temporary is bigger than O(B·H·T²). (tests/models/test_llama_memory.py checks this figure against
+training.accounting's measured activations; B=3, T=6, H=4, H_kv=2, h=8: 1,248 floats.)
 
 Inference with a KV cache (``forward_cached``, no backward): T_new new tokens at absolute positions
 P0..P0+T_new−1 (P0 cached before them) get the same projections and RoPE; their k, v join the cache
@@ -69,7 +70,7 @@ class AttentionCache(NamedTuple):
     q: object          # (B, H_kv, G, T, h) rotated queries, already divided by sqrt(h)
     k: object          # (B, H_kv, T, h) rotated keys
     v: object          # (B, H_kv, T, h) values
-    P: object          # (B, H_kv, G, T, T) attention probabilities
+    mask: object       # (B, T) attention_mask or None: P is recomputed from q, k and it in backward
     cos: object        # (T, h) RoPE tables
     sin: object        # (T, h)
     shape: tuple       # (B, T, d), to check dy
@@ -204,16 +205,21 @@ class LlamaAttention(Module):
         kern = kernels_for(x, self.backend)
         cos, sin = self.rotary.tables(T, x.dtype, xp)                          # (T, h) each
         q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
-        S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                     # (B, H_kv, G, T, T)
-        P = kern.causal_softmax(_slide(S, self.sliding_window, 0), attention_mask)   # (B, H_kv, G, T, T)
-        P = _sees_a_token(P, attention_mask, self.sliding_window, 0)
-        O = kern.matmul(P, v[:, :, None])                                      # (B, H_kv, G, T, h)
+        O = kern.matmul(self._probabilities(kern, q, k, attention_mask), v[:, :, None])   # (B, H_kv, G, T, h)
         O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
-        self._cache = AttentionCache(q, k, v, P, cos, sin, x.shape)            # q already scaled
+        self._cache = AttentionCache(q, k, v, attention_mask, cos, sin, x.shape)   # q already scaled; no P
         return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)
 
+    def _probabilities(self, kern, q, k, attention_mask):
+        """P = causal_softmax(q kᵀ) (B, H_kv, G, T, T), the window and the padding applied: forward's, and
+        backward's again (recomputing it costs one product of the step's and a softmax; keeping it, the
+        layer's largest activation, B·H·T² floats)."""
+        S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                     # (B, H_kv, G, T, T)
+        P = kern.causal_softmax(_slide(S, self.sliding_window, 0), attention_mask)   # (B, H_kv, G, T, T)
+        return _sees_a_token(P, attention_mask, self.sliding_window, 0)
+
     def backward(self, dy):
-        q, k, v, P, cos, sin, shape = self._need_cache()
+        q, k, v, attention_mask, cos, sin, shape = self._need_cache()
         self._check_dy(dy, shape)
         self._cache = None
         B, T, d = shape
@@ -221,6 +227,7 @@ class LlamaAttention(Module):
         dO2 = self.o_proj.backward(dy.reshape(B * T, d))                       # (B·T, H·h)
         dO = dO2.reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)           # (B, H_kv, G, T, h)
         kern = kernels_for(dy, self.backend)
+        P = self._probabilities(kern, q, k, attention_mask)                   # (B, H_kv, G, T, T), forward's
         dP = kern.matmul(dO, v[:, :, None].swapaxes(-1, -2))                   # (B, H_kv, G, T, T)
         dv = _sum_group(kern.matmul(P.swapaxes(-1, -2), dO))                   # (B, H_kv, T, h), Σ over G
         dS = kern.causal_softmax_backward(dP, P)                               # P ⊙ (dP − rowsum(dP ⊙ P))

@@ -270,5 +270,5 @@ def test_qk_norm_keeps_what_the_attention_docstring_says():
                          num_attention_heads=H, num_key_value_heads=H_kv, head_dim=h)
     model = LlamaForCausalLM(config, seed=0).requires_grad_(False)
     model.forward(np.random.default_rng(1).integers(0, V, (B, T)))
-    llama = B * H * T * T + B * T * h * (H + 2 * H_kv) + 2 * T * h
+    llama = B * T * h * (H + 2 * H_kv) + 2 * T * h                     # rotated q, k, v and the RoPE tables
     assert activation_bytes(model.model.layers[0].self_attn) == 4 * (llama + B * T * (H + H_kv) * (h + 1))

@@ -34,8 +34,9 @@ def lora_count():
 
 
 def attention_keeps():
-    """The figure in lowrank/nn/attention.py's docstring, in floats: P, rotated q, k, v, RoPE tables."""
-    return B * H * T * T + B * T * h * (H + 2 * H_kv) + 2 * T * h
+    """The figure in lowrank/nn/attention.py's docstring, in floats: rotated q, k, v, RoPE tables (no P, B·H·T²:
+    backward recomputes it)."""
+    return B * T * h * (H + 2 * H_kv) + 2 * T * h
 
 
 def activations(full: bool):
@@ -70,11 +71,12 @@ def test_lora_step_keeps_far_fewer_gradient_and_optimizer_bytes_than_full_fine_t
 
 
 def test_attention_docstring_figure_is_what_the_accounting_measures():
-    """Frozen projections keep nothing, so the attention module's caches are exactly the docstring's figure."""
+    """Frozen projections keep nothing, so the attention module's caches are exactly the docstring's figure, and
+    the attention_mask it was given (int64 here)."""
     model = llama("float32").requires_grad_(False)
     model.forward(np.random.default_rng(1).integers(0, V, (B, T)), attention_mask=np.ones((B, T), np.int64))
     attn = model.model.layers[0].self_attn
-    assert activation_bytes(attn) == 4 * attention_keeps()
+    assert activation_bytes(attn) == 4 * attention_keeps() + 8 * B * T
     model.requires_grad_(True)                             # trainable: + the shared (N, d) input and o_proj's
     model.forward(np.random.default_rng(1).integers(0, V, (B, T)))
     assert activation_bytes(attn) == 4 * (attention_keeps() + N * d + N * H * h)
