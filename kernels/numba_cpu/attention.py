@@ -11,9 +11,10 @@ layouts LLVM can vectorize are read in place: C-ordered rows, and the head-major
 (B, T, heads, h) projection (``_rows``); anything else is copied to C order first (a strided row
 vectorizes as gathers). Outputs are C-ordered.
 
-Inference's attention (``causal_attention``) is one loop per query row as well: its scores q·k_j over the
-keys it sees, e^(s − max) and their sum, then Σ e_j v_j / Σ e_j, so neither S nor P is written out and
-a decode step's attention is one call, not two products and a softmax (each a call with its checks).
+Inference's attention (``causal_attention``) is one loop per query position as well, the G query heads of a
+key/value head together (each k_j and v_j read once for them): their scores q·k_j over the keys it sees,
+e^(s − max) and their sum, then Σ e_j v_j / Σ e_j, so neither S nor P is written out and a decode step's
+attention is one call, not two products and a softmax (each a call with its checks).
 """
 import math
 
@@ -168,38 +169,45 @@ def causal_softmax_backward(dP, P):
 
 # -- attention, inference ---------------------------------------------------------------------
 @pool.jit(**_JIT)
-def _attend(q, k, v, key_mask, past, zero, ninf, O):
-    """Per query row (b, m, g, i): s_j = q·k_j over the keys it sees (j <= past + i, key_mask[b, j] when
-    given), e_j = exp(s_j − max) and z = Σ e_j, then O = Σ e_j v_j / z; 0 on a row that sees none."""
+def _attend(k, q, v, key_mask, past, zero, ninf, O):
+    """Per query position (b, m, i), for the G query heads of key/value head m together: s_gj = q_g·k_j over the
+    keys it sees (j <= past + i, key_mask[b, j] when given), e_gj = exp(s_gj − max_g), then O_g = Σ_j e_gj v_j /
+    Σ_j e_gj; 0 on a row that sees none. Each k_j and v_j is read once for the G heads. k comes first: pool.jit
+    sizes the work by its first array (a decode step's q is a few rows; its keys are the work)."""
     B, M, G, T, h = q.shape
     masked = key_mask.shape[0] > 0
     for bm in prange(B * M):
         b, m = bm // M, bm % M
-        s = np.empty(k.shape[2], q.dtype)
-        for g in range(G):
-            for i in range(T):
-                sees = min(past + i + 1, k.shape[2])
-                qi, o = q[b, m, g, i], O[b, m, g, i]
-                top, seen = ninf, False
-                for j in range(sees):
-                    if masked and not key_mask[b, j]:
-                        s[j] = ninf
-                        continue
-                    kj, dot = k[b, m, j], zero
-                    for e in range(h):
-                        dot += qi[e] * kj[e]
-                    s[j] = dot
-                    if not seen or dot > top:
-                        top, seen = dot, True
-                o[:] = zero
-                if not seen:
+        s = np.empty((G, k.shape[2]), q.dtype)
+        top = np.empty(G, q.dtype)
+        for i in range(T):
+            sees = min(past + i + 1, k.shape[2])
+            top[:] = ninf
+            seen = False
+            for j in range(sees):
+                if masked and not key_mask[b, j]:
+                    s[:, j] = ninf
                     continue
+                kj, seen = k[b, m, j], True
+                for g in range(G):
+                    qg, dot = q[b, m, g, i], zero
+                    for e in range(h):
+                        dot += qg[e] * kj[e]
+                    s[g, j] = dot
+                    top[g] = max(top[g], dot)
+            O[b, m, :, i] = zero
+            if not seen:
+                continue
+            for g in range(G):
                 z = zero
                 for j in range(sees):
-                    s[j] = exp(s[j] - top)                     # exp(−inf) = 0: a hidden key adds nothing
-                    z += s[j]
-                for j in range(sees):
-                    w, vj = s[j] / z, v[b, m, j]
+                    s[g, j] = exp(s[g, j] - top[g])                # exp(−inf) = 0: a hidden key adds nothing
+                    z += s[g, j]
+                top[g] = 1 / z                                     # top now holds 1 / Σ_j e_gj
+            for j in range(sees):
+                vj = v[b, m, j]
+                for g in range(G):
+                    w, o = s[g, j] * top[g], O[b, m, g, i]
                     for e in range(h):
                         o[e] += w * vj[e]
 
@@ -212,5 +220,5 @@ def causal_attention(q, k, v, key_mask=None, past=0):
     mask = np.zeros((0, 0), np.bool_) if key_mask is None else c(np.asarray(key_mask) != 0)
     O = np.empty(q.shape, q.dtype)
     t = q.dtype.type
-    _attend(c(q), c(k), c(v), mask, past, t(0), t(-np.inf), O)
+    _attend(c(k), c(q), c(v), mask, past, t(0), t(-np.inf), O)
     return O
