@@ -214,8 +214,9 @@ def _attend(k, q, v, key_mask, past, zero, ninf, O):
 
 @half_to_reference
 def causal_attention(q, k, v, key_mask=None, past=0):
-    """One loop per query row: scores, softmax and the sum over v without writing S or P (module docstring);
-    a C-ordered k and v with keys beyond past + T (a KV cache's buffer) are read in place, those keys never."""
+    """One loop per query position, its G heads together: scores, softmax and the sum over v without writing S
+    or P (module docstring); a C-ordered k and v with keys beyond past + T (a KV cache's buffer) are read in
+    place, those keys never."""
     validate.causal_attention(q, k, v, key_mask, past)
     mask = np.zeros((0, 0), np.bool_) if key_mask is None else c(np.asarray(key_mask) != 0)
     O = np.empty(q.shape, q.dtype)

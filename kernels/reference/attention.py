@@ -12,8 +12,8 @@ h = head_dim (even); "..." any axes between (heads, the query group of GQA).
               P = softmax of S over the keys it sees, 0 on the others and on a row that sees none.
               Backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)).
     attention O = P v with P = softmax(q kᵀ) as above, the G query heads of a key/value head sharing its
-              k and v (GQA): inference's whole attention in one call. No backward: training keeps P
-              for its own and takes the parts.
+              k and v (GQA): inference's whole attention in one call. No backward: training takes the
+              parts (and recomputes P in its backward).
 """
 import numpy as np
 
