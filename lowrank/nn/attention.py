@@ -34,9 +34,12 @@ one (B·T, d) input and o_proj keeps its (B·T, H·h) input; frozen ones keep no
 rotated k and v (B, H_kv, T, h) and the RoPE tables (2, T, h), that is itemsize · (B·T·h·(H + 2·H_kv) + 2·T·h)
 bytes (itemsize 8 in float64, 4 in float32), and the attention_mask it was given; with ``qk_norm``, q_norm and
 k_norm also keep their inputs and 1/RMS, B·T·(H + H_kv)·(h + 1) more. P (B, H, T, T) is not kept: backward
-recomputes it from q and k (one more product and softmax, as flash attention does), so nothing kept is O(T²);
-no temporary is bigger than O(B·H·T²). (tests/models/test_llama_memory.py checks this figure against
-training.accounting's measured activations; B=3, T=6, H=4, H_kv=2, h=8: 1,248 floats.)
+recomputes it from q and k (one more product and softmax, as flash attention does), so nothing kept is O(T²).
+Forward and backward take the queries in blocks of QUERY_BLOCK (64), each over the keys its queries can see (up
+to its last query, and within the window): a block's S and P are (B, H, 64, ≤ T), so no temporary is bigger than
+B·H·64·T, and about half of the T² scores (at T ≫ 64) are never computed. (tests/models/test_llama_memory.py
+checks the kept figure against training.accounting's measured activations; B=3, T=6, H=4, H_kv=2, h=8: 1,248
+floats.)
 
 Inference with a KV cache (``forward_cached``, no backward): T_new new tokens at absolute positions
 P0..P0+T_new−1 (P0 cached before them) get the same projections and RoPE; their k, v join the cache
@@ -64,6 +67,9 @@ from .rotary import RotaryEmbedding
 def _sum_group(a):
     """(B, H_kv, G, T, h) -> (B, H_kv, T, h), the sum over G: a view when G = 1 (no GQA), not a copy."""
     return a[:, :, 0] if a.shape[2] == 1 else a.sum(axis=2)
+
+
+QUERY_BLOCK = 64     # queries per block of training's attention (``LlamaAttention._blocks``)
 
 
 class AttentionCache(NamedTuple):
@@ -205,18 +211,28 @@ class LlamaAttention(Module):
         kern = kernels_for(x, self.backend)
         cos, sin = self.rotary.tables(T, x.dtype, xp)                          # (T, h) each
         q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
-        O = kern.matmul(self._probabilities(kern, q, k, attention_mask), v[:, :, None])   # (B, H_kv, G, T, h)
-        O2 = O.transpose(0, 3, 1, 2, 4).reshape(B * T, H_kv * G * h)           # (B·T, H·h)
+        O = xp.empty((B, T, H_kv, G, h), q.dtype)                             # (B, T, H_kv, G, h): o_proj's rows
+        for r0, r1, k0 in self._blocks(T):                                     # queries r0.., the keys k0.. they see
+            P = self._probabilities(kern, q[:, :, :, r0:r1], k, attention_mask, r0, r1, k0)   # (B, H_kv, G, b, n)
+            O[:, r0:r1] = kern.matmul(P, v[:, :, None, k0:r1]).transpose(0, 3, 1, 2, 4)      # (B, b, H_kv, G, h)
         self._cache = AttentionCache(q, k, v, attention_mask, cos, sin, x.shape)   # q already scaled; no P
-        return self.o_proj.forward(O2).reshape(B, T, d)                        # (B, T, d)
+        return self.o_proj.forward(O.reshape(B * T, H_kv * G * h)).reshape(B, T, d)   # (B, T, d)
 
-    def _probabilities(self, kern, q, k, attention_mask):
-        """P = causal_softmax(q kᵀ) (B, H_kv, G, T, T), the window and the padding applied: forward's, and
-        backward's again (recomputing it costs one product of the step's and a softmax; keeping it, the
-        layer's largest activation, B·H·T² floats)."""
-        S = kern.matmul(q, k[:, :, None].swapaxes(-1, -2))                     # (B, H_kv, G, T, T)
-        P = kern.causal_softmax(_slide(S, self.sliding_window, 0), attention_mask)   # (B, H_kv, G, T, T)
-        return _sees_a_token(P, attention_mask, self.sliding_window, 0)
+    def _blocks(self, T):
+        """(r0, r1, k0) for each block of QUERY_BLOCK queries r0..r1−1: keys k0..r1−1 are all that its queries
+        can see (causality, and the sliding window), so its products and softmax skip the others."""
+        W = self.sliding_window
+        for r0 in range(0, T, QUERY_BLOCK):
+            yield r0, min(r0 + QUERY_BLOCK, T), 0 if W is None else max(0, r0 - W + 1)
+
+    def _probabilities(self, kern, q, k, attention_mask, r0, r1, k0):
+        """P = causal_softmax(q kᵀ) (B, H_kv, G, b, n) of one block (``_blocks``: q the queries r0..r1−1, its
+        n = r1 − k0 keys from k0), the window and the padding applied: forward's, and backward's again (recomputing
+        it costs one product of the step's and a softmax; keeping it, the layer's largest activation, B·H·T²/2)."""
+        mask = None if attention_mask is None else attention_mask[:, k0:r1]   # (B, n)
+        S = kern.matmul(q, k[:, :, None, k0:r1].swapaxes(-1, -2))             # (B, H_kv, G, b, n)
+        P = kern.causal_softmax(_slide(S, self.sliding_window, r0 - k0), mask, r0 - k0)
+        return _sees_a_token(P, mask, self.sliding_window, r0 - k0)
 
     def backward(self, dy):
         q, k, v, attention_mask, cos, sin, shape = self._need_cache()
@@ -227,13 +243,18 @@ class LlamaAttention(Module):
         dO2 = self.o_proj.backward(dy.reshape(B * T, d))                       # (B·T, H·h)
         dO = dO2.reshape(B, T, H_kv, G, h).transpose(0, 2, 3, 1, 4)           # (B, H_kv, G, T, h)
         kern = kernels_for(dy, self.backend)
-        P = self._probabilities(kern, q, k, attention_mask)                   # (B, H_kv, G, T, T), forward's
-        dP = kern.matmul(dO, v[:, :, None].swapaxes(-1, -2))                   # (B, H_kv, G, T, T)
-        dv = _sum_group(kern.matmul(P.swapaxes(-1, -2), dO))                   # (B, H_kv, T, h), Σ over G
-        dS = kern.causal_softmax_backward(dP, P)                               # P ⊙ (dP − rowsum(dP ⊙ P))
-        dq = kern.matmul(dS, k[:, :, None])                                    # (B, H_kv, G, T, h)
+        xp = get_array_module(dy)
+        dq, dk, dv = xp.empty(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+        for r0, r1, k0 in self._blocks(T):                                     # as forward's blocks
+            qb, dOb = q[:, :, :, r0:r1], dO[:, :, :, r0:r1]                    # (B, H_kv, G, b, h)
+            kb, vb = k[:, :, None, k0:r1], v[:, :, None, k0:r1]                # (B, H_kv, 1, n, h)
+            P = self._probabilities(kern, qb, k, attention_mask, r0, r1, k0)   # (B, H_kv, G, b, n), forward's
+            dP = kern.matmul(dOb, vb.swapaxes(-1, -2))                         # (B, H_kv, G, b, n)
+            dv[:, :, k0:r1] += _sum_group(kern.matmul(P.swapaxes(-1, -2), dOb))   # (B, H_kv, n, h), Σ over G
+            dS = kern.causal_softmax_backward(dP, P)                           # P ⊙ (dP − rowsum(dP ⊙ P))
+            dq[:, :, :, r0:r1] = kern.matmul(dS, kb)                           # (B, H_kv, G, b, h)
+            dk[:, :, k0:r1] += _sum_group(kern.matmul(dS.swapaxes(-1, -2), qb))   # Σ over G (q scaled)
         dq *= self.scaling
-        dk = _sum_group(kern.matmul(dS.swapaxes(-1, -2), q))                   # (B, H_kv, T, h), Σ over G (q scaled)
         dq = kern.rope_backward(dq, cos, sin).transpose(0, 3, 1, 2, 4)         # (B, T, H_kv, G, h)
         dk = kern.rope_backward(dk, cos, sin).transpose(0, 2, 1, 3)            # (B, T, H_kv, h)
         if self.qk_norm:

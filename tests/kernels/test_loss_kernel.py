@@ -1,6 +1,6 @@
 """The fused LM head and cross-entropy (``linear_cross_entropy``) against the unchunked loss written
 out in float64, across chunk borders, and its gradients against central finite differences."""
-from contextlib import contextmanager
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,16 +10,6 @@ from hypothesis import strategies as st
 from lowrank.kernels import config, numba_cpu, reference
 
 BACKENDS = {"numpy": reference, "numba": numba_cpu}
-
-
-@contextmanager
-def chunk_rows(n):
-    """config.LOSS_CHUNK_ROWS = n inside (rows cross chunk borders), restored after."""
-    old, config.LOSS_CHUNK_ROWS = config.LOSS_CHUNK_ROWS, n
-    try:
-        yield
-    finally:
-        config.LOSS_CHUNK_ROWS = old
 
 
 def unchunked(x, W, labels, scale, ignore_index=-100):
@@ -47,7 +37,7 @@ def _inputs(seed, N, d, V, ignored=0.3):
 @given(seed=st.integers(0, 2**16), N=st.integers(0, 12), d=st.integers(1, 6), V=st.integers(1, 30))
 def test_equals_the_unchunked_loss_in_float64(backend, chunk, seed, N, d, V):
     x, W, labels = _inputs(seed, N, d, V)
-    with chunk_rows(chunk):
+    with mock.patch.object(config, "LOSS_CHUNK_ROWS", chunk):   # rows cross chunk borders
         loss, dx, dW = BACKENDS[backend].linear_cross_entropy(x, W, labels, 0.25)
     want = unchunked(x, W, labels, 0.25)
     np.testing.assert_allclose(float(loss), want[0], rtol=1e-12, atol=1e-12)

@@ -3,6 +3,7 @@ formulas, backward against central finite differences (rtol 1e-6, random upstrea
 and the errors a bad input or a bad checkpoint must raise."""
 import json
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from lowrank.nn.gradcheck import check_module, gradcheck
 from lowrank.io.model_files import FileFormatError, tensor_file_bytes
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 from lowrank.nn.module import CallOrderError, Module
+from lowrank.nn import attention as attention_module, dispatch
+from lowrank.kernels.reference import causal_softmax
 from lowrank.nn import CausalLMLoss, Embedding, LlamaAttention, LlamaMLP, RMSNorm, RotaryEmbedding, SiLU
 
 SEED = st.integers(0, 2**16)
@@ -131,13 +134,22 @@ def test_rotary_tables_hold_each_pairs_angle(T, half, theta, dtype):
 
 
 @SMALL
-@given(B=st.integers(1, 2), T=st.integers(1, 5), H_kv=st.integers(1, 2), G=st.integers(1, 2),
+@given(B=st.integers(1, 2), T=st.integers(1, 7), H_kv=st.integers(1, 2), G=st.integers(1, 2),
        h=st.sampled_from([2, 4]), d=st.integers(1, 6), bias=st.booleans(), masked=st.booleans(), seed=SEED,
-       backend=st.sampled_from(["numpy", "numba"]), window=st.sampled_from([None, 1, 2, 3]), qk_norm=st.booleans())
+       backend=st.sampled_from(["numpy", "numba"]), window=st.sampled_from([None, 1, 2, 3]), qk_norm=st.booleans(),
+       block=st.sampled_from([1, 2, 3, 64]))
 def test_attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, bias, masked, seed, backend,
-                                                             window, qk_norm):
+                                                             window, qk_norm, block):
     """On both kernel backends of RoPE and the softmax: the reference's array code and Numba's loops; with
-    Mistral's sliding window and Qwen3's per-head q/k RMSNorm (its weights moved off ones)."""
+    Mistral's sliding window and Qwen3's per-head q/k RMSNorm (its weights moved off ones); the queries in
+    blocks of 1, 2, 3 or (here: all in one) 64."""
+    with mock.patch.object(attention_module, "QUERY_BLOCK", block):
+        _attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, bias, masked, seed, backend,
+                                                              window, qk_norm)
+
+
+def _attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, bias, masked, seed, backend,
+                                                          window, qk_norm):
     rng = np.random.default_rng(seed)
     attn = LlamaAttention(d, H_kv * G, H_kv, h, rope_theta=100.0, bias=bias, qk_norm=qk_norm, sliding_window=window,
                           dtype="float64", seed=seed)
@@ -165,6 +177,30 @@ def test_a_query_whose_window_holds_only_padding_sees_no_key(backend):
     np.testing.assert_allclose(y.reshape(6, 4), naive_attention(x, attn, mask), rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(y[0, 2], attn.o_proj.bias.data)
     check_module(WithMask(attn, mask), x, seed=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_attention_blocks_skip_the_keys_their_queries_cannot_see(monkeypatch, window):
+    """T = 150 in blocks of 64 queries: each block's softmax, forward's and backward's, runs over the keys up to
+    its last query only (64, 128, 150 of them), and with a window W = 40 from W − 1 before its first query on."""
+    attn = LlamaAttention(8, 2, 1, 4, sliding_window=window, dtype="float64", seed=0)
+    attn.backend = "numpy"
+    kern = dispatch.kernels_for(np.zeros(1), "numpy")
+    seen = []
+
+    def softmax(S, key_mask=None, past=0):
+        seen.append((S.shape[-2], S.shape[-1], past))
+        return causal_softmax(S, key_mask, past)
+    monkeypatch.setattr(kern, "causal_softmax", softmax)
+    x = np.random.default_rng(0).standard_normal((1, 150, 8))
+    with mock.patch.object(attention_module, "QUERY_BLOCK", 64):
+        attn.forward(x)
+        attn.backward(np.ones_like(x))
+    if window is None:            # (queries, keys, keys before the first query)
+        expected = [(64, 64, 0), (64, 128, 64), (22, 150, 128)]
+    else:                         # keys from 64 − 39 = 25 and 128 − 39 = 89 on
+        expected = [(64, 64, 0), (64, 103, 39), (22, 61, 39)]
+    assert seen == expected * 2
 
 
 def test_frozen_attention_keeps_no_projection_inputs_and_computes_no_weight_gradients():
