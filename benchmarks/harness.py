@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -95,21 +96,48 @@ def blas_peak_gflops(dtype="float32", n: int = 2048, rounds: int = 5) -> float:
     return 2 * n**3 / float(np.median([time_call(lambda: a @ b) for _ in range(rounds)])) / 1e9
 
 
-def copy_bandwidth_gbs(mbytes: int = 256, rounds: int = 5) -> float:
-    """Median GB/s of a large array copy (bytes read + bytes written): this run's memory floor."""
+@contextmanager
+def _split(threads: int, size: int, fn):
+    """Within: a call that runs fn(slice) over ``size`` items split into ``threads`` slices, each on its own
+    thread (NumPy's copies and BLAS release the GIL), or directly on one."""
+    if threads <= 1:
+        yield lambda: fn(slice(0, size))
+        return
+    spans = [slice(size * t // threads, size * (t + 1) // threads) for t in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        yield lambda: list(pool.map(fn, spans))
+
+
+def copy_bandwidth_gbs(mbytes: int = 256, rounds: int = 5, threads: int = 1) -> float:
+    """Median GB/s of a large array copy (bytes read + bytes written) on ``threads`` threads: this run's memory
+    floor."""
     src = np.ones(mbytes * 2**20 // 8)
     dst = np.empty_like(src)
-    np.copyto(dst, src)
-    t = float(np.median([time_call(lambda: np.copyto(dst, src)) for _ in range(rounds)]))
+    with _split(threads, src.size, lambda s: np.copyto(dst[s], src[s])) as copy:
+        copy()
+        t = float(np.median([time_call(copy) for _ in range(rounds)]))
     return 2 * src.nbytes / t / 1e9
 
 
+def read_bandwidth_gbs(mbytes: int = 256, rounds: int = 5, threads: int = 1) -> float:
+    """Median GB/s of reading a large array once (its dot product with itself, one BLAS thread per reader) on
+    ``threads`` threads: the floor of a product that streams its operand once, as a decode step its weights.
+    It differs from the copy's: one core here reads about 17 GB/s but copies 24 (read + write)."""
+    from threadpoolctl import threadpool_limits
+    a = np.ones(mbytes * 2**20 // 8)
+    with threadpool_limits(limits=1, user_api="blas"), _split(threads, a.size, lambda s: np.dot(a[s], a[s])) as read:
+        read()
+        t = float(np.median([time_call(read) for _ in range(rounds)]))
+    return a.nbytes / t / 1e9
+
+
 def machine(threads: int, thread_info: dict, dtype="float32", quick: bool = False) -> dict:
-    """This run's machine facts: CPU, pinned threads, measured GEMM peak and copy bandwidth."""
+    """This run's machine facts: CPU, pinned threads, measured GEMM peak, copy and read bandwidth (on ``threads``)."""
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
             **thread_info,
             "blas_peak_gflops": blas_peak_gflops(dtype, 512 if quick else 2048),
-            "copy_gbs": copy_bandwidth_gbs(16 if quick else 256)}
+            "copy_gbs": copy_bandwidth_gbs(16 if quick else 256, threads=threads),
+            "read_gbs": read_bandwidth_gbs(16 if quick else 256, threads=threads)}
 
 
 def write_json(path, payload: dict):
@@ -167,11 +195,12 @@ def parse_args(argv, doc: str, name, add_arguments=None, threads: int | None = N
 
 
 def run_pinned(a, run, cfg):
-    """Pin threads, measure this machine's BLAS peak and copy bandwidth, then ``run(cfg)``:
+    """Pin threads, measure this machine's BLAS peak, copy and read bandwidth, then ``run(cfg)``:
     returns (machine, rows)."""
     with pinned_threads(a.threads) as info:
         print(f"threads pinned: {info}")
         mach = machine(a.threads, info, quick=a.quick)
-        print(f"BLAS sgemm peak {mach['blas_peak_gflops']:.1f} GF/s, copy bandwidth {mach['copy_gbs']:.1f} GB/s")
+        print(f"BLAS sgemm peak {mach['blas_peak_gflops']:.1f} GF/s, copy bandwidth {mach['copy_gbs']:.1f} GB/s, "
+              f"read {mach['read_gbs']:.1f} GB/s")
         rows = run(cfg)
     return mach, rows

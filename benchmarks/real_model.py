@@ -15,8 +15,9 @@ d = 576, 9 query heads over 3 key/value heads, I = 1536, V = 49,152, tied head. 
            checkpointing; the child's peak before that step (building the model included) is recorded too.
            (Not ru_maxrss: Linux carries the parent's high-water mark into a forked child.)
   decode   greedy generation, prompt 32, 64 new tokens, batch 1 and 8, both sides without adapters, EOS off:
-           tokens/s, and the bandwidth floor of a decode step: the weights' bytes read once per step at the
-           copy bandwidth measured in the same run (harness.copy_bandwidth_gbs).
+           tokens/s, and the bandwidth floors of a decode step: the weights' bytes read once per step at the
+           copy bandwidth measured in the same run on the same threads (harness.copy_bandwidth_gbs, read + write
+           bytes), and at the read bandwidth (harness.read_bandwidth_gbs: what a stream that only reads gets).
 ``--threads N`` pins Numba, every BLAS (harness.pinned_threads) and torch (``torch.set_num_threads``) to N, in
 the memory children too. Before timing, the step and decode rows check that both sides compute the same numbers.
 """
@@ -212,6 +213,7 @@ def run(cfg, mach):
     ours.eval()
     theirs.eval()
     step_floor = decode_bytes(m) / (mach["copy_gbs"] * 1e9)
+    read_floor = decode_bytes(m) / (mach["read_gbs"] * 1e9)
     out["decode"] = []
     for B in dec["batches"]:
         prompt = np.random.default_rng(B).integers(0, m["V"], (B, dec["prompt"]))
@@ -228,15 +230,18 @@ def run(cfg, mach):
         checks[f"decode_b{B}_same_tokens"] = same
         res = harness.interleaved({"torch": their_decode, "lowrank": our_decode}, cfg["rounds"], "torch",
                                   cfg["target_s"], cfg["settle_s"])
-        row = dict(batch=B, prompt=dec["prompt"], new=dec["new"], floor_step_s=step_floor, same_tokens=same)
+        row = dict(batch=B, prompt=dec["prompt"], new=dec["new"], floor_step_s=step_floor,
+                   read_floor_step_s=read_floor, same_tokens=same)
         for k, v in res.items():
             row[k] = dict(median_s=v["median_s"], tokens_per_s=B * dec["new"] / v["median_s"],
                           step_s=v["median_s"] / dec["new"], over_floor=v["median_s"] / dec["new"] / step_floor,
+                          over_read_floor=v["median_s"] / dec["new"] / read_floor,
                           ratio_to_torch=v["ratio"], samples_s=v["samples_s"])
         out["decode"].append(row)
         print(f"decode B={B}: lowrank {row['lowrank']['tokens_per_s']:.1f} tok/s, torch {row['torch']['tokens_per_s']:.1f} "
-              f"tok/s; a step {row['lowrank']['step_s'] * 1e3:.2f} ms against a floor of {step_floor * 1e3:.2f} ms "
-              f"(x{row['lowrank']['over_floor']:.2f}; torch x{row['torch']['over_floor']:.2f}); same tokens {same:.3f}")
+              f"tok/s; a step {row['lowrank']['step_s'] * 1e3:.2f} ms against floors of {step_floor * 1e3:.2f} ms "
+              f"(copy: x{row['lowrank']['over_floor']:.2f}; torch x{row['torch']['over_floor']:.2f}) and "
+              f"{read_floor * 1e3:.2f} ms (read: x{row['lowrank']['over_read_floor']:.2f}); same tokens {same:.3f}")
     return out, checks
 
 
@@ -270,7 +275,7 @@ def main(argv=None):
         with harness.pinned_threads(a.threads) as info:
             mach_box = harness.machine(a.threads, info, quick=a.quick)
             print(f"threads pinned: {info}\nBLAS sgemm peak {mach_box['blas_peak_gflops']:.1f} GF/s, "
-                  f"copy bandwidth {mach_box['copy_gbs']:.1f} GB/s")
+                  f"copy bandwidth {mach_box['copy_gbs']:.1f} GB/s, read {mach_box['read_gbs']:.1f} GB/s")
             rows, checks = pinned_run(cfg)
             mach_box.update(torch_threads=torch.get_num_threads())
     finally:

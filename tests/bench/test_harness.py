@@ -1,5 +1,6 @@
 """benchmarks.harness: interleaved timing, and settling, which keeps what one variant leaves running
 (OpenBLAS's spinning workers after lowrank's GEMMs) out of the next variant's timed sample."""
+import threading
 import time
 
 from benchmarks import harness
@@ -41,3 +42,20 @@ def test_settle_runs_for_at_least_the_time_asked_and_at_least_once():
     calls.clear()
     harness.settle(lambda: calls.append(1), 0.0)
     assert calls == [1]
+
+
+def test_bandwidth_splits_cover_every_item_once_on_that_many_threads():
+    """The copy and read bandwidths run on the pinned thread count: each item in exactly one slice, each slice on
+    its own thread."""
+    for threads, size in ((1, 10), (2, 10), (3, 7)):
+        seen, names = [], set()
+
+        def work(s):
+            seen.extend(range(size)[s])
+            names.add(threading.current_thread().name)
+            time.sleep(0.01)                 # so that no thread takes two slices
+        with harness._split(threads, size, work) as run:
+            run()
+        assert sorted(seen) == list(range(size)) and len(names) == threads
+    for threads in (1, 2):
+        assert harness.copy_bandwidth_gbs(4, 2, threads) > 0 and harness.read_bandwidth_gbs(4, 2, threads) > 0

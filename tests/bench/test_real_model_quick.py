@@ -30,6 +30,9 @@ def test_quick_real_model_times_both_sides_and_they_agree(tmp_path):
     assert [r["batch"] for r in rows["decode"]] == list(real_model.QUICK["decode"]["batches"])
     for r in rows["decode"]:
         assert r["floor_step_s"] > 0 and all(r[side]["tokens_per_s"] > 0 for side in ("lowrank", "torch"))
+        bytes_ = real_model.decode_bytes(real_model.QUICK["model"])
+        assert r["read_floor_step_s"] == pytest.approx(bytes_ / (m["read_gbs"] * 1e9))
+        assert r["lowrank"]["over_read_floor"] == pytest.approx(r["lowrank"]["step_s"] / r["read_floor_step_s"])
     assert [r["variant"] for r in rows["memory"]] == list(real_model.QUICK["memory"])
     for r in rows["memory"]:                     # each child holds its own side only: lowrank's never imports torch
         assert r["torch_imported"] == r["variant"].startswith("torch")
