@@ -228,7 +228,7 @@ class LlamaAttention(Module):
     def _probabilities(self, kern, q, k, attention_mask, r0, r1, k0):
         """P = causal_softmax(q kᵀ) (B, H_kv, G, b, n) of one block (``_blocks``: q the queries r0..r1−1, its
         n = r1 − k0 keys from k0), the window and the padding applied: forward's, and backward's again (recomputing
-        it costs one product of the step's and a softmax; keeping it, the layer's largest activation, B·H·T²/2)."""
+        it costs one product of the step's and a softmax; keeping it, the layer's largest activation, ~B·H·T²/2)."""
         mask = None if attention_mask is None else attention_mask[:, k0:r1]   # (B, n)
         S = kern.matmul(q, k[:, :, None, k0:r1].swapaxes(-1, -2))             # (B, H_kv, G, b, n)
         P = kern.causal_softmax(_slide(S, self.sliding_window, r0 - k0), mask, r0 - k0)
