@@ -10,26 +10,15 @@ Per shape (D_out, D_in, r) it prints the median seconds of each form, their rati
 from __future__ import annotations
 
 import argparse
-import tracemalloc
 
 import numpy as np
 
 from lowrank.tuners.lora.dora import dora_norm, dora_norm_materialised
 
-from .harness import interleaved, machine, pinned_threads, write_json
+from .harness import interleaved, machine, peak_bytes, pinned_threads, write_json
 
 SHAPES = [(1024, 1024, 8), (2048, 2048, 16), (4096, 1024, 8), (2048, 2048, 64), (4096, 4096, 16)]
 QUICK_SHAPES = [(512, 512, 8), (1024, 1024, 16)]
-
-
-def peak_bytes(fn) -> int:
-    """Bytes newly allocated at the peak of one call of ``fn`` (NumPy reports to tracemalloc)."""
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def run_shape(D_out, D_in, r, rounds, dtype="float32") -> dict:

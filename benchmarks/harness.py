@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -86,6 +87,17 @@ def interleaved(variants: dict, rounds: int, base: str, target_s: float = 0.02, 
                 "ratio": float(np.median(np.array(s) / b)), "rounds": rounds, "inner": inner[n],
                 "samples_s": [float(t) for t in s]}
             for n, s in samples.items()}
+
+
+def peak_bytes(fn) -> int:
+    """The most bytes Python allocated at once while ``fn()`` ran (NumPy reports to tracemalloc; a mapped file
+    is not an allocation)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def blas_peak_gflops(dtype="float32", n: int = 2048, rounds: int = 5) -> float:

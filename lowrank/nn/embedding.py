@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .device import get_array_module
-from .layers import check_dtype
+from .layers import check_dtype, initial
 from .module import Module, Parameter
 
 
@@ -40,7 +40,8 @@ class Embedding(Module):
         dt = check_dtype("Embedding", dtype)
         rng = np.random.default_rng(seed)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(rng.standard_normal((num_embeddings, embedding_dim)).astype(dt))
+        shape = (num_embeddings, embedding_dim)
+        self.weight = Parameter(initial(shape, dt, lambda: rng.standard_normal(shape)))
 
     def check_ids(self, ids):
         """TypeError/ValueError naming this layer unless ``ids`` is an integer array of ids in [0, V)."""

@@ -5,6 +5,8 @@ PyTorch's Linear, so y = x Wᵀ + b and state dicts carry over name for name.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import weakref
 from typing import NamedTuple
@@ -17,10 +19,31 @@ from .dispatch import kernels_for
 from .module import Module, Parameter, Sequential, memory_owner
 
 
+_EMPTY = contextvars.ContextVar("lowrank.nn.init_empty_weights", default=False)
+
+
+@contextlib.contextmanager
+def init_empty_weights():
+    """Within: new layers hold no weights, each parameter a zero-strided placeholder of its shape and dtype (no
+    memory, nothing drawn): for a model whose weights a file replaces (accelerate's name for the same)."""
+    token = _EMPTY.set(True)
+    try:
+        yield
+    finally:
+        _EMPTY.reset(token)
+
+
+def initial(shape, dtype, draw):
+    """A layer's initial weight: ``draw()`` as ``dtype``, or its placeholder under ``init_empty_weights``."""
+    if _EMPTY.get():
+        return np.broadcast_to(np.zeros((), dtype), shape)
+    return draw().astype(dtype)
+
+
 def kaiming_uniform(rng, shape, fan_in, dtype):
     """PyTorch's Linear init: Kaiming-uniform with a = √5, i.e. U(−1/√fan_in, 1/√fan_in)."""
     bound = 1.0 / math.sqrt(fan_in)
-    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+    return initial(shape, dtype, lambda: rng.uniform(-bound, bound, size=shape))
 
 
 def check_dtype(owner: str, dtype) -> np.dtype:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .dispatch import kernels_for
-from .layers import check_dtype
+from .layers import check_dtype, initial
 from .module import Module, Parameter
 
 
@@ -32,7 +32,7 @@ class RMSNorm(Module):
         if dim < 1 or not eps >= 0:
             raise ValueError(f"RMSNorm: dim must be >= 1 and eps >= 0, got dim={dim}, eps={eps}")
         self.dim, self.eps = dim, float(eps)
-        self.weight = Parameter(np.ones(dim, dtype=check_dtype("RMSNorm", dtype)))
+        self.weight = Parameter(initial((dim,), check_dtype("RMSNorm", dtype), lambda: np.ones(dim)))
 
     def _check(self, x):
         if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != self.dim:

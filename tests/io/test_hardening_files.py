@@ -7,12 +7,12 @@ import multiprocessing
 import os
 import signal
 import threading
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import lowrank as lr
+from benchmarks.harness import peak_bytes
 from lowrank.io import atomic, tensor_files
 from lowrank.io.tensor_files import FileFormatError, read_tensor_file, tensor_file_bytes
 
@@ -22,16 +22,6 @@ CONFIG, WEIGHTS, ARGS = "config.json", "model.safetensors", "training_args.json"
 
 
 # -- reading: the header first, no copies, no echo --------------------------------------------
-def traced_peak(fn) -> int:
-    """Peak bytes Python allocated while ``fn`` ran (a mapped file is not an allocation)."""
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_junk_header_is_refused_before_the_data_is_read(tmp_path):
     path = tmp_path / "junk.safetensors"
     with open(path, "wb") as f:
@@ -40,7 +30,7 @@ def test_a_junk_header_is_refused_before_the_data_is_read(tmp_path):
     def read():
         with pytest.raises(FileFormatError, match="header is not JSON"):
             read_tensor_file(path)
-    assert traced_peak(read) < 1 * MiB                         # the whole file would be 256 MiB (twice, copied)
+    assert peak_bytes(read) < 1 * MiB                         # the whole file would be 256 MiB (twice, copied)
 
 
 def test_reading_maps_the_tensors_without_copying_them(tmp_path):
@@ -48,7 +38,7 @@ def test_reading_maps_the_tensors_without_copying_them(tmp_path):
     path = tmp_path / "w.safetensors"
     path.write_bytes(tensor_file_bytes({"w": w, "b": np.arange(3, dtype=np.int64)}))
     got = {}
-    peak = traced_peak(lambda: got.update(read_tensor_file(path)[0]))
+    peak = peak_bytes(lambda: got.update(read_tensor_file(path)[0]))
     assert peak < 4 * MiB, f"{peak / MiB:.1f} MiB allocated to read a {w.nbytes / MiB:.0f} MiB tensor"
     np.testing.assert_array_equal(got["w"], w)
     assert got["w"].flags.writeable

@@ -30,6 +30,7 @@ embedding's scatter-add both accumulate into its ``.grad``.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ import numpy as np
 
 from ...nn.device import get_array_module
 from ...nn.dispatch import kernels_for
-from ...nn.layers import Dense, check_dtype
+from ...nn.layers import Dense, check_dtype, init_empty_weights
 from ...nn.losses_lm import CausalLMLoss, LinearCrossEntropyLoss
 from ...nn.module import Module, Sequential
 from ...nn import Embedding, LlamaAttention, LlamaMLP, RMSNorm
@@ -218,21 +219,19 @@ class LlamaForCausalLM(Module):
         check_dtype("LlamaForCausalLM", dtype)                   # float32 or float64; files in 16 bits are upcast
         rng = np.random.default_rng(seed)
         self.config = config
-        self.model = LlamaModel(config, dtype=dtype, seed=int(rng.integers(2**31)))
-        if config.tie_word_embeddings:
-            self.lm_head = TiedLMHead(self.model.embed_tokens)
-        else:
-            self.lm_head = Dense(config.hidden_size, config.vocab_size, False, dtype=dtype)
-        for name, p in self.named_parameters() if init_weights else ():   # transformers' init (skipped when
-            if p.data.ndim == 2:                                                # weights are loaded over it)
-                p.data = (rng.standard_normal(p.shape) * config.initializer_range).astype(p.dtype)
-            elif name.endswith(".bias"):
-                p.data = np.zeros_like(p.data)
-        if init_weights:
-            self.flatten_parameters()                                    # one block: decoding streams it
-        else:                                        # weights are loaded over it: free the layers' own draws now
-            for p in self.parameters():
-                p.data = np.broadcast_to(np.zeros((), p.dtype), p.shape)         # same shape and dtype, no memory
+        with contextlib.nullcontext() if init_weights else init_empty_weights():   # not: a file's weights follow
+            self.model = LlamaModel(config, dtype=dtype, seed=int(rng.integers(2**31)))
+            if config.tie_word_embeddings:
+                self.lm_head = TiedLMHead(self.model.embed_tokens)
+            else:
+                self.lm_head = Dense(config.hidden_size, config.vocab_size, False, dtype=dtype)
+        if init_weights:                                                 # transformers' init, then one block:
+            for name, p in self.named_parameters():                      # decoding streams it
+                if p.data.ndim == 2:
+                    p.data = (rng.standard_normal(p.shape) * config.initializer_range).astype(p.dtype)
+                elif name.endswith(".bias"):
+                    p.data = np.zeros_like(p.data)
+            self.flatten_parameters()
 
     @property
     def dtype(self):
