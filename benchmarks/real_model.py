@@ -18,6 +18,9 @@ d = 576, 9 query heads over 3 key/value heads, I = 1536, V = 49,152, tied head. 
            tokens/s, and the bandwidth floors of a decode step: the weights' bytes read once per step at the
            copy bandwidth measured in the same run on the same threads (harness.copy_bandwidth_gbs, read + write
            bytes), and at the read bandwidth (harness.read_bandwidth_gbs: what a stream that only reads gets).
+  load     the model saved by lowrank (checksums in the file) and by transformers, each load in a fresh process:
+           reading model.safetensors' bytes, lowrank's from_pretrained of either folder, transformers' of its own;
+           the median time over reading the file, and the resident memory a load adds over the parameters' bytes.
 ``--threads N`` pins Numba, every BLAS (harness.pinned_threads) and torch (``torch.set_num_threads``) to N, in
 the memory children too. Before timing, the step and decode rows check that both sides compute the same numbers.
 """
@@ -27,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -41,6 +45,7 @@ QUICK = dict(model=dict(layers=2, d=32, heads=4, kv_heads=2, I=64, V=512), step=
              decode=dict(prompt=4, new=4, batches=(1, 2)), rounds=2, settle_s=0.001, target_s=0.002,
              memory=("lowrank_checkpointing", "torch"))
 MEMORY_VARIANTS = FULL["memory"]
+LOAD_VARIANTS = ("read", "lowrank", "lowrank_transformers_file", "torch")   # the load row's children
 
 
 def config_kwargs(m, T=256):
@@ -172,16 +177,74 @@ def memory_child(variant, cfg, threads):
                               process_peak_mb=process_peak / 1024, torch_imported="torch" in sys.modules)))
 
 
+def _child(flags, threads, quick) -> dict:
+    """This module run in a fresh process with ``flags`` (a child's hidden flags): its last line of output, parsed."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.real_model", *flags, "--threads", str(threads)]
+                         + (["--quick"] if quick else []), capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def memory_row(cfg, threads, quick):
     rows = []
     for variant in cfg["memory"]:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.real_model", "--memory-child", variant,
-                              "--threads", str(threads)] + (["--quick"] if quick else []),
-                             capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(_child(["--memory-child", variant], threads, quick))
         print(f"memory {variant:22s} step peak {rows[-1]['step_peak_mb']:8.1f} MB (RSS before it "
               f"{rows[-1]['rss_before_mb']:.1f} MB; the child's peak before it, building included, "
               f"{rows[-1]['process_peak_mb']:.1f} MB)")
+    return rows
+
+
+# -- the load row: a fresh process per load -------------------------------------------------------
+def load_child(variant, folder, threads):
+    """In a child process: time one load of ``folder`` (a save_pretrained folder) and the resident memory it adds;
+    'read' reads model.safetensors' bytes, the others build the model from the folder. Prints a JSON line."""
+    with harness.pinned_threads(threads):
+        if variant.startswith("lowrank"):
+            import lowrank as lr
+            load = lambda: lr.LlamaForCausalLM.from_pretrained(folder)            # noqa: E731
+        elif variant == "torch":
+            import torch
+            import transformers
+            torch.set_num_threads(threads)
+            load = lambda: transformers.LlamaForCausalLM.from_pretrained(folder)  # noqa: E731
+        else:
+            load = lambda: open(os.path.join(folder, "model.safetensors"), "rb").read()   # noqa: E731
+        before = _status_kb("VmRSS")
+        t = time.perf_counter()
+        held = load()
+        load_s = time.perf_counter() - t
+        print(json.dumps(dict(variant=variant, load_s=load_s, rss_added_mb=(_status_kb("VmRSS") - before) / 1024)))
+        del held
+
+
+def load_row(cfg, threads, quick):
+    """The model saved by lowrank (its checksums in the file) and by transformers (none) into a temporary folder,
+    then each of LOAD_VARIANTS in its own process, ``rounds`` rounds in turn (the files in the page cache, as the
+    first read leaves them): the median load time over reading the file's bytes, the resident memory a load
+    adds over the parameters' bytes."""
+    m, T = cfg["model"], cfg["step"]["T"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {"lowrank": os.path.join(tmp, "lowrank"), "transformers": os.path.join(tmp, "transformers")}
+        ours = build_ours(m, 8, T, lora=False)
+        param_mb = sum(p.data.nbytes for p in ours.parameters()) / 2**20
+        ours.save_pretrained(folders["lowrank"])
+        build_theirs(m, 8, T, lora=False).save_pretrained(folders["transformers"])
+        del ours
+        samples = {v: [] for v in LOAD_VARIANTS}
+        for k in range(cfg["rounds"]):
+            for v in LOAD_VARIANTS[k % 4:] + LOAD_VARIANTS[:k % 4]:
+                folder = folders["lowrank" if v in ("read", "lowrank") else "transformers"]
+                samples[v].append(_child(["--load-child", v, "--load-folder", folder], threads, quick))
+    read_s = float(np.median([r["load_s"] for r in samples["read"]]))
+    rows = []
+    for v, runs in samples.items():
+        load_s = float(np.median([r["load_s"] for r in runs]))
+        added = float(np.median([r["rss_added_mb"] for r in runs]))
+        rows.append(dict(variant=v, load_s=load_s, over_read=load_s / read_s, rss_added_mb=added,
+                         rss_over_params=added / param_mb, param_mb=param_mb, samples_s=[r["load_s"] for r in runs]))
+        print(f"load   {v:26s} {load_s:7.3f} s ({load_s / read_s:.2f}x reading the file); resident memory "
+              f"+{added:.1f} MB ({added / param_mb:.2f}x the parameters' {param_mb:.1f} MB)")
     return rows
 
 
@@ -253,10 +316,14 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 2 with --quick)")
     p.add_argument("--out", default=None, help="JSON path (default results/real_model_t{N}[_quick].json)")
     p.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--load-child", choices=LOAD_VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--load-folder", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     cfg = dict(QUICK if a.quick else FULL)
-    if a.memory_child:                       # before torch is imported: lowrank's child holds lowrank only
+    if a.memory_child:                       # before torch is imported: lowrank's children hold lowrank only
         return memory_child(a.memory_child, cfg, a.threads)
+    if a.load_child:
+        return load_child(a.load_child, a.load_folder, a.threads)
     try:
         import peft
         import torch
@@ -281,6 +348,7 @@ def main(argv=None):
     finally:
         torch.set_num_threads(torch_threads)
     rows["memory"] = memory_row(cfg, a.threads, a.quick)
+    rows["load"] = load_row(cfg, a.threads, a.quick)
     mach_box.update(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
     payload = dict(command="python -m benchmarks.real_model" + (" --quick" if a.quick else "") + f" --threads {a.threads}",
                    argv=sys.argv[1:] if argv is None else list(argv), machine=mach_box, config=cfg, rows=rows,

@@ -37,6 +37,12 @@ def test_quick_real_model_times_both_sides_and_they_agree(tmp_path):
     for r in rows["memory"]:                     # each child holds its own side only: lowrank's never imports torch
         assert r["torch_imported"] == r["variant"].startswith("torch")
         assert 0 < r["rss_before_mb"] <= r["step_peak_mb"] and r["rss_before_mb"] <= r["process_peak_mb"]
+    assert [r["variant"] for r in rows["load"]] == list(real_model.LOAD_VARIANTS)   # each load in its own process
+    read_s = rows["load"][0]["load_s"]
+    for r in rows["load"]:
+        assert r["load_s"] > 0 and r["param_mb"] > 0 and len(r["samples_s"]) == real_model.QUICK["rounds"]
+        assert r["over_read"] == pytest.approx(r["load_s"] / read_s)
+        assert r["rss_over_params"] == pytest.approx(r["rss_added_mb"] / r["param_mb"])
     assert checks["step_loss"] <= 1e-5 and checks["step_lora_grads"] <= 1e-4      # float32 on both sides
     assert all(checks[f"decode_b{B}_same_tokens"] >= 0.75 for B in real_model.QUICK["decode"]["batches"])
 
