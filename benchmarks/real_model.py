@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -209,7 +210,7 @@ def load_child(variant, folder, threads):
             torch.set_num_threads(threads)
             load = lambda: transformers.LlamaForCausalLM.from_pretrained(folder)  # noqa: E731
         else:
-            load = lambda: open(os.path.join(folder, "model.safetensors"), "rb").read()   # noqa: E731
+            load = (Path(folder) / "model.safetensors").read_bytes
         before = _status_kb("VmRSS")
         t = time.perf_counter()
         held = load()
@@ -233,7 +234,7 @@ def load_row(cfg, threads, quick):
         del ours
         samples = {v: [] for v in LOAD_VARIANTS}
         for k in range(cfg["rounds"]):
-            for v in LOAD_VARIANTS[k % 4:] + LOAD_VARIANTS[:k % 4]:
+            for v in LOAD_VARIANTS[k % len(LOAD_VARIANTS):] + LOAD_VARIANTS[:k % len(LOAD_VARIANTS)]:   # in turn
                 folder = folders["lowrank" if v in ("read", "lowrank") else "transformers"]
                 samples[v].append(_child(["--load-child", v, "--load-folder", folder], threads, quick))
     read_s = float(np.median([r["load_s"] for r in samples["read"]]))

@@ -219,14 +219,14 @@ class LlamaForCausalLM(Module):
         check_dtype("LlamaForCausalLM", dtype)                   # float32 or float64; files in 16 bits are upcast
         rng = np.random.default_rng(seed)
         self.config = config
-        with contextlib.nullcontext() if init_weights else init_empty_weights():   # not: a file's weights follow
+        with contextlib.nullcontext() if init_weights else init_empty_weights():   # else a file's weights follow
             self.model = LlamaModel(config, dtype=dtype, seed=int(rng.integers(2**31)))
             if config.tie_word_embeddings:
                 self.lm_head = TiedLMHead(self.model.embed_tokens)
             else:
                 self.lm_head = Dense(config.hidden_size, config.vocab_size, False, dtype=dtype)
-        if init_weights:                                                 # transformers' init, then one block:
-            for name, p in self.named_parameters():                      # decoding streams it
+        if init_weights:                                    # transformers' init, then one block (decoding streams it)
+            for name, p in self.named_parameters():
                 if p.data.ndim == 2:
                     p.data = (rng.standard_normal(p.shape) * config.initializer_range).astype(p.dtype)
                 elif name.endswith(".bias"):
