@@ -24,6 +24,7 @@ from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
 
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
+from lowrank.nn import attention as attention_module
 from lowrank.nn.kv_cache import KVCache
 from lowrank.nn.rotary import rope_inv_freq, rope_tables
 from lowrank.training.accounting import activation_bytes
@@ -130,8 +131,10 @@ def assert_close(actual, expected, rtol):
     assert err <= rtol, f"relative error {err:.3g} > {rtol}"
 
 
+@pytest.mark.parametrize("block", [64, 2])                # T = 7 in one block of queries, or in four
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_logits_and_gradients_equal_transformers(tmp_path, wide, family):
+def test_logits_and_gradients_equal_transformers(tmp_path, wide, family, block, monkeypatch):
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", block)
     hf, ours = twins(family, tmp_path)
     theirs = dict(hf.named_parameters())
     assert sorted(theirs) == sorted(n for n, _ in ours.named_parameters())
