@@ -213,7 +213,7 @@ class LlamaAttention(Module):
         q, k, v = self._qkv(kern, x, cos, sin)                                 # (B, H_kv, [G,] T, h)
         O = xp.empty((B, T, H_kv, G, h), q.dtype)                             # (B, T, H_kv, G, h): o_proj's rows
         for r0, r1, k0 in self._blocks(T):                                     # queries r0.., the keys k0.. they see
-            P = self._probabilities(kern, q[:, :, :, r0:r1], k, attention_mask, r0, r1, k0)   # (B, H_kv, G, b, n)
+            P = self._probabilities(kern, q[:, :, :, r0:r1], k[:, :, None, k0:r1], attention_mask, r0, r1, k0)
             O[:, r0:r1] = kern.matmul(P, v[:, :, None, k0:r1]).transpose(0, 3, 1, 2, 4)      # (B, b, H_kv, G, h)
         self._cache = AttentionCache(q, k, v, attention_mask, cos, sin, x.shape)   # q already scaled; no P
         return self.o_proj.forward(O.reshape(B * T, H_kv * G * h)).reshape(B, T, d)   # (B, T, d)
@@ -226,11 +226,12 @@ class LlamaAttention(Module):
             yield r0, min(r0 + QUERY_BLOCK, T), 0 if W is None else max(0, r0 - W + 1)
 
     def _probabilities(self, kern, q, k, attention_mask, r0, r1, k0):
-        """P = causal_softmax(q kᵀ) (B, H_kv, G, b, n) of one block (``_blocks``: q the queries r0..r1−1, its
-        n = r1 − k0 keys from k0), the window and the padding applied: forward's, and backward's again (recomputing
-        it costs one product of the step's and a softmax; keeping it, the layer's largest activation, ~B·H·T²/2)."""
+        """P = causal_softmax(q kᵀ) (B, H_kv, G, b, n) of one block (``_blocks``: q (B, H_kv, G, b, h) the queries
+        r0..r1−1, k (B, H_kv, 1, n, h) the keys k0..r1−1), the window and the padding applied: forward's, and
+        backward's again (recomputing it costs one product of the step's and a softmax; keeping it, the layer's
+        largest activation, ~B·H·T²/2)."""
         mask = None if attention_mask is None else attention_mask[:, k0:r1]   # (B, n)
-        S = kern.matmul(q, k[:, :, None, k0:r1].swapaxes(-1, -2))             # (B, H_kv, G, b, n)
+        S = kern.matmul(q, k.swapaxes(-1, -2))                                # (B, H_kv, G, b, n)
         P = kern.causal_softmax(_slide(S, self.sliding_window, r0 - k0), mask, r0 - k0)
         return _sees_a_token(P, mask, self.sliding_window, r0 - k0)
 
@@ -248,7 +249,7 @@ class LlamaAttention(Module):
         for r0, r1, k0 in self._blocks(T):                                     # as forward's blocks
             qb, dOb = q[:, :, :, r0:r1], dO[:, :, :, r0:r1]                    # (B, H_kv, G, b, h)
             kb, vb = k[:, :, None, k0:r1], v[:, :, None, k0:r1]                # (B, H_kv, 1, n, h)
-            P = self._probabilities(kern, qb, k, attention_mask, r0, r1, k0)   # (B, H_kv, G, b, n), forward's
+            P = self._probabilities(kern, qb, kb, attention_mask, r0, r1, k0)  # (B, H_kv, G, b, n), forward's
             dP = kern.matmul(dOb, vb.swapaxes(-1, -2))                         # (B, H_kv, G, b, n)
             dv[:, :, k0:r1] += _sum_group(kern.matmul(P.swapaxes(-1, -2), dOb))   # (B, H_kv, n, h), Σ over G
             dS = kern.causal_softmax_backward(dP, P)                           # P ⊙ (dP − rowsum(dP ⊙ P))

@@ -125,4 +125,3 @@ def test_a_decode_step_attends_in_one_kernel_call_a_layer(window):
         assert all(a.flags.c_contiguous and np.shares_memory(a, buf) for a, buf in zip(call.args[1:3],
                                                                                           (cache.k, cache.v)))
     np.testing.assert_allclose(step, model.forward(ids)[:, -1], rtol=1e-5, atol=1e-5)
-

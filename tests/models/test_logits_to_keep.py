@@ -1,10 +1,10 @@
 """``logits_to_keep`` (transformers' argument): the last k positions' logits, equal to the full forward's, their
 backward equal to the full backward's with zero dlogits elsewhere; bad values refused; ``generate``'s prefill asks
 for the last position only (the head runs on B rows, not B·T), as transformers' generate does."""
+from unittest import mock
+
 import numpy as np
 import pytest
-
-from unittest import mock
 
 from lowrank.models.llama import LlamaConfig, LlamaForCausalLM
 

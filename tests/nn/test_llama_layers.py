@@ -143,13 +143,6 @@ def test_attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, 
     """On both kernel backends of RoPE and the softmax: the reference's array code and Numba's loops; with
     Mistral's sliding window and Qwen3's per-head q/k RMSNorm (its weights moved off ones); the queries in
     blocks of 1, 2, 3 or (here: all in one) 64."""
-    with mock.patch.object(attention_module, "QUERY_BLOCK", block):
-        _attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, bias, masked, seed, backend,
-                                                              window, qk_norm)
-
-
-def _attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, bias, masked, seed, backend,
-                                                          window, qk_norm):
     rng = np.random.default_rng(seed)
     attn = LlamaAttention(d, H_kv * G, H_kv, h, rope_theta=100.0, bias=bias, qk_norm=qk_norm, sliding_window=window,
                           dtype="float64", seed=seed)
@@ -159,8 +152,10 @@ def _attention_matches_naive_loops_and_finite_differences(B, T, H_kv, G, h, d, b
             p.data = 1 + 0.3 * rng.standard_normal(p.shape)
     mask = rng.integers(0, 2, (B, T)) if masked else None                    # rows with no visible key included
     x = rng.standard_normal((B, T, d))
-    np.testing.assert_allclose(attn(x, mask).reshape(B * T, d), naive_attention(x, attn, mask), rtol=1e-10, atol=1e-12)
-    check_module(WithMask(attn, mask), x, seed=seed, rtol=1e-6)
+    with mock.patch.object(attention_module, "QUERY_BLOCK", block):
+        np.testing.assert_allclose(attn(x, mask).reshape(B * T, d), naive_attention(x, attn, mask), rtol=1e-10,
+                                   atol=1e-12)
+        check_module(WithMask(attn, mask), x, seed=seed, rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
