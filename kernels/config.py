@@ -3,6 +3,7 @@
 Tests shrink block sizes here so that tiny inputs cross block borders.
 Each backend reads its own section; nothing else hard-codes these numbers.
 """
+import os
 
 # --- tolerances: every backend vs the NumPy reference (O(1) data) -------------------
 RTOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
@@ -38,6 +39,10 @@ NUMBA_POOL_MIN_ELEMENTS = 1 << 14
 # above it, BLAS's GEMM is the faster (results beside that benchmark).
 NUMBA_SMALL_M = 32
 NUMBA_GEMV_IR = True      # numba: float32's few-row products by numba_cpu/gemv.py's prefetching IR; False: small_m
+# The BLAS of those tasks: 'mkl' (the `mkl` wheel, numba_cpu/mkl.py), 'scipy' (the OpenBLAS SciPy bundles) or
+# 'auto' (MKL when installed); read once, when numba_cpu is imported, from the environment variable LOWRANK_BLAS.
+# With MKL, one thread's products are tasks too (NumPy's BLAS is OpenBLAS).
+NUMBA_BLAS = os.environ.get("LOWRANK_BLAS", "auto")
 # columns per block in the gradient accumulation kernel (threads own disjoint column blocks)
 NUMBA_COL_BLOCK = 512
 # Threads of the BLAS that SciPy bundles, numba_cpu's own (the in-place rank-r GEMMs, and the pool's GEMM

@@ -2,10 +2,10 @@
 
 The semantics are ``reference``'s, file for file (lora.py, multi.py, nf4.py, attention.py,
 activations.py, norm.py); the files here say how they compute it. Backend-private: ``blas.py``
-(the products, the float16 fallback), ``pool.py`` (the one thread pool, SciPy's BLAS pinned to one
-thread), ``cache.py`` (the on-disk cache of compiled kernels), ``loops.py`` (the Numba loops of the
-rank-r parts), ``nf4_avx2.py`` (NF4 decode by AVX2 byte shuffles), ``vexp.py`` (an e^x that
-vectorizes, for the softmax and SwiGLU loops).
+(the products, the float16 fallback), ``mkl.py`` (MKL as their BLAS), ``pool.py`` (the one thread
+pool, SciPy's BLAS pinned to one thread), ``cache.py`` (the on-disk cache of compiled kernels),
+``loops.py`` (the Numba loops of the rank-r parts), ``nf4_avx2.py`` (NF4 decode by AVX2 byte
+shuffles), ``vexp.py`` (an e^x that vectorizes, for the softmax and SwiGLU loops).
 
 The LoRA term s·h Bᵀ is added into the finished y = x Wᵀ by one more GEMM with beta = 1
 (``blas.gemm_acc``), so it needs no (N, D_out) temporary and no separate add pass; the shrink
@@ -14,10 +14,11 @@ concatenated and merged ones). The loops of ``loops.py`` carry what BLAS cannot 
 dropout mask folded into h, dA and dx without an (N, D_in) x ⊙ mask temporary, and the per-row
 adapter gather of multi-adapter batches.
 
-Threads: one pool for everything, Numba's (``pool.py``): the products are ``np.dot`` calls on it,
-each on SciPy's single-threaded BLAS (``blas.matmul``), and the loops' ``prange`` runs on it, so no
-second pool spins against it. Without a usable pool (``config.NUMBA_PARALLEL`` off, one thread,
-Numba's 'workqueue' layer, a forked child) the products are NumPy's and the loops serial.
+Threads: one pool for everything, Numba's (``pool.py``): the products are GEMM calls on it, each on a
+single-threaded BLAS (``blas.matmul``: SciPy's OpenBLAS, or MKL where installed, ``mkl.py``), and the
+loops' ``prange`` runs on it, so no second pool spins against it. Without a usable pool
+(``config.NUMBA_PARALLEL`` off, one thread, Numba's 'workqueue' layer, a forked child) the products are
+NumPy's (with MKL: the same GEMM calls on the calling thread) and the loops serial.
 
 Inputs of any layout are accepted: BLAS takes transposed operands as they are, and the Numba loops
 get ``np.ascontiguousarray`` copies (a no-op for C-ordered inputs).

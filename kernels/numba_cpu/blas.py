@@ -1,14 +1,16 @@
 """BLAS calls of numba_cpu, and its one fallback: float16, which has no BLAS here, runs in the reference.
 
 NumPy and SciPy wheels each bundle their own OpenBLAS. SciPy's is pinned to one thread on import
-(``pool.pin_scipy_blas``) and is this backend's: the rank-r GEMMs that accumulate in place (beta = 1,
-``gemm_acc``) call it on the calling thread, and every other product (``matmul``) is cut into GEMM
-tasks that Numba's pool runs on it, one task per thread (see ``pool.py``). Without a usable pool
-the products are NumPy's (``a @ b``, its BLAS threads).
+(``pool.pin_scipy_blas``): the rank-r GEMMs that accumulate in place (beta = 1, ``gemm_acc``) call it on
+the calling thread. Every other product (``matmul``) is cut into GEMM tasks that Numba's pool runs, one
+task per thread (see ``pool.py``), on ``PROVIDER``'s BLAS: SciPy's OpenBLAS or, where the ``mkl`` wheel is
+installed, MKL (``mkl.py``; ``config.NUMBA_BLAS``). Without a usable pool the products are NumPy's
+(``a @ b``, its BLAS threads), or with MKL the same tasks on the calling thread.
 
-``matmul`` calls SciPy's ``sgemm``/``dgemm`` (``sgemv``/``dgemv`` for a row or column vector) from
-compiled code through their addresses (``scipy.linalg.cython_blas``), registered once as the symbols
-``lowrank_sgemm`` ... so that the cached machine code names a symbol, not an address of one process. Operands of
+``matmul`` calls that BLAS's ``sgemm``/``dgemm`` (``sgemv``/``dgemv`` for a row or column vector) from
+compiled code through their addresses (SciPy's ``scipy.linalg.cython_blas``, or MKL's), registered once as
+the symbols ``lowrank_sgemm`` ... so that the cached machine code names a symbol, not an address of one
+process. Operands of
 any strides with one unit stride per matrix go in as they are (a transposed or head-major view is
 not copied), broadcast batch axes by their offsets. Numba's own ``np.dot`` calls the same BLAS but
 takes only C- or F-ordered matrices, so a block of columns or a head-major view would be copied first.
@@ -24,7 +26,7 @@ from numba.extending import get_cython_function_address
 from scipy.linalg import blas
 
 from .. import common, config, reference
-from . import gemv, pool, small_m
+from . import gemv, mkl, pool, small_m
 
 half_to_reference = common.fallback(np.float16, reference)
 """Decorator of every dense/LoRA/BGMV/SGMV function here: float16 has neither BLAS nor Numba
@@ -68,8 +70,25 @@ def base_product(x, W, bias):
 
 
 # -- products on Numba's pool -------------------------------------------------------------------
-for _name in ("sgemm", "dgemm", "sgemv", "dgemv"):
-    llvmlite.binding.add_symbol(f"lowrank_{_name}", get_cython_function_address("scipy.linalg.cython_blas", _name))
+def _provider(choice: str):
+    """(name, {routine: address}) of the pool's BLAS: 'mkl' (``mkl.py``) or 'scipy' (SciPy's OpenBLAS); 'auto' is
+    MKL when it loads, else SciPy's."""
+    if choice not in ("auto", "mkl", "scipy"):
+        raise ValueError(f"numba_cpu's BLAS: LOWRANK_BLAS (config.NUMBA_BLAS) must be 'auto', 'mkl' or 'scipy', "
+                         f"got {choice!r}")
+    if choice != "scipy":
+        try:
+            return "mkl", mkl.load()
+        except ImportError:
+            if choice == "mkl":
+                raise
+    return "scipy", {name: get_cython_function_address("scipy.linalg.cython_blas", name) for name in mkl.ROUTINES}
+
+
+PROVIDER, _addresses = _provider(config.NUMBA_BLAS)
+"""The BLAS whose GEMM the pool's tasks call: 'mkl' or 'scipy'; chosen once, at import."""
+for _name, _address in _addresses.items():
+    llvmlite.binding.add_symbol(f"lowrank_{_name}", _address)
 _GEMM, _GEMV = types.void(*[types.uintp] * 13), types.void(*[types.uintp] * 11)   # Fortran BLAS: all by address
 _sgemm, _dgemm = (types.ExternalFunction(f"lowrank_{p}gemm", _GEMM) for p in "sd")
 _sgemv, _dgemv = (types.ExternalFunction(f"lowrank_{p}gemv", _GEMV) for p in "sd")
@@ -201,9 +220,9 @@ def matmul(a, b, alpha=1.0, out=None):
     caller's to check (``validate.matmul``).
 
     On the pool, GEMM tasks (``_split_tasks``): a matrix each, or blocks of one when there are fewer
-    matrices than threads. Without a usable pool, for float16 and mixed dtypes, and below
-    ``config.NUMBA_POOL_MIN_MACS``: NumPy's ``a @ b``. A layer calls the same shapes every step, so the
-    plan of a (shapes, strides, dtypes, threads) is kept (``_PLANS``).
+    matrices than threads. Without a usable pool (with MKL: the tasks on this thread), for float16 and mixed
+    dtypes, and below ``config.NUMBA_POOL_MIN_MACS``: NumPy's ``a @ b``. A layer calls the same shapes every
+    step, so the plan of a (shapes, strides, dtypes, threads) is kept (``_PLANS``).
     """
     n_threads = pool.threads()
     key = (a.shape, a.strides, b.shape, b.strides, a.dtype.char, b.dtype.char, n_threads, config.NUMBA_POOL_MIN_MACS)
@@ -218,7 +237,7 @@ def matmul(a, b, alpha=1.0, out=None):
     a = np.ascontiguousarray(a) if plan.copy_a else a
     b = np.ascontiguousarray(b) if plan.copy_b else b
     out = np.empty(plan.shape, a.dtype) if out is None else out
-    run = _gemm_tasks.parallel if plan.tasks.shape[0] > 1 else _gemm_tasks.serial
+    run = _gemm_tasks.parallel if plan.tasks.shape[0] > 1 and n_threads > 1 else _gemm_tasks.serial
     run(a.ctypes.data, b.ctypes.data, out.ctypes.data, plan.tasks, plan.K, plan.ta, plan.lda, plan.tb, plan.ldb,
         plan.shape[-1], float(alpha), a.dtype == np.float64)
     return out
@@ -230,7 +249,7 @@ def _make_plan(a, b, n_threads):
     N = b.shape[-1]
     batch = a.shape[:-2] if a.shape[:-2] == b.shape[:-2] else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     numpy = _Plan(batch + (M, N), None)
-    if (n_threads < 2 or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64)
+    if ((n_threads < 2 and PROVIDER == "scipy") or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64)
             or math.prod(batch) * M * N * K < max(1, config.NUMBA_POOL_MIN_MACS)):
         return numpy
     a2, ta, lda = _blas_view(a)

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from benchmarks import real_model  # noqa: E402
+from lowrank.kernels.numba_cpu import blas  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -22,6 +23,7 @@ def test_quick_real_model_times_both_sides_and_they_agree(tmp_path):
     m, rows, checks = data["machine"], data["rows"], data["checks"]
     assert m["threads"] == 1 and m["torch_threads"] == 1 and m["numba_threads"] == 1
     assert all(lib["threads"] == 1 for lib in m["blas"])
+    assert m["products_blas"] == blas.PROVIDER              # the floor and the step name the BLAS that ran them
     step = rows["step"]
     assert step["floor_s"] > 0
     for side in ("lowrank", "torch"):
