@@ -10,10 +10,10 @@ installed, MKL (``mkl.py``; ``config.NUMBA_BLAS``). Without a usable pool the pr
 ``matmul`` calls that BLAS's ``sgemm``/``dgemm`` (``sgemv``/``dgemv`` for a row or column vector) from
 compiled code through their addresses (SciPy's ``scipy.linalg.cython_blas``, or MKL's), registered once as
 the symbols ``lowrank_sgemm`` ... so that the cached machine code names a symbol, not an address of one
-process. Operands of
-any strides with one unit stride per matrix go in as they are (a transposed or head-major view is
-not copied), broadcast batch axes by their offsets. Numba's own ``np.dot`` calls the same BLAS but
-takes only C- or F-ordered matrices, so a block of columns or a head-major view would be copied first.
+process. Operands of any strides with one unit stride per matrix go in as they are (a transposed or
+head-major view is not copied), broadcast batch axes by their offsets. Numba's own ``np.dot`` calls
+SciPy's BLAS too but takes only C- or F-ordered matrices, so a block of columns or a head-major view would be
+copied first.
 """
 import math
 from typing import NamedTuple

@@ -78,9 +78,10 @@ def _cpu_auto():
         return "numba"
     if "numba" not in _warned:
         _warned.add("numba")
-        warnings.warn(f"lowrank: Numba failed to import ({_loaded['numba']!r}), so every CPU kernel runs "
-                      f"on the NumPy reference, without the fused Numba kernels: slower. Fix the Numba "
-                      f"install, or set_backend('numpy') to choose this.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"lowrank: the Numba kernels failed to load ({_loaded['numba']!r}), so every CPU kernel "
+                      f"runs on the NumPy reference, without the fused Numba kernels: slower. Fix what the error "
+                      f"names (the Numba install, or LOWRANK_BLAS), or set_backend('numpy') to choose this.",
+                      RuntimeWarning, stacklevel=3)
     return "numpy"
 
 

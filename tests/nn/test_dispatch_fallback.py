@@ -29,7 +29,7 @@ def broken_numba(monkeypatch):
 
 def test_auto_falls_back_to_numpy_with_one_runtime_warning(broken_numba):
     x = np.zeros((2, 3))
-    with pytest.warns(RuntimeWarning, match=r"Numba failed to import .*simulated broken install.*slower"):
+    with pytest.warns(RuntimeWarning, match=r"Numba kernels failed to load .*simulated broken install.*slower"):
         assert dispatch.kernels_for(x) is backends.load("numpy")
     with warnings.catch_warnings():
         warnings.simplefilter("error")                        # a second call must not warn again
@@ -45,7 +45,7 @@ def test_explicit_numba_names_the_import_error(broken_numba):
 
 def test_a_layer_still_computes_under_the_fallback(broken_numba):
     layer, x = lr.Dense(3, 2, seed=0), np.ones((4, 3), np.float32)
-    with pytest.warns(RuntimeWarning, match="Numba failed to import"):
+    with pytest.warns(RuntimeWarning, match="Numba kernels failed to load"):
         y = layer(x)
     np.testing.assert_allclose(y, x @ layer.weight.data.T + layer.bias.data, rtol=1e-6)
 
