@@ -150,9 +150,7 @@ def main(argv=None):
     with harness.pinned_threads(a.threads) as info:
         print(f"threads pinned: {info}")
         mach = harness.machine(a.threads, info, quick=a.quick)
-        print(f"BLAS ({mach['products_blas']}) sgemm peak {mach['blas_peak_gflops']:.1f} GF/s, "
-              f"copy bandwidth {mach['copy_gbs']:.1f} GB/s, "
-              f"NUMBA_SMALL_M {config.NUMBA_SMALL_M}")
+        print(f"{harness.floors_line(mach)}, NUMBA_SMALL_M {config.NUMBA_SMALL_M}")
         rows = run(cfg, mach["copy_gbs"])
     harness.write_json(a.out, dict(machine=mach, numba_small_m=config.NUMBA_SMALL_M, config=cfg, rows=rows,
                                    command="python -m benchmarks.decode " + " ".join(argv or sys.argv[1:])))

@@ -158,6 +158,12 @@ def machine(threads: int, thread_info: dict, dtype="float32", quick: bool = Fals
             "read_gbs": read_bandwidth_gbs(16 if quick else 256, threads=threads)}
 
 
+def floors_line(mach: dict) -> str:
+    """``machine()``'s floors as the line a benchmark prints before its rows."""
+    return (f"BLAS ({mach['products_blas']}) sgemm peak {mach['blas_peak_gflops']:.1f} GF/s, "
+            f"copy bandwidth {mach['copy_gbs']:.1f} GB/s, read {mach['read_gbs']:.1f} GB/s")
+
+
 def write_json(path, payload: dict):
     """Write ``payload`` as indented JSON, creating the folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -218,8 +224,6 @@ def run_pinned(a, run, cfg):
     with pinned_threads(a.threads) as info:
         print(f"threads pinned: {info}")
         mach = machine(a.threads, info, quick=a.quick)
-        print(f"BLAS ({mach['products_blas']}) sgemm peak {mach['blas_peak_gflops']:.1f} GF/s, "
-              f"copy bandwidth {mach['copy_gbs']:.1f} GB/s, "
-              f"read {mach['read_gbs']:.1f} GB/s")
+        print(floors_line(mach))
         rows = run(cfg)
     return mach, rows

@@ -342,9 +342,7 @@ def main(argv=None):
     try:
         with harness.pinned_threads(a.threads) as info:
             mach_box = harness.machine(a.threads, info, quick=a.quick)
-            print(f"threads pinned: {info}\nBLAS ({mach_box['products_blas']}) sgemm peak "
-                  f"{mach_box['blas_peak_gflops']:.1f} GF/s, "
-                  f"copy bandwidth {mach_box['copy_gbs']:.1f} GB/s, read {mach_box['read_gbs']:.1f} GB/s")
+            print(f"threads pinned: {info}\n{harness.floors_line(mach_box)}")
             rows, checks = pinned_run(cfg)
             mach_box.update(torch_threads=torch.get_num_threads())
     finally:

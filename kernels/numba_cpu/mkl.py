@@ -7,13 +7,13 @@ its one dynamic library, ``libmkl_rt``, set to its sequential layer (the pool su
 pool would spin against it) and to 32-bit integers (LP64), as SciPy's BLAS takes them.
 """
 import ctypes
-import ctypes.util
 import glob
 import os
 import sys
 
 SEQUENTIAL, LP64 = 1, 0        # mkl_service.h: MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64
 ROUTINES = ("sgemm", "dgemm", "sgemv", "dgemv")
+SONAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")    # by name: the loader's own search path
 
 
 def _folders() -> list:
@@ -22,10 +22,10 @@ def _folders() -> list:
 
 
 def library_paths() -> list:
-    """Where libmkl_rt may be: the environment's lib folder, then the loader's search path."""
+    """Where libmkl_rt may be: the environment's lib folder, then by name on the loader's search path (dlopen
+    searches it; ctypes.util.find_library would start ldconfig at every import, 10-20 ms)."""
     found = [path for folder in _folders() for path in sorted(glob.glob(os.path.join(folder, "libmkl_rt.so*")))]
-    system = ctypes.util.find_library("mkl_rt")
-    return found + ([system] if system else [])
+    return found + list(SONAMES)
 
 
 def load(paths=None) -> dict:
@@ -39,7 +39,8 @@ def load(paths=None) -> dict:
         try:
             lib = ctypes.CDLL(path)
         except OSError as e:
-            errors.append(f"{path}: {e}")
+            if os.sep in path or "cannot open shared object file" not in str(e):   # not merely absent by name
+                errors.append(f"{path}: {e}")
             continue
         if lib.MKL_Set_Threading_Layer(SEQUENTIAL) != SEQUENTIAL or lib.MKL_Set_Interface_Layer(LP64) != LP64:
             errors.append(f"{path}: MKL refused its sequential layer with 32-bit integers")
